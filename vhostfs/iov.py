@@ -1,0 +1,202 @@
+"""Scatter-gather views: a request's bytes as a list of memoryview segments, read or filled in order.
+
+A virtio descriptor chain and a /dev/fuse buffer both become a `Reader` (the bytes the server consumes)
+and a `Writer` (the room it replies into). The segments are views of guest memory or of a transport
+buffer; the bulk paths (`Reader.write_to_fd`, `Writer.read_from_fd`) hand them straight to
+os.pwritev/os.preadv, so file data never passes through a Python bytes object.
+
+This module sits below both the virtqueue layer and the FUSE layer, which share it without knowing
+about each other.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: Linux limit on the iovecs one preadv/pwritev call takes.
+IOV_MAX = 1024
+
+
+def _take(segs: list[memoryview], idx: int, off: int, size: int) -> tuple[list[memoryview], int, int]:
+    """Up to `size` bytes of views starting at segs[idx][off:]; returns (views, new idx, new off)."""
+    views = []
+    n = len(segs)
+    while size > 0 and idx < n:
+        seg = segs[idx]
+        avail = len(seg) - off
+        if avail <= size:
+            views.append(seg[off:] if off else seg)
+            size -= avail
+            idx += 1
+            off = 0
+        else:
+            views.append(seg[off:off + size])
+            off += size
+            size = 0
+    return views, idx, off
+
+
+class Reader:
+    """Consumes the device-readable bytes of a request, front to back.
+
+    `remaining` is the number of bytes not yet consumed. Reads past the end return what is left
+    (short), never raise; callers check lengths against `remaining` first.
+    """
+
+    __slots__ = ("_segs", "_idx", "_off", "remaining")
+
+    def __init__(self, segs: list[memoryview]) -> None:
+        self._segs = segs
+        self._idx = 0
+        self._off = 0
+        self.remaining = sum(len(s) for s in segs)
+
+    def read(self, size: int) -> bytes:
+        """Copies and consumes up to `size` bytes (for headers and small arguments, not file data)."""
+        size = min(size, self.remaining)
+        if size <= 0:
+            return b""
+        seg = self._segs[self._idx]
+        off = self._off
+        if len(seg) - off > size:
+            self._off = off + size
+            self.remaining -= size
+            return bytes(seg[off:off + size])
+        views, self._idx, self._off = _take(self._segs, self._idx, off, size)
+        self.remaining -= size
+        return b"".join(views)
+
+    def skip(self, size: int) -> int:
+        """Consumes up to `size` bytes without copying them; returns how many were skipped."""
+        size = min(size, self.remaining)
+        _, self._idx, self._off = _take(self._segs, self._idx, self._off, size)
+        self.remaining -= size
+        return size
+
+    def views(self, size: int) -> list[memoryview]:
+        """Consumes up to `size` bytes and returns them as views (no copy)."""
+        size = min(size, self.remaining)
+        views, self._idx, self._off = _take(self._segs, self._idx, self._off, size)
+        self.remaining -= size
+        return views
+
+    def write_to_fd(self, fd: int, size: int, offset: int) -> int:
+        """Writes the next `size` bytes to `fd` at `offset` with os.pwritev, straight from the views.
+
+        Returns the bytes written (short only if the file system wrote short); consumes exactly those.
+        Raises OSError from pwritev.
+        """
+        views = self.views(size)
+        done = 0
+        for start in range(0, len(views), IOV_MAX):
+            batch = views[start:start + IOV_MAX]
+            want = sum(len(v) for v in batch)
+            n = os.pwritev(fd, batch, offset + done)
+            done += n
+            if n < want:
+                break
+        # Give back what was not written, so `remaining` stays honest.
+        unread = sum(len(v) for v in views) - done
+        if unread:
+            self._rewind(unread)
+        return done
+
+    def _rewind(self, size: int) -> None:
+        self.remaining += size
+        while size:
+            if self._off == 0:
+                self._idx -= 1
+                self._off = len(self._segs[self._idx])
+            step = min(size, self._off)
+            self._off -= step
+            size -= step
+
+
+class Writer:
+    """Fills the device-writable bytes of a reply, front to back.
+
+    `written` counts the bytes written so far, `available` the room left. Writing more than
+    `available` raises ValueError: the server sizes replies against `available` before writing.
+    """
+
+    __slots__ = ("_segs", "_idx", "_off", "available", "written")
+
+    def __init__(self, segs: list[memoryview]) -> None:
+        self._segs = segs
+        self._idx = 0
+        self._off = 0
+        self.available = sum(len(s) for s in segs)
+        self.written = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Copies `data` into the next bytes; returns len(data)."""
+        size = len(data)
+        if size > self.available:
+            raise ValueError(f"reply of {size} bytes exceeds the {self.available} writable bytes")
+        if size == 0:
+            return 0
+        seg = self._segs[self._idx]
+        off = self._off
+        if len(seg) - off > size:
+            seg[off:off + size] = data
+            self._off = off + size
+        else:
+            views, self._idx, self._off = _take(self._segs, self._idx, off, size)
+            pos = 0
+            src = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+            for v in views:
+                n = len(v)
+                v[:] = src[pos:pos + n]
+                pos += n
+        self.available -= size
+        self.written += size
+        return size
+
+    def views(self, size: int) -> list[memoryview]:
+        """Claims the next `size` bytes (at most `available`) as views to fill in place, counted written."""
+        size = min(size, self.available)
+        views, self._idx, self._off = _take(self._segs, self._idx, self._off, size)
+        self.available -= size
+        self.written += size
+        return views
+
+    def read_from_fd(self, fd: int, size: int, offset: int) -> int:
+        """Fills up to `size` bytes from `fd` at `offset` with os.preadv, straight into the views.
+
+        Stops at end of file; returns the bytes read and counts exactly those as written.
+        Raises OSError from preadv.
+        """
+        size = min(size, self.available)
+        idx, off = self._idx, self._off
+        views, _, _ = _take(self._segs, idx, off, size)
+        done = 0
+        for start in range(0, len(views), IOV_MAX):
+            batch = views[start:start + IOV_MAX]
+            want = sum(len(v) for v in batch)
+            n = os.preadv(fd, batch, offset + done)
+            done += n
+            if n < want:
+                break
+        _, self._idx, self._off = _take(self._segs, idx, off, done)
+        self.available -= done
+        self.written += done
+        return done
+
+    def split_at(self, offset: int) -> Writer:
+        """Splits the unwritten room: this writer keeps the first `offset` bytes, the returned one the rest.
+
+        Used for the FUSE out header: the data is filled through the second writer, then the header,
+        whose length depends on it, through the first.
+        """
+        if offset > self.available:
+            raise ValueError(f"split at {offset} beyond the {self.available} writable bytes")
+        head, idx, off = _take(self._segs, self._idx, self._off, offset)
+        tail = self._segs[idx:]
+        if tail and off:
+            tail = [tail[0][off:], *tail[1:]]
+        rest = Writer([v for v in tail if len(v)])
+        self._segs = head
+        self._idx = 0
+        self._off = 0
+        self.available = offset
+        return rest
