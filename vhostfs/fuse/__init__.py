@@ -1,0 +1,1 @@
+"""The FUSE protocol: wire ABI, the server that parses and dispatches requests, and the Filesystem API."""

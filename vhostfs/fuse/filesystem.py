@@ -1,0 +1,361 @@
+"""The Filesystem API: what a file system served by vhostfs implements.
+
+Subclass `Filesystem` and override the operations your file system supports; the rest answer ENOSYS.
+The FUSE server calls these methods with already-validated arguments:
+
+- Nodes are identified by *nodeids* (ints) that the file system itself hands out in `Entry.nodeid`.
+  `ROOT_ID` (1) is the root and always exists. The kernel keeps a lookup count per nodeid: every
+  `Entry` returned by lookup, mknod, mkdir, symlink, link, create and readdirplus adds one, and
+  `forget(nodeid, n)` takes n away; at zero the file system may drop the node.
+- Names are `bytes`: a single path component, never empty, never containing b"/" or NUL, at most
+  255 bytes. `lookup` may also receive b"." and b"..".
+- File handles (`fh`) are ints the file system returns from open/opendir/create and gets back on
+  read, write, release and the like. They are the file system's own keys, never trusted pointers.
+- Errors: raise `OSError(errno.X, ...)`; the guest sees -X. Any other exception is a bug in the file
+  system: the server logs it and answers EIO.
+- `ctx` carries the caller's uid, gid and pid (as the guest kernel reports them).
+
+Methods may be called concurrently from several threads (one per queue or worker).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from vhostfs.iov import Reader, Writer
+
+ROOT_ID = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Who is asking: the credentials the guest kernel sent with the request."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+class Attr(Protocol):
+    """File attributes, as `os.stat_result` has them (an `os.stat_result` is an `Attr`).
+
+    `st_ino` is what the guest sees as the inode number; it need not equal the nodeid.
+    """
+
+    st_ino: int
+    st_mode: int
+    st_nlink: int
+    st_uid: int
+    st_gid: int
+    st_rdev: int
+    st_size: int
+    st_blocks: int
+    st_blksize: int
+    st_atime_ns: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+
+@dataclass(slots=True)
+class Stat:
+    """A plain `Attr` for file systems that do not start from os.stat()."""
+
+    st_ino: int = 0
+    st_mode: int = 0
+    st_nlink: int = 1
+    st_uid: int = 0
+    st_gid: int = 0
+    st_rdev: int = 0
+    st_size: int = 0
+    st_blocks: int = 0
+    st_blksize: int = 4096
+    st_atime_ns: int = 0
+    st_mtime_ns: int = 0
+    st_ctime_ns: int = 0
+
+
+@dataclass(slots=True)
+class Entry:
+    """The answer to lookup and to the calls that create a node.
+
+    The server counts one kernel reference on `nodeid` for each Entry it sends back.
+    `entry_timeout` and `attr_timeout` (seconds) say how long the guest may cache the name and the
+    attributes. A negative lookup can be cached by returning nodeid 0 (instead of raising ENOENT).
+    """
+
+    nodeid: int
+    attr: Attr
+    generation: int = 0
+    entry_timeout: float = 1.0
+    attr_timeout: float = 1.0
+
+
+@dataclass(slots=True)
+class StatVfs:
+    """File system statistics for statfs (the fields of statvfs(3))."""
+
+    f_blocks: int = 0
+    f_bfree: int = 0
+    f_bavail: int = 0
+    f_files: int = 0
+    f_ffree: int = 0
+    f_bsize: int = 4096
+    f_namemax: int = 255
+    f_frsize: int = 4096
+
+
+@dataclass(slots=True)
+class DirEntry:
+    """One directory entry for readdir/readdirplus.
+
+    `offset` is the cookie that resumes the listing *after* this entry (it is passed back as `offset`
+    to the next readdir call); it must be non-zero and unique within the directory stream.
+    `ino` and `type` (the S_IFMT bits >> 12, as in d_type) fill the plain readdir record.
+    For readdirplus, `entry` carries the lookup result (it counts as a lookup); None means the
+    guest gets the name only.
+    """
+
+    name: bytes
+    ino: int
+    type: int
+    offset: int
+    entry: Entry | None = None
+
+
+#: SetAttr.atime/mtime value meaning "now" (UTIME_NOW).
+TIME_NOW = -1
+
+
+@dataclass(slots=True)
+class SetAttr:
+    """The attributes a setattr call changes; None means unchanged.
+
+    `atime_ns`/`mtime_ns` are nanoseconds since the epoch, or `TIME_NOW` for the current time.
+    `fh` is set when the guest passed an open file handle (ftruncate, fchmod, ...).
+    `kill_suidgid` asks the file system to clear set-user-ID/set-group-ID bits (FATTR_KILL_SUIDGID).
+    """
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    fh: int | None = None
+    kill_suidgid: bool = False
+
+
+@dataclass(slots=True)
+class ConnectionInfo:
+    """What the client offered at INIT, and what the file system wants from it.
+
+    `capable` holds the FUSE_* INIT flags the client supports (flags | flags2 << 32). A file system
+    may add flags to `want` in `init`; the server sends `want & capable` back. `max_write` and
+    `max_readahead` may be lowered.
+    """
+
+    proto_major: int
+    proto_minor: int
+    capable: int
+    want: int
+    max_write: int
+    max_readahead: int
+    max_pages: int
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Open:
+    """The answer to open, opendir and create: the handle plus FOPEN_* flags for the guest."""
+
+    fh: int
+    flags: int = 0
+
+
+def _nosys() -> OSError:
+    return OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+
+class Filesystem:
+    """Base class of file systems served over virtio-fs or /dev/fuse. Every operation raises ENOSYS.
+
+    Override what your file system supports. Methods that create a node return an `Entry`; those
+    that only change state return None. All of them raise OSError(errno) to fail.
+    """
+
+    # -- session --------------------------------------------------------------------------------
+    def init(self, conn: ConnectionInfo) -> None:
+        """Called once after INIT negotiation, before any other request. May adjust `conn.want`."""
+
+    def destroy(self) -> None:
+        """Called when the session ends (DESTROY, unmount or device reset). Release everything."""
+
+    # -- names ----------------------------------------------------------------------------------
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        """Looks `name` up in directory `parent`. Raises ENOENT if it does not exist."""
+        raise _nosys()
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """The kernel dropped `nlookup` references to `nodeid`. Never answered, so never raises."""
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
+        """Returns (attributes, attr_timeout in seconds) of `nodeid`; `fh` if the caller has it open."""
+        raise _nosys()
+
+    def setattr(self, ctx: Context, nodeid: int, changes: SetAttr) -> tuple[Attr, float]:
+        """Applies `changes` to `nodeid` and returns (new attributes, attr_timeout)."""
+        raise _nosys()
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        """Returns the target of symlink `nodeid` as bytes (data, never followed)."""
+        raise _nosys()
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        """Creates symlink `name` in `parent` pointing at `target`."""
+        raise _nosys()
+
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
+        """Creates a regular file, FIFO, socket or device node `name` (type in `mode`)."""
+        raise _nosys()
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        """Creates directory `name` in `parent`. `mode` is already masked unless `umask` is set."""
+        raise _nosys()
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        """Removes the non-directory `name` from `parent`."""
+        raise _nosys()
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        """Removes the empty directory `name` from `parent`."""
+        raise _nosys()
+
+    def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
+               flags: int) -> None:
+        """Renames `parent/name` to `newparent/newname`; `flags` are RENAME_* of renameat2(2)."""
+        raise _nosys()
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        """Creates hard link `newparent/newname` to `nodeid`."""
+        raise _nosys()
+
+    # -- files ----------------------------------------------------------------------------------
+    def open(self, ctx: Context, nodeid: int, flags: int) -> Open:
+        """Opens `nodeid` with open(2) `flags`; returns the handle the guest will use."""
+        raise _nosys()
+
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
+               umask: int) -> tuple[Entry, Open]:
+        """Creates and opens regular file `name` in `parent` (open(2) with O_CREAT)."""
+        raise _nosys()
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
+        """Returns up to `size` bytes at `offset` (fewer only at end of file).
+
+        The simple path; `read_into` calls it unless overridden.
+        """
+        raise _nosys()
+
+    def read_into(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int,
+                  dest: Writer) -> int:
+        """Fills `dest` (guest memory, `dest.available` >= size) with up to `size` bytes at `offset`.
+
+        Returns the number of bytes written into `dest`. The zero-copy path: a file system backed by
+        an fd calls `dest.read_from_fd(fd, size, offset)`. The default calls `read`.
+        """
+        data = self.read(ctx, nodeid, fh, offset, size)
+        return dest.write(data[:size])
+
+    def write(self, ctx: Context, nodeid: int, fh: int, offset: int, data: bytes, flags: int) -> int:
+        """Writes `data` at `offset`; returns the bytes written. The simple path of `write_from`."""
+        raise _nosys()
+
+    def write_from(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int, src: Reader,
+                   flags: int) -> int:
+        """Writes the `size` bytes of `src` at `offset`; returns the bytes written.
+
+        The zero-copy path: an fd-backed file system calls `src.write_to_fd(fd, size, offset)`.
+        `flags` holds FUSE_WRITE_* bits. The default copies the bytes and calls `write`.
+        """
+        return self.write(ctx, nodeid, fh, offset, src.read(size), flags)
+
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        """Called on every close(2) of a file descriptor referring to `fh`."""
+
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        """The last reference to `fh` is gone; free it. Errors are not reported to anyone."""
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        """Flushes `fh` to stable storage (data only when `datasync`)."""
+        raise _nosys()
+
+    def fallocate(self, ctx: Context, nodeid: int, fh: int, offset: int, length: int, mode: int) -> None:
+        """fallocate(2) on `fh`."""
+        raise _nosys()
+
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE (and plain seeks) on `fh`; returns the resulting offset."""
+        raise _nosys()
+
+    def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int,
+                        fh_out: int, off_out: int, length: int, flags: int) -> int:
+        """Copies `length` bytes between two open files on the host side; returns bytes copied."""
+        raise _nosys()
+
+    # -- directories ----------------------------------------------------------------------------
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> Open:
+        """Opens directory `nodeid` for listing."""
+        raise _nosys()
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int, plus: bool) -> Iterable[DirEntry]:
+        """Yields the entries after cookie `offset` (0 starts from the beginning).
+
+        The server stops consuming once the guest's buffer is full and resumes from the last
+        accepted entry's `offset` on the next call, so a generator is the natural shape. With
+        `plus`, fill `DirEntry.entry`; an entry that did not fit is not counted as a lookup.
+        """
+        raise _nosys()
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
+        """Closes a directory handle from opendir."""
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        """Flushes a directory to stable storage."""
+        raise _nosys()
+
+    # -- file system ----------------------------------------------------------------------------
+    def statfs(self, ctx: Context, nodeid: int) -> StatVfs:
+        """Statistics of the file system containing `nodeid`."""
+        raise _nosys()
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        """Checks access(2) `mask` for the caller; raises EACCES when denied."""
+        raise _nosys()
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        """Flushes the whole file system."""
+        raise _nosys()
+
+    # -- extended attributes --------------------------------------------------------------------
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
+        """Sets extended attribute `name` (XATTR_CREATE/XATTR_REPLACE in `flags`)."""
+        raise _nosys()
+
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:
+        """Returns the value of extended attribute `name`; ENODATA if absent."""
+        raise _nosys()
+
+    def listxattr(self, ctx: Context, nodeid: int) -> list[bytes]:
+        """Returns the names of the extended attributes of `nodeid`."""
+        raise _nosys()
+
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        """Removes extended attribute `name`."""
+        raise _nosys()
