@@ -1,0 +1,407 @@
+"""The vhost-user back-end session: one method per front-end request, and the ring state machine.
+
+A ring runs (its queue is served) while it is *started* (it has a kick fd: SET_VRING_KICK, until
+GET_VRING_BASE stops it), *enabled* (SET_VRING_ENABLE; rings start enabled when
+VHOST_USER_F_PROTOCOL_FEATURES was not negotiated) and has its size, addresses and guest memory.
+Whenever one of those changes the handler asks the `Backend` to start or stop the queue.
+
+Refused requests never take the daemon down: the request is answered with a failure status when the
+front end asked for one (REPLY_ACK), logged otherwise, and the previous state is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+from vhostfs.vhost_user import messages as m
+from vhostfs.vhost_user.connection import Connection, Message
+from vhostfs.vhost_user.memory import (
+    MAX_MEM_SLOTS,
+    GuestMemory,
+    GuestMemoryError,
+    MappedRegion,
+    map_region,
+)
+
+log = logging.getLogger("vhostfs.vhost_user")
+
+R = m.Request
+
+
+@dataclass(slots=True)
+class Vring:
+    """What the front end told us about one ring."""
+
+    num: int = 0
+    base: int = 0
+    addr: m.VringAddr | None = None
+    kick_fd: int = -1
+    call_fd: int = -1
+    err_fd: int = -1
+    started: bool = False
+    enabled: bool = False
+    running: bool = False
+
+
+class Backend(Protocol):
+    """The device behind the session (vhostfs.device.VirtioFsDevice)."""
+
+    #: Most queues the device can serve (GET_QUEUE_NUM).
+    max_queues: int
+    #: Virtio feature bits the device offers, ring features included.
+    features: int
+    #: Protocol feature bits the device supports beyond the session's own.
+    protocol_features: int
+
+    def start_queue(self, index: int, vring: Vring, memory: GuestMemory, features: int) -> None:
+        """Starts serving queue `index`; raises GuestMemoryError/ValueError if the ring is unusable."""
+
+    def stop_queue(self, index: int) -> int:
+        """Stops queue `index` after its in-flight requests; returns the next avail index."""
+
+    def set_call_fd(self, index: int, fd: int) -> None:
+        """Replaces the call eventfd of a running queue (the session owns and closes fds)."""
+
+    def set_memory(self, memory: GuestMemory) -> None:
+        """A new memory table: running queues switch to it."""
+
+    def config(self) -> bytes:
+        """The device configuration space (GET_CONFIG)."""
+
+    def reset(self) -> None:
+        """The device is reset (RESET_OWNER/RESET_DEVICE or disconnect): drop session state."""
+
+
+def _bit(n: int) -> int:
+    return 1 << n
+
+
+#: Protocol features the session itself implements.
+SESSION_PROTOCOL_FEATURES = (
+    _bit(m.VHOST_USER_PROTOCOL_F_MQ)
+    | _bit(m.VHOST_USER_PROTOCOL_F_REPLY_ACK)
+    | _bit(m.VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS)
+    | _bit(m.VHOST_USER_PROTOCOL_F_BACKEND_REQ)
+    | _bit(m.VHOST_USER_PROTOCOL_F_BACKEND_SEND_FD)
+    | _bit(m.VHOST_USER_PROTOCOL_F_RESET_DEVICE)
+)
+
+
+class Session:
+    """Serves one front-end connection for `backend`."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.vrings = [Vring() for _ in range(backend.max_queues)]
+        self.memory = GuestMemory([])
+        self.owner = False
+        self.acked_features = 0
+        self.acked_protocol_features = 0
+        self.backend_channel: socket.socket | None = None
+        self._handlers = {
+            R.VHOST_USER_GET_FEATURES: self.get_features,
+            R.VHOST_USER_SET_FEATURES: self.set_features,
+            R.VHOST_USER_SET_OWNER: self.set_owner,
+            R.VHOST_USER_RESET_OWNER: self.reset_owner,
+            R.VHOST_USER_SET_MEM_TABLE: self.set_mem_table,
+            R.VHOST_USER_SET_VRING_NUM: self.set_vring_num,
+            R.VHOST_USER_SET_VRING_ADDR: self.set_vring_addr,
+            R.VHOST_USER_SET_VRING_BASE: self.set_vring_base,
+            R.VHOST_USER_GET_VRING_BASE: self.get_vring_base,
+            R.VHOST_USER_SET_VRING_KICK: self.set_vring_kick,
+            R.VHOST_USER_SET_VRING_CALL: self.set_vring_call,
+            R.VHOST_USER_SET_VRING_ERR: self.set_vring_err,
+            R.VHOST_USER_GET_PROTOCOL_FEATURES: self.get_protocol_features,
+            R.VHOST_USER_SET_PROTOCOL_FEATURES: self.set_protocol_features,
+            R.VHOST_USER_GET_QUEUE_NUM: self.get_queue_num,
+            R.VHOST_USER_SET_VRING_ENABLE: self.set_vring_enable,
+            R.VHOST_USER_SET_BACKEND_REQ_FD: self.set_backend_req_fd,
+            R.VHOST_USER_GET_CONFIG: self.get_config,
+            R.VHOST_USER_SET_CONFIG: self.set_config,
+            R.VHOST_USER_RESET_DEVICE: self.reset_device,
+            R.VHOST_USER_GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
+            R.VHOST_USER_ADD_MEM_REG: self.add_mem_reg,
+            R.VHOST_USER_REM_MEM_REG: self.rem_mem_reg,
+        }
+        #: Requests answered with a payload of their own (no REPLY_ACK on top).
+        self._with_reply = {
+            R.VHOST_USER_GET_FEATURES, R.VHOST_USER_GET_PROTOCOL_FEATURES, R.VHOST_USER_GET_VRING_BASE,
+            R.VHOST_USER_GET_QUEUE_NUM, R.VHOST_USER_GET_CONFIG, R.VHOST_USER_GET_MAX_MEM_SLOTS,
+        }
+        #: Requests whose messages may carry fds.
+        self._take_fds = {
+            R.VHOST_USER_SET_MEM_TABLE, R.VHOST_USER_SET_VRING_KICK, R.VHOST_USER_SET_VRING_CALL,
+            R.VHOST_USER_SET_VRING_ERR, R.VHOST_USER_SET_BACKEND_REQ_FD, R.VHOST_USER_ADD_MEM_REG,
+            R.VHOST_USER_REM_MEM_REG,
+        }
+
+    # -- the loop -------------------------------------------------------------------------------
+    def serve(self, conn: Connection) -> None:
+        """Handles requests until the front end disconnects or breaks the framing; then resets."""
+        try:
+            while True:
+                try:
+                    msg = conn.receive()
+                except m.VhostUserError as e:
+                    log.error("closing the connection: %s", e)
+                    return
+                except ConnectionError as e:
+                    log.info("front end connection lost: %s", e)
+                    return
+                if msg is None:
+                    log.info("front end disconnected")
+                    return
+                try:
+                    reply = self.dispatch(msg)
+                finally:
+                    msg.close()
+                if reply is not None:
+                    conn.reply(msg.header.request, reply)
+        finally:
+            self.shutdown()
+
+    def dispatch(self, msg: Message) -> bytes | None:
+        """Handles one request; returns the reply payload to send, if any."""
+        request = msg.header.request
+        name = m.request_name(request)
+        handler = self._handlers.get(request)
+        ack = msg.header.need_reply and self._has_protocol(m.VHOST_USER_PROTOCOL_F_REPLY_ACK)
+        if handler is None:
+            log.warning("refusing unsupported %s", name)
+            return m.U64.pack(1) if msg.header.need_reply else None
+        if msg.fds and request not in self._take_fds:
+            log.warning("%s carries %d unexpected fds: refused", name, len(msg.fds))
+            return m.U64.pack(1) if ack else None
+        log.debug("%s %s", name, msg.payload.hex())
+        try:
+            result = handler(msg)
+        except (m.VhostUserError, GuestMemoryError, ValueError, OSError) as e:
+            log.error("%s refused: %s", name, e)
+            if request in self._with_reply:
+                # The front end waits for this reply: answer with an empty payload it will reject.
+                return b""
+            return m.U64.pack(1) if ack else None
+        if request in self._with_reply:
+            return result
+        return m.U64.pack(0) if ack else None
+
+    def shutdown(self) -> None:
+        """Stops every queue and forgets the session (on disconnect)."""
+        self._reset()
+        self.memory = GuestMemory([])
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _has_protocol(self, bit: int) -> bool:
+        return bool(self.acked_protocol_features & (1 << bit))
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise m.VhostUserError(f"vring index {index} >= queue count {len(self.vrings)}")
+        return self.vrings[index]
+
+    def _update(self, index: int) -> None:
+        """Starts or stops queue `index` to match its state."""
+        vr = self.vrings[index]
+        ready = vr.started and vr.enabled and vr.num > 0 and vr.addr is not None and bool(
+            self.memory.regions)
+        if ready and not vr.running:
+            self.backend.start_queue(index, vr, self.memory, self.acked_features)
+            vr.running = True
+            log.info("queue %d started (size %d, base %d)", index, vr.num, vr.base)
+        elif not ready and vr.running:
+            vr.base = self.backend.stop_queue(index)
+            vr.running = False
+            log.info("queue %d stopped at %d", index, vr.base)
+
+    def _stop(self, index: int) -> None:
+        vr = self.vrings[index]
+        if vr.running:
+            vr.base = self.backend.stop_queue(index)
+            vr.running = False
+
+    def _reset(self) -> None:
+        for i, vr in enumerate(self.vrings):
+            self._stop(i)
+            for fd in (vr.kick_fd, vr.call_fd, vr.err_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self.vrings[i] = Vring()
+        self.acked_features = 0
+        self.backend.reset()
+
+    def _set_memory(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self.backend.set_memory(memory)
+        for i in range(len(self.vrings)):
+            self._update(i)
+
+    # -- requests -------------------------------------------------------------------------------
+    def get_features(self, msg: Message) -> bytes:
+        return m.U64.pack(self.backend.features | 1 << m.VHOST_USER_F_PROTOCOL_FEATURES)
+
+    def set_features(self, msg: Message) -> None:
+        features = m.parse_u64(msg.payload)
+        offered = self.backend.features | 1 << m.VHOST_USER_F_PROTOCOL_FEATURES
+        if features & ~offered:
+            raise m.VhostUserError(f"features {features & ~offered:#x} were not offered")
+        self.acked_features = features
+
+    def get_protocol_features(self, msg: Message) -> bytes:
+        return m.U64.pack(SESSION_PROTOCOL_FEATURES | self.backend.protocol_features)
+
+    def set_protocol_features(self, msg: Message) -> None:
+        features = m.parse_u64(msg.payload)
+        offered = SESSION_PROTOCOL_FEATURES | self.backend.protocol_features
+        if features & ~offered:
+            raise m.VhostUserError(f"protocol features {features & ~offered:#x} were not offered")
+        self.acked_protocol_features = features
+
+    def set_owner(self, msg: Message) -> None:
+        self.owner = True
+
+    def reset_owner(self, msg: Message) -> None:
+        self._reset()
+        self.owner = False
+
+    def reset_device(self, msg: Message) -> None:
+        self._reset()
+
+    def get_queue_num(self, msg: Message) -> bytes:
+        return m.U64.pack(len(self.vrings))
+
+    def get_max_mem_slots(self, msg: Message) -> bytes:
+        return m.U64.pack(MAX_MEM_SLOTS)
+
+    def set_mem_table(self, msg: Message) -> None:
+        regions = m.parse_mem_table(msg.payload)
+        if len(msg.fds) != len(regions):
+            raise m.VhostUserError(f"{len(regions)} regions but {len(msg.fds)} fds")
+        mapped = [map_region(region, fd) for region, fd in zip(regions, msg.fds, strict=True)]
+        self._set_memory(GuestMemory(mapped))
+
+    def add_mem_reg(self, msg: Message) -> None:
+        region = m.parse_single_region(msg.payload)
+        if len(msg.fds) != 1:
+            raise m.VhostUserError(f"ADD_MEM_REG with {len(msg.fds)} fds")
+        if len(self.memory.regions) >= MAX_MEM_SLOTS:
+            raise m.VhostUserError(f"all {MAX_MEM_SLOTS} memory slots are in use")
+        self._set_memory(self.memory.with_region(map_region(region, msg.fds[0])))
+
+    def rem_mem_reg(self, msg: Message) -> None:
+        region = m.parse_single_region(msg.payload)
+        found: MappedRegion | None = next((r for r in self.memory.regions if r.describes(region)), None)
+        if found is None:
+            raise m.VhostUserError(f"no memory region at guest address {region.guest_phys_addr:#x}")
+        self._set_memory(self.memory.without(found))
+
+    def set_vring_num(self, msg: Message) -> None:
+        index, num = m.parse_vring_state(msg.payload)
+        vr = self._vring(index)
+        if num == 0 or num > m.VIRTQUEUE_MAX_SIZE or num & (num - 1):
+            raise m.VhostUserError(f"vring size {num} is not a power of two in 1..{m.VIRTQUEUE_MAX_SIZE}")
+        if vr.running:
+            raise m.VhostUserError(f"SET_VRING_NUM on running queue {index}")
+        vr.num = num
+
+    def set_vring_addr(self, msg: Message) -> None:
+        addr = m.parse_vring_addr(msg.payload)
+        vr = self._vring(addr.index)
+        # virtio 1.2, 2.7: descriptor table 16-byte aligned, avail ring 2, used ring 4.
+        for value, align, what in ((addr.desc, 16, "descriptor table"), (addr.avail, 2, "avail ring"),
+                                   (addr.used, 4, "used ring")):
+            if value % align:
+                raise m.VhostUserError(f"{what} address {value:#x} is not {align}-byte aligned")
+        if vr.running:
+            raise m.VhostUserError(f"SET_VRING_ADDR on running queue {addr.index}")
+        vr.addr = addr
+
+    def set_vring_base(self, msg: Message) -> None:
+        index, base = m.parse_vring_state(msg.payload)
+        vr = self._vring(index)
+        if vr.running:
+            raise m.VhostUserError(f"SET_VRING_BASE on running queue {index}")
+        vr.base = base & 0xFFFF
+
+    def get_vring_base(self, msg: Message) -> bytes:
+        index, _ = m.parse_vring_state(msg.payload)
+        vr = self._vring(index)
+        # "GET_VRING_BASE stops the ring": no more processing until the next kick fd.
+        vr.started = False
+        self._update(index)
+        if vr.kick_fd >= 0:
+            os.close(vr.kick_fd)
+            vr.kick_fd = -1
+        return m.VRING_STATE.pack(index, vr.base)
+
+    def _vring_fd(self, msg: Message) -> tuple[Vring, int, int]:
+        index, no_fd = m.parse_vring_fd_index(msg.payload)
+        vr = self._vring(index)
+        if no_fd:
+            if msg.fds:
+                raise m.VhostUserError("fd passed with VHOST_USER_VRING_NOFD_MASK set")
+            return vr, index, -1
+        if len(msg.fds) != 1:
+            raise m.VhostUserError(f"expected one fd, got {len(msg.fds)}")
+        return vr, index, msg.take_fds()[0]
+
+    def set_vring_kick(self, msg: Message) -> None:
+        vr, index, fd = self._vring_fd(msg)
+        if fd < 0:
+            raise m.VhostUserError("polling mode (no kick fd) is not supported")
+        if vr.running:
+            self._stop(index)
+        if vr.kick_fd >= 0:
+            os.close(vr.kick_fd)
+        vr.kick_fd = fd
+        vr.started = True
+        if not self.acked_features & (1 << m.VHOST_USER_F_PROTOCOL_FEATURES):
+            vr.enabled = True
+        self._update(index)
+
+    def set_vring_call(self, msg: Message) -> None:
+        vr, index, fd = self._vring_fd(msg)
+        old = vr.call_fd
+        vr.call_fd = fd
+        if vr.running:
+            self.backend.set_call_fd(index, fd)
+        if old >= 0:
+            os.close(old)
+
+    def set_vring_err(self, msg: Message) -> None:
+        vr, _, fd = self._vring_fd(msg)
+        if vr.err_fd >= 0:
+            os.close(vr.err_fd)
+        vr.err_fd = fd
+
+    def set_vring_enable(self, msg: Message) -> None:
+        index, enable = m.parse_vring_state(msg.payload)
+        vr = self._vring(index)
+        if enable not in (0, 1):
+            raise m.VhostUserError(f"SET_VRING_ENABLE with {enable}")
+        vr.enabled = bool(enable)
+        self._update(index)
+
+    def set_backend_req_fd(self, msg: Message) -> None:
+        if len(msg.fds) != 1:
+            raise m.VhostUserError(f"SET_BACKEND_REQ_FD with {len(msg.fds)} fds")
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        self.backend_channel = socket.socket(fileno=msg.take_fds()[0])
+
+    def get_config(self, msg: Message) -> bytes:
+        offset, size, flags, _ = m.parse_config(msg.payload)
+        config = self.backend.config()
+        if offset + size > len(config):
+            raise m.VhostUserError(f"config range {offset}+{size} beyond {len(config)} bytes")
+        return m.CONFIG_HEADER.pack(offset, size, flags) + config[offset:offset + size]
+
+    def set_config(self, msg: Message) -> None:
+        # The virtio-fs configuration space (tag, num_request_queues) is read-only (virtio 1.2, 5.11.4).
+        raise m.VhostUserError("the virtio-fs configuration space is read-only")
