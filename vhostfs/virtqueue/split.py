@@ -1,0 +1,244 @@
+"""The split virtqueue, device side (virtio 1.2, 2.7 "Split Virtqueues").
+
+The rings live in guest memory and are reached through memoryviews; the guest may change any of it at
+any time, so every index and address read from it is checked before use. `SplitQueue.pop()` returns the
+next available chain as a `DescriptorChain` whose `reader`/`writer` are views of the guest buffers
+(no copy); `push()` returns it on the used ring; `notify_needed()` applies EVENT_IDX or the
+NO_INTERRUPT flag to decide whether the driver wants an interrupt.
+
+Guest memory is any object with `views(gpa, length) -> list[memoryview]` (one view per region the
+range crosses) and `view(gpa, length) -> memoryview` (a single contiguous view), raising an exception
+for an unmapped range.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vhostfs import native
+from vhostfs.iov import Reader, Writer
+
+# Descriptor flags (2.7.5 "The Virtqueue Descriptor Table").
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+# Ring flags (2.7.6, 2.7.8).
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+assert DESC.size == 16
+U16 = struct.Struct("<H")
+assert U16.size == 2
+USED_ELEM = struct.Struct("<II")  # id, len
+assert USED_ELEM.size == 8
+
+#: Alignment of the rings (2.7: descriptor table 16, available ring 2, used ring 4).
+DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
+MAX_QUEUE_SIZE = 32768
+#: A chain's total length is reported in a 32-bit used.len; longer ones are refused (2.7.8).
+MAX_CHAIN_BYTES = 1 << 32
+
+
+class ChainError(Exception):
+    """A malformed descriptor chain: it is returned unused (length 0) and the queue goes on."""
+
+
+class QueueBroken(Exception):
+    """The driver broke the ring itself (e.g. avail idx ran ahead by more than the queue size)."""
+
+
+def desc_table_size(num: int) -> int:
+    return DESC.size * num
+
+
+def avail_ring_size(num: int) -> int:
+    return 4 + 2 * num + 2  # flags, idx, ring[num], used_event
+
+
+def used_ring_size(num: int) -> int:
+    return 4 + USED_ELEM.size * num + 2  # flags, idx, ring[num], avail_event
+
+
+class DescriptorChain:
+    """One request: the head index, and its device-readable and device-writable buffers as views."""
+
+    __slots__ = ("head", "reader", "writer")
+
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+        self.head = head
+        self.reader = Reader(readable)
+        self.writer = Writer(writable)
+
+
+def walk_chain(memory, desc_table: memoryview, num: int, head: int, indirect_ok: bool) -> DescriptorChain:
+    """Follows the chain starting at `head` and returns its buffers as views of guest memory.
+
+    Enforces 2.7.5: indices below the table size, no loops (at most as many descriptors as the table
+    holds), readable buffers before writable ones, indirect tables only when negotiated, not nested,
+    not combined with NEXT, non-empty and a multiple of 16 bytes long; every buffer inside guest memory;
+    the total length below 2^32. Raises ChainError otherwise.
+    """
+    if head >= num:
+        raise ChainError(f"head index {head} >= queue size {num}")
+    readable: list[memoryview] = []
+    writable: list[memoryview] = []
+    table, limit, idx = desc_table, num, head
+    in_indirect = False
+    total = 0
+    count = 0
+    unpack = DESC.unpack_from
+    while True:
+        count += 1
+        if count > limit:
+            raise ChainError("descriptor chain loops or is longer than its table")
+        addr, length, flags, nxt = unpack(table, idx * 16)
+        if flags & VIRTQ_DESC_F_INDIRECT:
+            if not indirect_ok:
+                raise ChainError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
+            if in_indirect:
+                raise ChainError("nested indirect descriptor table")
+            if flags & VIRTQ_DESC_F_NEXT:
+                raise ChainError("indirect descriptor with VIRTQ_DESC_F_NEXT")
+            if length == 0 or length % 16:
+                raise ChainError(f"indirect table length {length} is not a non-zero multiple of 16")
+            try:
+                table = memory.view(addr, length)
+            except Exception:
+                # A table split across regions is legal but rare: copy the small descriptor table.
+                try:
+                    table = memoryview(b"".join(memory.views(addr, length)))
+                except Exception as e:
+                    raise ChainError(f"indirect table outside guest memory: {e}") from None
+            in_indirect = True
+            limit, idx, count = length // 16, 0, 0
+            continue
+        total += length
+        if total >= MAX_CHAIN_BYTES:
+            raise ChainError("descriptor chain longer than 4 GiB")
+        if length:
+            try:
+                bufs = memory.views(addr, length)
+            except Exception as e:
+                raise ChainError(f"buffer outside guest memory: {e}") from None
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.extend(bufs)
+            elif writable:
+                raise ChainError("device-readable descriptor after a device-writable one")
+            else:
+                readable.extend(bufs)
+        elif flags & VIRTQ_DESC_F_WRITE == 0 and writable:
+            raise ChainError("device-readable descriptor after a device-writable one")
+        if not flags & VIRTQ_DESC_F_NEXT:
+            return DescriptorChain(head, readable, writable)
+        idx = nxt
+        if idx >= limit:
+            raise ChainError(f"next index {idx} >= table size {limit}")
+
+
+class SplitQueue:
+    """Device side of one split virtqueue.
+
+    Not thread-safe: one worker owns a queue. `memory` may be replaced between chains (a new guest
+    memory table); the ring views must then be replaced with it through `remap`.
+    """
+
+    def __init__(self, memory, num: int, desc: memoryview, avail: memoryview, used: memoryview,
+                 *, last_avail_idx: int = 0, event_idx: bool = False, indirect: bool = False) -> None:
+        if num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+            raise ValueError(f"queue size {num} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        self.num = num
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.remap(memory, desc, avail, used)
+        self.used_idx = U16.unpack_from(self.used, 2)[0]
+        # Used index when the driver was last notified (EVENT_IDX needs the old value).
+        self.signalled_used = self.used_idx
+        self.signalled_valid = False
+
+    def remap(self, memory, desc: memoryview, avail: memoryview, used: memoryview) -> None:
+        num = self.num
+        if len(desc) < desc_table_size(num) or len(avail) < avail_ring_size(num) or \
+                len(used) < used_ring_size(num):
+            raise ValueError("ring views are smaller than the queue size needs")
+        self.memory = memory
+        self.desc = desc
+        self.avail = avail
+        self.used = used
+        self._used_event_off = 4 + 2 * num
+        self._avail_event_off = 4 + USED_ELEM.size * num
+
+    def avail_idx(self) -> int:
+        """The driver's avail index, read before (and ordered before) the ring entries it covers."""
+        idx = U16.unpack_from(self.avail, 2)[0]
+        native.rmb()
+        return idx
+
+    def pending(self) -> int:
+        """How many chains the driver has made available that were not popped yet.
+
+        Raises QueueBroken if that is more than the queue size (2.7.13.3: the driver never has more
+        than num in flight, so the ring cannot be trusted any more).
+        """
+        n = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        if n > self.num:
+            raise QueueBroken(f"avail index ran {n} ahead of the device (queue size {self.num})")
+        return n
+
+    def pop_head(self) -> int:
+        """Takes the next available head index (call only when `pending()` > 0)."""
+        slot = self.last_avail_idx % self.num
+        head = U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return head
+
+    def chain(self, head: int) -> DescriptorChain:
+        """The buffers of the chain at `head` (raises ChainError for a malformed one)."""
+        return walk_chain(self.memory, self.desc, self.num, head, self.indirect)
+
+    def push(self, head: int, length: int) -> None:
+        """Returns chain `head` to the driver with `length` bytes written (2.7.8).
+
+        The element is stored before used.idx is advanced, with a write fence between, so the driver
+        never sees the index cover an element not yet written.
+        """
+        slot = self.used_idx % self.num
+        USED_ELEM.pack_into(self.used, 4 + USED_ELEM.size * slot, head, length)
+        native.wmb()
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        U16.pack_into(self.used, 2, self.used_idx)
+
+    def notify_needed(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last one (2.7.10)."""
+        # Full fence: the used.idx store must be visible before used_event / flags are read.
+        native.mb()
+        if not self.event_idx:
+            return not U16.unpack_from(self.avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        old, new = self.signalled_used, self.used_idx
+        valid = self.signalled_valid
+        self.signalled_used = new
+        self.signalled_valid = True
+        if not valid:
+            return True
+        event = U16.unpack_from(self.avail, self._used_event_off)[0]
+        # vring_need_event: notify if used_event lies in [old, new).
+        return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+    def disable_kicks(self) -> None:
+        """Asks the driver not to kick while the device is draining the ring anyway."""
+        if not self.event_idx:
+            U16.pack_into(self.used, 0, VIRTQ_USED_F_NO_NOTIFY)
+
+    def enable_kicks(self) -> bool:
+        """Asks for a kick on the next buffer; returns True if buffers arrived meanwhile.
+
+        Without the re-check, a buffer added between the last empty check and this call would sleep
+        until some later kick (a lost wake-up).
+        """
+        if self.event_idx:
+            U16.pack_into(self.used, self._avail_event_off, self.last_avail_idx)
+        else:
+            U16.pack_into(self.used, 0, 0)
+        native.mb()
+        return self.pending() > 0
