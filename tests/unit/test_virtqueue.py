@@ -138,7 +138,7 @@ def test_indirect_table_length_must_be_nonzero_multiple_of_16(ring, length):
 
 
 def test_nested_indirect_refused(ring):
-    ring.desc(0, 0x9000, 16, I, table=0x8000)
+    ring.desc(0, 0x9000, 16, IND, table=0x8000)
     ring.desc(0, 0x8000, 16, IND)
     ring.offer(0)
     with pytest.raises(ChainError, match="nested"):
