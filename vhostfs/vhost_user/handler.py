@@ -141,7 +141,7 @@ class Session:
 
     # -- the loop -------------------------------------------------------------------------------
     def serve(self, conn: Connection) -> None:
-        """Handles requests until the front end disconnects or breaks the framing; then resets."""
+        """Handles requests until the front end disconnects or breaks the framing; then resets and closes."""
         try:
             while True:
                 try:
@@ -163,6 +163,7 @@ class Session:
                     conn.reply(msg.header.request, reply)
         finally:
             self.shutdown()
+            conn.close()
 
     def dispatch(self, msg: Message) -> bytes | None:
         """Handles one request; returns the reply payload to send, if any."""

@@ -1,0 +1,313 @@
+"""The vhost-user session over a real socket pair, against a recording back end.
+
+Each refused request must leave the session serving (the next request still answered) and its old
+state in place.
+"""
+
+import os
+import socket
+import threading
+
+import pytest
+
+from vhostfs.testing.frontend import Frontend
+from vhostfs.vhost_user import messages as m
+from vhostfs.vhost_user.connection import Connection
+from vhostfs.vhost_user.handler import SESSION_PROTOCOL_FEATURES, Session
+
+R = m.Request
+REPLY_ACK = 1 << m.VHOST_USER_PROTOCOL_F_REPLY_ACK
+
+
+class RecordingBackend:
+    max_queues = 2
+    features = 1 << m.VIRTIO_F_VERSION_1 | 1 << m.VIRTIO_RING_F_EVENT_IDX
+    protocol_features = 1 << m.VHOST_USER_PROTOCOL_F_CONFIG
+
+    def __init__(self):
+        self.events = []
+        self.memory = None
+
+    def start_queue(self, index, vring, memory, features):
+        self.events.append(("start", index, vring.base))
+
+    def stop_queue(self, index):
+        self.events.append(("stop", index))
+        return 42
+
+    def set_call_fd(self, index, fd):
+        self.events.append(("call", index))
+
+    def set_memory(self, memory):
+        self.memory = memory
+
+    def config(self):
+        return b"tag".ljust(36, b"\0") + (1).to_bytes(4, "little")
+
+    def reset(self):
+        self.events.append(("reset",))
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    backend = RecordingBackend()
+    session = Session(backend)
+    t = threading.Thread(target=session.serve, args=(Connection(b),), daemon=True)
+    t.start()
+    fe = Frontend(a, mem_size=1 << 20)
+    fe.sock.settimeout(10)
+    yield fe, session, backend, t
+    fe.close()
+    t.join(5)
+    assert not t.is_alive()
+
+
+def acked(fe):
+    fe.negotiate(protocol_features=SESSION_PROTOCOL_FEATURES | RecordingBackend.protocol_features)
+    return fe
+
+
+def test_negotiation_and_queue_lifecycle(pair):
+    fe, session, backend, _ = pair
+    acked(fe)
+    assert fe.set_mem_table() == 0
+    assert fe.call_u64(R.VHOST_USER_GET_QUEUE_NUM) == 2
+    assert fe.call_u64(R.VHOST_USER_GET_MAX_MEM_SLOTS) >= 509
+    fe.add_ring(0, 64, enable=False)
+    fe.sync()
+    assert backend.events == []  # protocol features negotiated: rings start disabled
+    fe.send(R.VHOST_USER_SET_VRING_ENABLE, m.VRING_STATE.pack(0, 1))
+    fe.sync()
+    assert backend.events == [("start", 0, 0)]
+    state = fe.call(R.VHOST_USER_GET_VRING_BASE, m.VRING_STATE.pack(0, 0))
+    assert m.VRING_STATE.unpack(state) == (0, 42)
+    assert backend.events[-1] == ("stop", 0)
+
+
+def test_ring_starts_on_kick_without_protocol_features(pair):
+    fe, _, backend, _ = pair
+    fe.negotiate(features=RecordingBackend.features)
+    assert fe.set_mem_table() == 0
+    fe.add_ring(0, 64, enable=False)
+    fe.sync()
+    assert ("start", 0, 0) in backend.events
+
+
+def test_disconnect_resets_backend(pair):
+    fe, _, backend, t = pair
+    acked(fe)
+    fe.sock.close()
+    t.join(5)
+    assert backend.events[-1] == ("reset",)
+
+
+def test_header_size_over_4096_disconnects(pair):
+    fe, *_ = pair
+    fe.raw(m.HEADER.pack(R.VHOST_USER_GET_FEATURES, 1, 4097))
+    assert fe.closed_by_peer()
+
+
+def test_wrong_version_disconnects(pair):
+    fe, *_ = pair
+    fe.raw(m.HEADER.pack(R.VHOST_USER_GET_FEATURES, 0x2, 0))
+    assert fe.closed_by_peer()
+
+
+def test_reserved_flag_bits_disconnect(pair):
+    fe, *_ = pair
+    fe.raw(m.HEADER.pack(R.VHOST_USER_GET_FEATURES, 1 | 0x100, 0))
+    assert fe.closed_by_peer()
+
+
+def test_body_shorter_than_size_field_then_eof(pair):
+    fe, _, backend, t = pair
+    fe.raw(m.HEADER.pack(R.VHOST_USER_SET_FEATURES, 1, 8) + b"\0\0")
+    fe.sock.shutdown(socket.SHUT_WR)
+    t.join(5)
+    assert not t.is_alive()
+    assert backend.events[-1] == ("reset",)
+
+
+def test_short_payload_is_refused_and_session_goes_on(pair):
+    fe, *_ = pair
+    acked(fe)
+    assert fe.ack(R.VHOST_USER_SET_VRING_NUM, b"\0\0\0\0") != 0
+    assert fe.call_u64(R.VHOST_USER_GET_QUEUE_NUM) == 2
+
+
+def test_fds_on_request_taking_none_are_closed_and_refused(pair):
+    fe, *_ = pair
+    acked(fe)
+    r, w = os.pipe()
+    try:
+        assert fe.ack(R.VHOST_USER_SET_VRING_NUM, m.VRING_STATE.pack(0, 64), [w]) != 0
+        os.close(w)
+        w = -1
+        # The daemon closed its copy: the pipe has no writer left.
+        assert os.read(r, 1) == b""
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def memfd(size):
+    fd = os.memfd_create("t")
+    os.ftruncate(fd, size)
+    return fd
+
+
+def mem_table(*regions):
+    return m.MEMORY_HEADER.pack(len(regions), 0) + b"".join(m.MEMORY_REGION.pack(*r) for r in regions)
+
+
+@pytest.mark.parametrize("case", ["fd_count", "size0", "overflow", "overlap", "beyond_file", "zero",
+                                  "too_many"])
+def test_bad_memory_tables_keep_the_old_one(pair, case):
+    fe, session, *_ = pair
+    acked(fe)
+    assert fe.set_mem_table() == 0
+    old = session.memory
+    fds = [memfd(0x10000), memfd(0x10000)]
+    try:
+        payload, send = {
+            "fd_count": (mem_table((0, 0x10000, 0x1000000, 0)), fds),
+            "size0": (mem_table((0, 0, 0x1000000, 0)), fds[:1]),
+            "overflow": (mem_table(((1 << 64) - 0x1000, 0x10000, 0x1000000, 0)), fds[:1]),
+            "overlap": (mem_table((0, 0x10000, 0x1000000, 0), (0x8000, 0x8000, 0x2000000, 0)), fds),
+            "beyond_file": (mem_table((0, 0x10000, 0x1000000, 0x1000)), fds[:1]),
+            "zero": (m.MEMORY_HEADER.pack(0, 0), []),
+            "too_many": (mem_table(*[(i << 20, 0x1000, 0x1000000 + (i << 20), 0) for i in range(9)]),
+                         fds),
+        }[case]
+        assert fe.ack(R.VHOST_USER_SET_MEM_TABLE, payload, send) != 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert session.memory is old
+    assert fe.call_u64(R.VHOST_USER_GET_QUEUE_NUM) == 2
+
+
+def test_add_and_remove_regions(pair):
+    fe, session, *_ = pair
+    acked(fe)
+    fds = [memfd(0x20000) for _ in range(2)]
+    try:
+        assert fe.ack(R.VHOST_USER_ADD_MEM_REG, bytes(8) + m.MEMORY_REGION.pack(0, 0xA0000 // 8, 0x100000, 0),
+                      fds[:1]) == 0
+        assert fe.ack(R.VHOST_USER_ADD_MEM_REG, bytes(8) + m.MEMORY_REGION.pack(0xC0000, 0x10000, 0x200000,
+                                                                                 0x10000), fds[1:]) == 0
+        assert len(session.memory.regions) == 2
+        # Overlapping the first one: refused, table unchanged.
+        fd = memfd(0x20000)
+        assert fe.ack(R.VHOST_USER_ADD_MEM_REG, bytes(8) + m.MEMORY_REGION.pack(0x1000, 0x1000, 0x900000, 0),
+                      [fd]) != 0
+        os.close(fd)
+        assert len(session.memory.regions) == 2
+        assert fe.ack(R.VHOST_USER_REM_MEM_REG, bytes(8) + m.MEMORY_REGION.pack(0, 0xA0000 // 8, 0x100000, 0)
+                      ) == 0
+        assert [r.gpa for r in session.memory.regions] == [0xC0000]
+        assert fe.ack(R.VHOST_USER_REM_MEM_REG, bytes(8) + m.MEMORY_REGION.pack(0, 0x1000, 0x100000, 0)) != 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_buffer_crossing_regions(pair):
+    fe, session, *_ = pair
+    acked(fe)
+    fds = [memfd(0x10000) for _ in range(2)]
+    try:
+        for i, fd in enumerate(fds):
+            payload = bytes(8) + m.MEMORY_REGION.pack(i * 0x10000, 0x10000, 0x100000 * (i + 1), 0)
+            assert fe.ack(R.VHOST_USER_ADD_MEM_REG, payload, [fd]) == 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+    views = session.memory.views(0xFFF0, 0x20)
+    assert [len(v) for v in views] == [0x10, 0x10]
+    assert session.memory.uva_to_gpa(0x200010, 8) == 0x10010
+
+
+@pytest.mark.parametrize("num", [0, 3, 65536, 1 << 31])
+def test_bad_vring_num(pair, num):
+    fe, session, *_ = pair
+    acked(fe)
+    assert fe.ack(R.VHOST_USER_SET_VRING_NUM, m.VRING_STATE.pack(0, num)) != 0
+    assert session.vrings[0].num == 0
+
+
+def test_vring_index_beyond_queue_count(pair):
+    fe, *_ = pair
+    acked(fe)
+    assert fe.ack(R.VHOST_USER_SET_VRING_NUM, m.VRING_STATE.pack(2, 64)) != 0
+    assert fe.ack(R.VHOST_USER_SET_VRING_ENABLE, m.VRING_STATE.pack(200, 1)) != 0
+
+
+@pytest.mark.parametrize("desc,avail,used", [(0x1008, 0x2000, 0x3000), (0x1000, 0x2001, 0x3000),
+                                             (0x1000, 0x2000, 0x3002)])
+def test_misaligned_ring_addresses(pair, desc, avail, used):
+    fe, session, *_ = pair
+    acked(fe)
+    assert fe.ack(R.VHOST_USER_SET_VRING_ADDR, m.VRING_ADDR.pack(0, 0, desc, used, avail, 0)) != 0
+    assert session.vrings[0].addr is None
+
+
+def test_unmapped_ring_address_does_not_start_queue(pair):
+    fe, _, backend, _ = pair
+    backend.start_queue = lambda *a: (_ for _ in ()).throw(ValueError("ring outside guest memory"))
+    acked(fe)
+    assert fe.set_mem_table() == 0
+    fe.send(R.VHOST_USER_SET_VRING_NUM, m.VRING_STATE.pack(0, 64))
+    fe.send(R.VHOST_USER_SET_VRING_ADDR, m.VRING_ADDR.pack(0, 0, 1 << 50, 1 << 51, 1 << 52, 0))
+    kick = os.eventfd(0)
+    fe.send(R.VHOST_USER_SET_VRING_KICK, m.U64.pack(0), [kick])
+    os.close(kick)
+    assert fe.ack(R.VHOST_USER_SET_VRING_ENABLE, m.VRING_STATE.pack(0, 1)) != 0
+    assert fe.call_u64(R.VHOST_USER_GET_QUEUE_NUM) == 2
+
+
+def test_kick_before_ring_ready_is_ignored(pair):
+    fe, _, backend, _ = pair
+    acked(fe)
+    kick = os.eventfd(0)
+    fe.send(R.VHOST_USER_SET_VRING_KICK, m.U64.pack(0), [kick])
+    os.close(kick)
+    fe.send(R.VHOST_USER_SET_VRING_ENABLE, m.VRING_STATE.pack(0, 1))
+    fe.sync()
+    assert backend.events == []
+
+
+def test_unknown_request_gets_negative_ack(pair):
+    fe, *_ = pair
+    acked(fe)
+    assert fe.ack(200) != 0
+    assert fe.ack(R.VHOST_USER_SET_LOG_FD) != 0
+    fe.send(201, b"x" * 100)  # no reply wanted: skipped, body and all
+    assert fe.call_u64(R.VHOST_USER_GET_QUEUE_NUM) == 2
+
+
+def test_unoffered_features_refused(pair):
+    fe, session, *_ = pair
+    acked(fe)
+    assert fe.ack(R.VHOST_USER_SET_FEATURES, m.U64.pack(1 << 5)) != 0
+    assert fe.ack(R.VHOST_USER_SET_PROTOCOL_FEATURES, m.U64.pack(1 << 60)) != 0
+
+
+def test_get_config_returns_range(pair):
+    fe, *_ = pair
+    acked(fe)
+    reply = fe.call(R.VHOST_USER_GET_CONFIG, m.CONFIG_HEADER.pack(0, 40, 0) + bytes(40))
+    assert reply[12:15] == b"tag" and reply[48:52] == (1).to_bytes(4, "little")
+    assert fe.call(R.VHOST_USER_GET_CONFIG, m.CONFIG_HEADER.pack(30, 20, 0) + bytes(20)) == b""
+    assert fe.ack(R.VHOST_USER_SET_CONFIG, m.CONFIG_HEADER.pack(0, 4, 0) + b"evil") != 0
+
+
+def test_reset_device_stops_queues(pair):
+    fe, _, backend, _ = pair
+    acked(fe)
+    assert fe.set_mem_table() == 0
+    fe.add_ring(0, 64)
+    assert fe.ack(R.VHOST_USER_RESET_DEVICE) == 0
+    assert backend.events[-2:] == [("stop", 0), ("reset",)]

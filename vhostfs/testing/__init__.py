@@ -1,0 +1,1 @@
+"""Test tooling: a vhost-user front end written in Python that plays the VMM and the guest driver."""
