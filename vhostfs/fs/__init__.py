@@ -1,0 +1,8 @@
+"""File systems that serve host files: the passthrough of a shared directory and its tables.
+
+This package is the only part of vhostfs that touches host files.
+"""
+
+from vhostfs.fs.passthrough import Passthrough
+
+__all__ = ["Passthrough"]

@@ -1,0 +1,657 @@
+"""Passthrough: serves a host directory (the shared dir) to an untrusted guest.
+
+Security model (see DESIGN.md):
+
+- Every node the guest knows is an O_PATH fd held in the `InodeTable`; host paths are only ever
+  resolved as one component relative to such a directory fd, with O_NOFOLLOW / AT_SYMLINK_NOFOLLOW.
+  Names are checked again here (no b"/", not empty, no NUL, b"." and b".." only in lookup) even
+  though the server validates them, and b".." of the root is the root.
+- Symlinks in the share are data: readlink returns the target bytes and nothing ever follows one.
+- Files are opened by reopening the node's O_PATH fd through /proc/self/fd/N, as virtiofsd does, after
+  checking the node's type: only regular files (open) and directories (opendir) are opened. Device
+  nodes, FIFOs and sockets are refused with EBADF, because opening them on the host could block the
+  daemon (FIFOs) or reach host devices; the guest kernel serves such nodes itself and never sends OPEN
+  for them. Symlinks get ELOOP, as open(2) with O_NOFOLLOW would give.
+  Reopening through the magic link is safe for exactly this reason: the link jumps to the inode the
+  O_PATH fd holds, and that inode is checked to be a regular file or directory first. Operations
+  that take a path (chmod, chown, utimes, xattrs) also go through /proc/self/fd/N; for an O_PATH fd
+  of a symlink the magic link lands on the symlink itself, never on its target.
+- A directory that a host process moves out of the share while the guest holds it keeps being served,
+  and its b".." then leads outside; confining that is the job of the mount-namespace sandbox, as in
+  virtiofsd. The guest alone cannot cause it: it can only rename within the share.
+- nodeids and fhs are the daemon's own counters (`InodeTable`, `HandleTable`); unknown or forgotten
+  ones get EBADF.
+
+Credentials: when the daemon runs as root, the calls that create a node (mknod, mkdir, symlink,
+create) run with the thread's fsuid/fsgid switched to the caller's (`_as_caller`), so new files belong
+to the guest user and the host checks the guest user's permission to create them. Everything else runs
+with the daemon's credentials; the guest kernel mounts virtio-fs with default_permissions and checks
+access itself.
+
+The constructor sets the process umask to 0: the guest has already applied its own umask (or passes it
+to be applied here), and the daemon's umask must not change the modes a second time.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from vhostfs import native
+from vhostfs.fs.handles import Handle, HandleTable
+from vhostfs.fs.inodes import Inode, InodeTable
+from vhostfs.fuse.filesystem import (
+    ROOT_ID,
+    TIME_NOW,
+    Attr,
+    Context,
+    DirEntry,
+    Entry,
+    Filesystem,
+    Open,
+    SetAttr,
+    StatVfs,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from vhostfs.iov import Reader, Writer
+
+# FOPEN_* reply flags and FUSE_WRITE_* request flags, with their names from <linux/fuse.h>. Defined
+# here rather than imported so that this module does not depend on the wire ABI module.
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3
+FUSE_WRITE_KILL_SUIDGID = 1 << 2
+
+#: Cache policy -> (entry/attr timeout in seconds, FOPEN flags for files, FOPEN flags for directories),
+#: the meanings virtiofsd gives its --cache values.
+CACHE_POLICIES: dict[str, tuple[float, int, int]] = {
+    "never": (0.0, FOPEN_DIRECT_IO, 0),
+    "metadata": (86400.0, FOPEN_DIRECT_IO, 0),
+    "auto": (1.0, 0, 0),
+    "always": (86400.0, FOPEN_KEEP_CACHE, FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR),
+}
+
+# open(2) flags a guest may have passed on to the host file. Everything else is dropped: O_CREAT and
+# O_EXCL (open never creates; create adds them itself), O_DIRECTORY and O_PATH (the node type decides),
+# O_NOCTTY, O_TMPFILE, and O_DIRECT (the guest's buffers need not meet host alignment rules, and
+# bypassing the host page cache is the host's choice, as in virtiofsd).
+_OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
+               | os.O_NOATIME | os.O_LARGEFILE)
+_RENAME_FLAGS = 1 | 2 | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_DT_DIR = stat.S_IFDIR >> 12
+_DT_REG = stat.S_IFREG >> 12
+_DT_LNK = stat.S_IFLNK >> 12
+_DOTS = (b".", b"..")
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _check_name(name: bytes) -> None:
+    """Raises unless `name` is one ordinary path component (not b"." or b"..")."""
+    if not name or b"/" in name or b"\0" in name or name in _DOTS:
+        raise _err(errno.EINVAL)
+    if len(name) > 255:
+        raise _err(errno.ENAMETOOLONG)
+
+
+def _dtype(entry: os.DirEntry) -> int:
+    """d_type of a scandir entry; the common types come from the dirent without a syscall."""
+    if entry.is_dir(follow_symlinks=False):
+        return _DT_DIR
+    if entry.is_symlink():
+        return _DT_LNK
+    if entry.is_file(follow_symlinks=False):
+        return _DT_REG
+    try:
+        return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode) >> 12
+    except OSError:
+        return 0  # DT_UNKNOWN: the guest stats it if it cares
+
+
+class Passthrough(Filesystem):
+    """Serves the host directory `root` (the shared dir).
+
+    `cache` is "never", "metadata", "auto" or "always" (see CACHE_POLICIES); `readonly` makes every
+    modifying operation fail with EROFS; `xattr` enables the extended attribute calls (ENOSYS
+    otherwise). Thread-safe: any number of worker threads may call it at once.
+    """
+
+    def __init__(self, root: str, *, cache: str = "auto", readonly: bool = False,
+                 xattr: bool = False) -> None:
+        if cache not in CACHE_POLICIES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
+        self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
+        self._readonly = readonly
+        self._xattr = xattr
+        # Held open so that reopening works after the sandbox hides /proc's path (pivot_root, chroot).
+        self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            os.close(self._proc_fd)
+            raise
+        self._inodes = InodeTable(root_fd, os.stat(root_fd))
+        self._handles = HandleTable()
+        self._switch_creds = os.geteuid() == 0
+        os.umask(0)
+
+    def close(self) -> None:
+        """Releases every node and handle and closes the root; the object is unusable afterwards."""
+        self.destroy()
+        os.close(self._inodes.root.fd)
+        os.close(self._proc_fd)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self._readonly:
+            raise _err(errno.EROFS)
+
+    def _dir(self, nodeid: int) -> Inode:
+        """`use`s `nodeid` and checks that it is a directory (ENOTDIR otherwise)."""
+        inode = self._inodes.use(nodeid)
+        if not inode.is_dir:
+            self._inodes.unuse(inode)
+            raise _err(errno.ENOTDIR)
+        return inode
+
+    def _reopen(self, inode: Inode, flags: int) -> int:
+        """Opens the host file of O_PATH `inode` with `flags` through /proc/self/fd (see module doc).
+
+        Callers have checked that the inode is a regular file or a directory. O_NOFOLLOW cannot be
+        added here: the last component is the /proc magic link itself.
+        """
+        return os.open(str(inode.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
+
+    def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
+        return Entry(inode.nodeid, st, entry_timeout=self._timeout, attr_timeout=self._timeout)
+
+    def _lookup_at(self, dir_fd: int, name: bytes) -> Entry:
+        """Looks up one component `name` (not following it) in host directory `dir_fd`; counts a lookup."""
+        fd = os.open(name, _O_PATH, dir_fd=dir_fd)
+        try:
+            st = os.stat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._entry(self._inodes.add(fd, st), st)
+
+    def _add_fd(self, fd: int) -> Entry:
+        """Counts a lookup of the file open as `fd` (any open mode) and returns its Entry."""
+        path_fd = os.open(str(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        try:
+            st = os.stat(path_fd)
+        except BaseException:
+            os.close(path_fd)
+            raise
+        return self._entry(self._inodes.add(path_fd, st), st)
+
+    @contextmanager
+    def _as_caller(self, ctx: Context) -> Iterator[None]:
+        """Runs the block with this thread's fsuid/fsgid set to the caller's, when running as root.
+
+        setfsuid/setfsgid act on the calling thread only, so other workers keep their credentials.
+        A switch that did not take effect (an id the kernel refuses) fails the call with EPERM rather
+        than creating the file as root.
+        """
+        if not self._switch_creds or (ctx.uid == 0 and ctx.gid == 0):
+            yield
+            return
+        old_gid = native.setfsgid(ctx.gid)
+        old_uid = native.setfsuid(ctx.uid)
+        try:
+            # setfsuid(-1) changes nothing and returns the current value: the only way to see failure.
+            if native.setfsuid(0xFFFFFFFF) != ctx.uid or native.setfsgid(0xFFFFFFFF) != ctx.gid:
+                raise _err(errno.EPERM)
+            yield
+        finally:
+            native.setfsuid(old_uid)
+            native.setfsgid(old_gid)
+
+    # -- session ------------------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Forgets every node but the root and closes every handle (a new session may follow)."""
+        self._handles.clear()
+        self._inodes.clear()
+
+    # -- names --------------------------------------------------------------------------------------
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        """Looks `name` up in `parent` without following symlinks; b".." of the root is the root."""
+        if name in _DOTS:
+            with self._dir(parent) as dir_inode:
+                if name == b"." or parent == ROOT_ID:
+                    inode = self._inodes.ref(parent)
+                    return self._entry(inode, os.stat(inode.fd))
+                return self._lookup_at(dir_inode.fd, b"..")
+        _check_name(name)
+        with self._dir(parent) as dir_inode:
+            return self._lookup_at(dir_inode.fd, name)
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """Drops `nlookup` references; the node's fd closes when none remain and no request uses it."""
+        self._inodes.forget(nodeid, nlookup)
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
+        """fstat of the node's O_PATH fd (the same inode as any `fh` opened from it)."""
+        with self._inodes.use(nodeid) as inode:
+            return os.stat(inode.fd), self._timeout
+
+    def setattr(self, ctx: Context, nodeid: int, changes: SetAttr) -> tuple[Attr, float]:
+        """Applies owner, mode, size and times, in that order (chown clears set-id bits; mode wins).
+
+        Uses the open file when `changes.fh` is given, otherwise the O_PATH fd through /proc; a
+        symlink's own owner and times change, never its target's, and its mode cannot (EOPNOTSUPP).
+        """
+        self._check_writable()
+        with self._inodes.use(nodeid) as inode:
+            if changes.fh is None:
+                self._setattr(inode, None, changes)
+            else:
+                with self._handles.use(changes.fh) as handle:
+                    self._setattr(inode, handle.fd, changes)
+            return os.stat(inode.fd), self._timeout
+
+    def _setattr(self, inode: Inode, fd: int | None, ch: SetAttr) -> None:
+        name = str(inode.fd)
+        proc = self._proc_fd
+        if ch.uid is not None or ch.gid is not None:
+            uid = -1 if ch.uid is None else ch.uid
+            gid = -1 if ch.gid is None else ch.gid
+            if fd is not None:
+                os.fchown(fd, uid, gid)
+            else:
+                os.chown(name, uid, gid, dir_fd=proc)
+        mode = ch.mode
+        if mode is None and ch.kill_suidgid and inode.kind == stat.S_IFREG:
+            old = os.stat(inode.fd).st_mode
+            mode = old & ~stat.S_ISUID
+            if old & stat.S_IXGRP:
+                mode &= ~stat.S_ISGID
+            if mode == old:
+                mode = None
+        if mode is not None:
+            if fd is not None:
+                os.fchmod(fd, stat.S_IMODE(mode))
+            elif inode.is_symlink:
+                raise _err(errno.EOPNOTSUPP)
+            else:
+                os.chmod(name, stat.S_IMODE(mode), dir_fd=proc)
+        if ch.size is not None:
+            if fd is not None:
+                os.ftruncate(fd, ch.size)
+            elif inode.kind != stat.S_IFREG:
+                raise _err(errno.EISDIR if inode.is_dir else errno.EINVAL)
+            else:
+                wfd = self._reopen(inode, os.O_WRONLY)
+                try:
+                    os.ftruncate(wfd, ch.size)
+                finally:
+                    os.close(wfd)
+        if ch.atime_ns is not None or ch.mtime_ns is not None:
+            self._utimes(inode, fd, ch.atime_ns, ch.mtime_ns)
+
+    def _utimes(self, inode: Inode, fd: int | None, atime: int | None, mtime: int | None) -> None:
+        # os.utime has no UTIME_OMIT/UTIME_NOW: "now" is read here and an unchanged time is re-set.
+        target: int | str = fd if fd is not None else str(inode.fd)
+        dir_fd = None if fd is not None else self._proc_fd
+        if atime == TIME_NOW and mtime == TIME_NOW:
+            os.utime(target, dir_fd=dir_fd)
+            return
+        now = time.time_ns()
+        if atime is None or mtime is None:
+            st = os.stat(inode.fd)
+            atime = st.st_atime_ns if atime is None else atime
+            mtime = st.st_mtime_ns if mtime is None else mtime
+        ns = (now if atime == TIME_NOW else atime, now if mtime == TIME_NOW else mtime)
+        os.utime(target, ns=ns, dir_fd=dir_fd)
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        """readlinkat(fd, "") on the symlink's O_PATH fd: the target bytes, never followed."""
+        with self._inodes.use(nodeid) as inode:
+            if not inode.is_symlink:
+                raise _err(errno.EINVAL)
+            return os.fsencode(os.readlink("", dir_fd=inode.fd))
+
+    def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
+        """Creates symlink `name` -> `target` (stored as given; any bytes but NUL, at most PATH_MAX)."""
+        self._check_writable()
+        _check_name(name)
+        if not target or b"\0" in target:
+            raise _err(errno.ENOENT if not target else errno.EINVAL)
+        with self._dir(parent) as dir_inode:
+            with self._as_caller(ctx):
+                os.symlink(target, name, dir_fd=dir_inode.fd)
+            return self._lookup_at(dir_inode.fd, name)
+
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
+        """mknodat(2): regular files, FIFOs, sockets, and device nodes where the host allows them.
+
+        The nodes are created, never opened: the guest kernel serves FIFOs, sockets and devices itself.
+        """
+        self._check_writable()
+        _check_name(name)
+        with self._dir(parent) as dir_inode:
+            with self._as_caller(ctx):
+                os.mknod(name, stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~umask), rdev, dir_fd=dir_inode.fd)
+            return self._lookup_at(dir_inode.fd, name)
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
+        """mkdirat(2) with `mode & ~umask`."""
+        self._check_writable()
+        _check_name(name)
+        with self._dir(parent) as dir_inode:
+            with self._as_caller(ctx):
+                os.mkdir(name, stat.S_IMODE(mode) & ~umask, dir_fd=dir_inode.fd)
+            return self._lookup_at(dir_inode.fd, name)
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        """unlinkat(2) of a non-directory."""
+        self._check_writable()
+        _check_name(name)
+        with self._dir(parent) as dir_inode:
+            os.unlink(name, dir_fd=dir_inode.fd)
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        """unlinkat(2) with AT_REMOVEDIR."""
+        self._check_writable()
+        _check_name(name)
+        with self._dir(parent) as dir_inode:
+            os.rmdir(name, dir_fd=dir_inode.fd)
+
+    def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
+               flags: int) -> None:
+        """renameat(2), or renameat2(2) for non-zero RENAME_* `flags` (unknown bits: EINVAL)."""
+        self._check_writable()
+        _check_name(name)
+        _check_name(newname)
+        if flags & ~_RENAME_FLAGS:
+            raise _err(errno.EINVAL)
+        with self._dir(parent) as old_dir, self._dir(newparent) as new_dir:
+            if flags:
+                native.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
+            else:
+                os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        """Hard-links `nodeid` as `newparent/newname` (linkat through /proc, so a symlink links itself)."""
+        self._check_writable()
+        _check_name(newname)
+        with self._inodes.use(nodeid) as inode, self._dir(newparent) as dir_inode:
+            os.link(str(inode.fd), newname, src_dir_fd=self._proc_fd, dst_dir_fd=dir_inode.fd,
+                    follow_symlinks=True)
+            return self._lookup_at(dir_inode.fd, newname)
+
+    # -- files --------------------------------------------------------------------------------------
+    def _host_flags(self, flags: int) -> int:
+        if self._readonly and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
+            raise _err(errno.EROFS)
+        return flags & _OPEN_FLAGS
+
+    def _open_inode(self, inode: Inode, flags: int) -> int:
+        """Opens regular file `inode`; refuses directories (EISDIR), symlinks (ELOOP), others (EBADF)."""
+        if inode.kind != stat.S_IFREG:
+            if inode.is_dir:
+                raise _err(errno.EISDIR)
+            raise _err(errno.ELOOP if inode.is_symlink else errno.EBADF)
+        fd = self._reopen(inode, self._host_flags(flags))
+        return self._handles.add(fd, inode.nodeid, False)
+
+    def open(self, ctx: Context, nodeid: int, flags: int) -> Open:
+        """Opens regular file `nodeid` with the allowed subset of `flags` (see _OPEN_FLAGS)."""
+        with self._inodes.use(nodeid) as inode:
+            return Open(self._open_inode(inode, flags), self._fopen_file)
+
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
+               umask: int) -> tuple[Entry, Open]:
+        """Creates and opens regular file `name`; an existing one is opened unless O_EXCL is in `flags`.
+
+        The host call always uses O_CREAT | O_EXCL | O_NOFOLLOW, so it never opens an existing FIFO,
+        device or symlink target; an existing name is looked up and opened like `open` instead.
+        """
+        self._check_writable()
+        _check_name(name)
+        host_flags = self._host_flags(flags)
+        with self._dir(parent) as dir_inode:
+            try:
+                with self._as_caller(ctx):
+                    fd = os.open(name, host_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 stat.S_IMODE(mode) & ~umask, dir_fd=dir_inode.fd)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                entry = self._lookup_at(dir_inode.fd, name)
+                try:
+                    with self._inodes.use(entry.nodeid) as inode:
+                        fh = self._open_inode(inode, flags)
+                except BaseException:
+                    self._inodes.forget(entry.nodeid, 1)
+                    raise
+                return entry, Open(fh, self._fopen_file)
+            try:
+                entry = self._add_fd(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            return entry, Open(self._handles.add(fd, entry.nodeid, False), self._fopen_file)
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
+        """pread(2) on `fh` (the copying path; the server uses read_into)."""
+        with self._handles.use(fh) as handle:
+            return os.pread(handle.fd, size, offset)
+
+    def read_into(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int, dest: Writer) -> int:
+        """preadv(2) from `fh` straight into `dest` (guest memory)."""
+        with self._handles.use(fh) as handle:
+            return dest.read_from_fd(handle.fd, size, offset)
+
+    def write(self, ctx: Context, nodeid: int, fh: int, offset: int, data: bytes, flags: int) -> int:
+        """pwrite(2) on `fh` (the copying path; the server uses write_from)."""
+        with self._handles.use(fh) as handle:
+            self._kill_suidgid(handle, flags)
+            return os.pwrite(handle.fd, data, offset)
+
+    def write_from(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int, src: Reader,
+                   flags: int) -> int:
+        """pwritev(2) to `fh` straight from `src` (guest memory)."""
+        with self._handles.use(fh) as handle:
+            self._kill_suidgid(handle, flags)
+            return src.write_to_fd(handle.fd, size, offset)
+
+    def _kill_suidgid(self, handle: Handle, flags: int) -> None:
+        # The daemon writes with CAP_FSETID, so the host kernel keeps set-id bits a write by the guest
+        # user would have cleared; FUSE_WRITE_KILL_SUIDGID asks for that to be done here.
+        if not flags & FUSE_WRITE_KILL_SUIDGID:
+            return
+        mode = os.fstat(handle.fd).st_mode
+        new = mode & ~stat.S_ISUID
+        if mode & stat.S_IXGRP:
+            new &= ~stat.S_ISGID
+        if new != mode:
+            os.fchmod(handle.fd, stat.S_IMODE(new))
+
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        """Closes a duplicate of the host fd, so close(2)-time errors (NFS, quotas) reach the guest."""
+        with self._handles.use(fh) as handle:
+            os.close(os.dup(handle.fd))
+
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        """Forgets `fh`; its host fd closes once no request uses it."""
+        self._handles.remove(fh)
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        """fdatasync(2) or fsync(2) on `fh`."""
+        with self._handles.use(fh) as handle:
+            (os.fdatasync if datasync else os.fsync)(handle.fd)
+
+    def fallocate(self, ctx: Context, nodeid: int, fh: int, offset: int, length: int, mode: int) -> None:
+        """fallocate(2) on `fh` with its FALLOC_FL_* `mode`."""
+        self._check_writable()
+        with self._handles.use(fh) as handle:
+            native.fallocate(handle.fd, mode, offset, length)
+
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        """lseek(2) on `fh` (SEEK_DATA/SEEK_HOLE find data in sparse files)."""
+        with self._handles.use(fh) as handle:
+            return os.lseek(handle.fd, offset, whence)
+
+    def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int,
+                        fh_out: int, off_out: int, length: int, flags: int) -> int:
+        """copy_file_range(2) between two open handles; `flags` must be 0, as the syscall requires."""
+        self._check_writable()
+        if flags:
+            raise _err(errno.EINVAL)
+        with self._handles.use(fh_in) as src, self._handles.use(fh_out) as dst:
+            return os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
+
+    # -- directories --------------------------------------------------------------------------------
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> Open:
+        """Opens directory `nodeid` for reading (ENOTDIR for anything else)."""
+        with self._dir(nodeid) as inode:
+            fd = self._reopen(inode, os.O_RDONLY | os.O_DIRECTORY)
+            return Open(self._handles.add(fd, nodeid, True), self._fopen_dir)
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int, plus: bool) -> Iterable[DirEntry]:
+        """Lists directory handle `fh` from cookie `offset`, starting with b"." and b"..".
+
+        Offset 0 takes a fresh snapshot of the directory (the guest's opendir or rewinddir); later
+        cookies index into that snapshot, so resuming is exact however the directory changes meanwhile.
+        Entry i of the snapshot has cookie i + 1.
+
+        With `plus`, every entry but b"." and b".." carries a lookup Entry, counted when the entry is
+        produced; the lookup of each entry is made only when the consumer asks for it, so entries
+        never pulled count nothing, and the consumer forgets a pulled entry it did not send (as the
+        server does). An entry that vanished before its lookup is skipped. Errors for the handle
+        itself are raised here, before any entry is produced.
+        """
+        with self._handles.use(fh) as handle:
+            if not handle.is_dir:
+                raise _err(errno.ENOTDIR)
+            with handle.lock:
+                if offset == 0 or handle.listing is None:
+                    handle.listing = self._snapshot(handle)
+                listing = handle.listing
+        return self._entries(handle.nodeid, listing, offset, plus)
+
+    def _snapshot(self, handle: Handle) -> list[tuple[bytes, int, int]]:
+        st = os.stat(handle.fd)
+        if handle.nodeid == ROOT_ID:
+            parent_ino = st.st_ino  # ".." of the root is the root
+        else:
+            parent_ino = os.stat("..", dir_fd=handle.fd, follow_symlinks=False).st_ino
+        listing = [(b".", st.st_ino, _DT_DIR), (b"..", parent_ino, _DT_DIR)]
+        # scandir dups the fd and rewinds it when done, so every snapshot starts at the beginning.
+        with os.scandir(handle.fd) as it:
+            listing.extend((os.fsencode(e.name), e.inode(), _dtype(e)) for e in it)
+        return listing
+
+    def _entries(self, nodeid: int, listing: list[tuple[bytes, int, int]], offset: int,
+                 plus: bool) -> Iterator[DirEntry]:
+        for index in range(max(offset, 0), len(listing)):
+            name, ino, dtype = listing[index]
+            if not plus or name in _DOTS:
+                yield DirEntry(name, ino, dtype, index + 1)
+                continue
+            try:
+                with self._dir(nodeid) as dir_inode:
+                    entry = self._lookup_at(dir_inode.fd, name)
+            except FileNotFoundError:
+                continue
+            yield DirEntry(name, entry.attr.st_ino, stat.S_IFMT(entry.attr.st_mode) >> 12, index + 1, entry)
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
+        """Forgets directory handle `fh` and its snapshot."""
+        self._handles.remove(fh)
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        """fsync(2) (or fdatasync) on the directory handle."""
+        self.fsync(ctx, nodeid, fh, datasync)
+
+    # -- file system --------------------------------------------------------------------------------
+    def statfs(self, ctx: Context, nodeid: int) -> StatVfs:
+        """fstatvfs(2) of the file system holding `nodeid`."""
+        with self._inodes.use(nodeid) as inode:
+            v = os.fstatvfs(inode.fd)
+        return StatVfs(f_blocks=v.f_blocks, f_bfree=v.f_bfree, f_bavail=v.f_bavail, f_files=v.f_files,
+                       f_ffree=v.f_ffree, f_bsize=v.f_bsize, f_namemax=v.f_namemax, f_frsize=v.f_frsize)
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        """Checks R_OK/W_OK/X_OK `mask` for the caller against the mode bits (EACCES when denied).
+
+        The caller's supplementary groups are not known over FUSE, so only its primary gid counts.
+        uid 0 passes everything except X_OK on a file no one can execute, as for root on the host.
+        """
+        with self._inodes.use(nodeid) as inode:
+            st = os.stat(inode.fd)
+        mask &= os.R_OK | os.W_OK | os.X_OK
+        if mask & os.W_OK and self._readonly:
+            raise _err(errno.EROFS)
+        if ctx.uid == 0:
+            if mask & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
+                raise _err(errno.EACCES)
+            return
+        if st.st_uid == ctx.uid:
+            granted = st.st_mode >> 6
+        elif st.st_gid == ctx.gid:
+            granted = st.st_mode >> 3
+        else:
+            granted = st.st_mode
+        if mask & ~granted & 0o7:
+            raise _err(errno.EACCES)
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        """syncfs(2) of the shared directory's file system (it needs a real fd, not O_PATH)."""
+        fd = self._reopen(self._inodes.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            native.syncfs(fd)
+        finally:
+            os.close(fd)
+
+    # -- extended attributes --------------------------------------------------------------------------
+    def _check_xattr(self, name: bytes | None = None, *, modify: bool = False) -> None:
+        """ENOSYS unless xattr=True; EROFS for changes to a read-only share; EINVAL for a bad name."""
+        if not self._xattr:
+            raise _err(errno.ENOSYS)
+        if modify:
+            self._check_writable()
+        if name is not None and (not name or b"\0" in name):
+            raise _err(errno.EINVAL)
+
+    def _xattr_path(self, inode: Inode) -> str:
+        """The /proc path naming the node itself; EOPNOTSUPP for symlinks, whose link would be followed."""
+        if inode.is_symlink:
+            raise _err(errno.EOPNOTSUPP)
+        return f"/proc/self/fd/{inode.fd}"
+
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
+        """setxattr(2) with XATTR_CREATE/XATTR_REPLACE `flags` (ENOSYS unless xattr=True)."""
+        self._check_xattr(name, modify=True)
+        with self._inodes.use(nodeid) as inode:
+            os.setxattr(self._xattr_path(inode), name, value, flags)
+
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:
+        """getxattr(2): the value, or ENODATA (ENOSYS unless xattr=True)."""
+        self._check_xattr(name)
+        with self._inodes.use(nodeid) as inode:
+            return os.getxattr(self._xattr_path(inode), name)
+
+    def listxattr(self, ctx: Context, nodeid: int) -> list[bytes]:
+        """listxattr(2): the attribute names (ENOSYS unless xattr=True)."""
+        self._check_xattr()
+        with self._inodes.use(nodeid) as inode:
+            return [os.fsencode(n) for n in os.listxattr(self._xattr_path(inode))]
+
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        """removexattr(2) (ENOSYS unless xattr=True)."""
+        self._check_xattr(name, modify=True)
+        with self._inodes.use(nodeid) as inode:
+            os.removexattr(self._xattr_path(inode), name)
