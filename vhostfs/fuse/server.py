@@ -1,0 +1,777 @@
+"""The FUSE server: parses one request, calls the Filesystem, writes the reply.
+
+`FuseServer.handle(reader, writer)` is the whole interface. The transport (a virtio-fs queue or
+/dev/fuse) hands it the request bytes as a `Reader` and the room for the reply as a `Writer`; the
+server fills in `fuse_out_header` plus the reply body and says how many bytes it wrote.
+
+The guest is untrusted. Every length, count and name is checked before use, a malformed request
+gets an error reply (or none, when not even the `unique` can be read or the opcode never takes a
+reply), and no size field in a request can make the server allocate beyond the request itself
+and the reply room the transport gave it. The server keeps no per-request state beyond the call,
+so one instance may serve several queues from several threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from vhostfs.fuse import abi
+from vhostfs.fuse.filesystem import (
+    TIME_NOW,
+    Attr,
+    ConnectionInfo,
+    Context,
+    DirEntry,
+    Entry,
+    Filesystem,
+    Open,
+    SetAttr,
+)
+
+if TYPE_CHECKING:
+    from vhostfs.iov import Reader, Writer
+
+log = logging.getLogger("vhostfs.fuse")
+
+#: INIT flags the server asks for whenever the client offers them (the Filesystem may change this).
+DEFAULT_WANT = (
+    abi.FUSE_ASYNC_READ
+    | abi.FUSE_PARALLEL_DIROPS
+    | abi.FUSE_BIG_WRITES
+    | abi.FUSE_ATOMIC_O_TRUNC
+    | abi.FUSE_EXPORT_SUPPORT
+    | abi.FUSE_DO_READDIRPLUS
+    | abi.FUSE_READDIRPLUS_AUTO
+    | abi.FUSE_MAX_PAGES
+    | abi.FUSE_AUTO_INVAL_DATA
+    | abi.FUSE_INIT_EXT
+    | abi.FUSE_CACHE_SYMLINKS
+)
+
+_HDR = abi.OUT_HEADER
+_HDR_SIZE = _HDR.size
+_IN_SIZE = abi.IN_HEADER.size
+# len, opcode, unique: the part of fuse_in_header needed to answer even a truncated request.
+_IN_PREFIX = struct.Struct("<IIQ")
+_PAGE = 4096
+_NSEC = 1_000_000_000
+# Kernel timeouts are (u64 sec, u32 nsec) that it reads as a signed time64_t; 2**32 s (136 years)
+# already means forever.
+_MAX_TIMEOUT_SEC = 1 << 32
+# The COPY_FILE_RANGE reply carries a u32 count; the kernel itself caps len at UINT_MAX & PAGE_MASK.
+_COPY_MAX = 0xFFFFFFFF & ~(_PAGE - 1)
+_ZEROS = bytes(abi.DIRENT_ALIGN)
+# fuse_entry_out with nodeid 0: "no node" (a negative entry, or readdirplus without attributes).
+_ZERO_ENTRY = (0,) * len(abi.ENTRY_OUT.unpack(bytes(abi.ENTRY_OUT.size)))
+# Opcodes the kernel never waits an answer for: a reply would name a unique nobody owns.
+_NO_REPLY = frozenset({abi.FUSE_FORGET, abi.FUSE_BATCH_FORGET, abi.FUSE_INTERRUPT, abi.FUSE_NOTIFY_REPLY})
+
+
+def _with_header(body: struct.Struct) -> struct.Struct:
+    """fuse_out_header followed by `body`, packed in one call (one allocation per reply)."""
+    return struct.Struct(_HDR.format + body.format[1:])
+
+
+_R_ENTRY = _with_header(abi.ENTRY_OUT)
+_R_ATTR = _with_header(abi.ATTR_OUT)
+_R_OPEN = _with_header(abi.OPEN_OUT)
+_R_CREATE = struct.Struct(_R_ENTRY.format + abi.OPEN_OUT.format[1:])
+_R_WRITE = _with_header(abi.WRITE_OUT)
+_R_STATFS = _with_header(abi.STATFS_OUT)
+_R_XATTR_SIZE = _with_header(abi.GETXATTR_OUT)
+_R_LSEEK = _with_header(abi.LSEEK_OUT)
+_R_INIT = _with_header(abi.INIT_OUT)
+_R_INIT_VERSION = _with_header(abi.INIT_OUT_VERSION)
+
+
+def _invalid() -> OSError:
+    return OSError(errno.EINVAL, "malformed FUSE request")
+
+
+def _errno_of(exc: OSError) -> int:
+    err = exc.errno
+    return err if isinstance(err, int) and 0 < err < 4096 else errno.EIO
+
+
+def _timeout(seconds: float) -> tuple[int, int]:
+    """A cache timeout in seconds as fuse.h's (sec, nsec) pair; negative or NaN means no caching."""
+    if not seconds > 0:
+        return 0, 0
+    if seconds >= _MAX_TIMEOUT_SEC:
+        return _MAX_TIMEOUT_SEC, 0
+    sec = int(seconds)
+    return sec, min(int((seconds - sec) * _NSEC), _NSEC - 1)
+
+
+def _attr_values(a: Attr) -> tuple[int, ...]:
+    """The fuse_attr fields of `a`, in wire order."""
+    at, atn = divmod(a.st_atime_ns, _NSEC)
+    mt, mtn = divmod(a.st_mtime_ns, _NSEC)
+    ct, ctn = divmod(a.st_ctime_ns, _NSEC)
+    # fuse_attr.rdev is the kernel's 32-bit new_encode_dev(); glibc's 64-bit dev_t has the same
+    # low 32 bits for every major < 4096 and minor < 2**20.
+    return (a.st_ino, a.st_size, a.st_blocks, at, mt, ct, atn, mtn, ctn, a.st_mode, a.st_nlink,
+            a.st_uid, a.st_gid, a.st_rdev & 0xFFFFFFFF, a.st_blksize, 0)
+
+
+def _entry_values(e: Entry) -> tuple[int, ...]:
+    """The fuse_entry_out fields of `e`, in wire order (a negative entry carries zero attributes)."""
+    ev, evn = _timeout(e.entry_timeout)
+    if not e.nodeid:
+        return (0, 0, ev, 0, evn, 0) + _ZERO_ENTRY[6:]
+    av, avn = _timeout(e.attr_timeout)
+    return (e.nodeid, e.generation, ev, av, evn, avn, *_attr_values(e.attr))
+
+
+def _name(body: bytes, start: int, dots: bool = False) -> tuple[bytes, int]:
+    """The NUL-terminated path component at body[start:], and the offset just past its NUL.
+
+    Raises EINVAL for a missing NUL, an empty name, a "/" inside, or "."/".." unless `dots`;
+    ENAMETOOLONG beyond NAME_MAX.
+    """
+    end = body.find(b"\0", start)
+    if end < 0:
+        raise _invalid()
+    name = body[start:end]
+    if len(name) > abi.NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
+    if not name or b"/" in name or (not dots and (name == b"." or name == b"..")):
+        raise _invalid()
+    return name, end + 1
+
+
+def _xattr_name(body: bytes, start: int) -> tuple[bytes, int]:
+    """The NUL-terminated extended attribute name at body[start:]; ERANGE if empty or too long (as
+    setxattr(2) answers), EINVAL without NUL. Unlike file names these may contain "/"."""
+    end = body.find(b"\0", start)
+    if end < 0:
+        raise _invalid()
+    name = body[start:end]
+    if not name or len(name) > abi.NAME_MAX:
+        raise OSError(errno.ERANGE, "bad xattr name")
+    return name, end + 1
+
+
+def _args(reader: Reader, body_len: int, st: struct.Struct) -> tuple:
+    """Unpacks the fixed argument struct `st`; EINVAL if the body is shorter."""
+    if body_len < st.size:
+        raise _invalid()
+    return st.unpack(reader.read(st.size))
+
+
+def _body(reader: Reader, body_len: int, st: struct.Struct) -> tuple[bytes, tuple]:
+    """Reads the whole argument body and unpacks its leading struct `st`; EINVAL if shorter."""
+    if body_len < st.size:
+        raise _invalid()
+    body = reader.read(body_len)
+    return body, st.unpack_from(body)
+
+
+def _error(writer: Writer, unique: int, err: int) -> int:
+    """Writes a header-only reply carrying -err; drops it (returns 0) when even that does not fit."""
+    if writer.available < _HDR_SIZE:
+        log.debug("no room for the reply to request %d", unique)
+        return 0
+    writer.write(_HDR.pack(_HDR_SIZE, -err, unique))
+    return _HDR_SIZE
+
+
+def _ok(writer: Writer, unique: int) -> int:
+    return _error(writer, unique, 0)
+
+
+def _send(writer: Writer, unique: int, data: bytes) -> int:
+    """Writes a reply already packed with its header; ERANGE when it does not fit."""
+    if len(data) > writer.available:
+        return _error(writer, unique, errno.ERANGE)
+    writer.write(data)
+    return len(data)
+
+
+def _send_payload(writer: Writer, unique: int, payload: bytes | bytearray) -> int:
+    """Writes a header plus a variable-length payload; ERANGE when it does not fit."""
+    total = _HDR_SIZE + len(payload)
+    if total > writer.available:
+        return _error(writer, unique, errno.ERANGE)
+    writer.write(_HDR.pack(total, 0, unique))
+    writer.write(payload)
+    return total
+
+
+_Handler = Callable[[int, int, Context, int, "Reader", "Writer"], int]
+
+
+class FuseServer:
+    """Serves one FUSE session against a `Filesystem`.
+
+    Arguments:
+        fs: the file system to serve.
+        max_write: largest WRITE payload offered to the client (>= 4096); also sets max_pages.
+        max_read: if set, READ sizes above it are cut to it (the transport must have told the client,
+            e.g. as the max_read mount option); READs are always cut to the reply room.
+        max_readahead: upper bound for the client's readahead (the client's own value if lower).
+        max_background, congestion_threshold: fuse_init_out limits; 0 keeps the kernel defaults.
+        map_alignment: log2 of the DAX mapping alignment; when set, FUSE_MAP_ALIGNMENT is wanted.
+        extra_want: INIT flags (bits 32.. for flags2) wanted on top of `DEFAULT_WANT`.
+
+    `ConnectionInfo.extra` passed to `Filesystem.init` holds "time_gran", "max_background",
+    "congestion_threshold" and "map_alignment"; the file system may change them there.
+    """
+
+    def __init__(self, fs: Filesystem, *, max_write: int = 1 << 20, max_read: int | None = None,
+                 max_readahead: int = 1 << 20, max_background: int = 0, congestion_threshold: int = 0,
+                 map_alignment: int | None = None, extra_want: int = 0) -> None:
+        if not 4096 <= max_write <= 0xFFFFFFFF:
+            raise ValueError(f"max_write {max_write} outside 4096..2**32-1")
+        if max_read is not None and max_read < 4096:
+            raise ValueError(f"max_read {max_read} below 4096")
+        self.fs = fs
+        self.max_write = max_write
+        self.max_read = max_read
+        self.max_readahead = max_readahead
+        self.max_background = max_background
+        self.congestion_threshold = congestion_threshold
+        self.map_alignment = map_alignment
+        self.want = DEFAULT_WANT | extra_want | (abi.FUSE_MAP_ALIGNMENT if map_alignment is not None else 0)
+        #: Negotiated state; `conn` is the ConnectionInfo of the running session (None before INIT).
+        self.conn: ConnectionInfo | None = None
+        self._initialized = False
+        self._write_limit = max_write
+        self._setxattr_ext = False
+        table: list[_Handler | None] = [None] * (abi.FUSE_STATX + 1)
+        for opcode, method in (
+            (abi.FUSE_INIT, self._init), (abi.FUSE_DESTROY, self._destroy),
+            (abi.FUSE_LOOKUP, self._lookup), (abi.FUSE_FORGET, self._forget),
+            (abi.FUSE_BATCH_FORGET, self._batch_forget), (abi.FUSE_GETATTR, self._getattr),
+            (abi.FUSE_SETATTR, self._setattr), (abi.FUSE_READLINK, self._readlink),
+            (abi.FUSE_SYMLINK, self._symlink), (abi.FUSE_MKNOD, self._mknod), (abi.FUSE_MKDIR, self._mkdir),
+            (abi.FUSE_UNLINK, self._unlink), (abi.FUSE_RMDIR, self._rmdir), (abi.FUSE_RENAME, self._rename),
+            (abi.FUSE_RENAME2, self._rename2), (abi.FUSE_LINK, self._link), (abi.FUSE_OPEN, self._open),
+            (abi.FUSE_READ, self._read), (abi.FUSE_WRITE, self._write), (abi.FUSE_STATFS, self._statfs),
+            (abi.FUSE_RELEASE, self._release), (abi.FUSE_FSYNC, self._fsync), (abi.FUSE_FLUSH, self._flush),
+            (abi.FUSE_SETXATTR, self._setxattr), (abi.FUSE_GETXATTR, self._getxattr),
+            (abi.FUSE_LISTXATTR, self._listxattr), (abi.FUSE_REMOVEXATTR, self._removexattr),
+            (abi.FUSE_OPENDIR, self._opendir), (abi.FUSE_READDIR, self._readdir),
+            (abi.FUSE_READDIRPLUS, self._readdirplus), (abi.FUSE_RELEASEDIR, self._releasedir),
+            (abi.FUSE_FSYNCDIR, self._fsyncdir), (abi.FUSE_ACCESS, self._access),
+            (abi.FUSE_CREATE, self._create), (abi.FUSE_INTERRUPT, self._interrupt),
+            (abi.FUSE_NOTIFY_REPLY, self._interrupt), (abi.FUSE_FALLOCATE, self._fallocate),
+            (abi.FUSE_LSEEK, self._lseek), (abi.FUSE_COPY_FILE_RANGE, self._copy_file_range),
+            (abi.FUSE_SYNCFS, self._syncfs),
+        ):
+            table[opcode] = method
+        self._table = table
+
+    @property
+    def initialized(self) -> bool:
+        """True between a successful INIT and DESTROY (or `reset`)."""
+        return self._initialized
+
+    def reset(self) -> None:
+        """Ends the session without a DESTROY request (device reset, transport gone): calls
+        `fs.destroy()` if a session was running, and expects a new INIT."""
+        if self._initialized:
+            self._initialized = False
+            self.conn = None
+            self.fs.destroy()
+
+    def handle(self, reader: Reader, writer: Writer) -> int:
+        """Parses one request from `reader`, serves it and writes the reply into `writer`.
+
+        Returns the length of the reply written (fuse_out_header included), or 0 when no reply is
+        sent: FORGET, BATCH_FORGET, INTERRUPT and NOTIFY_REPLY, a request too short to carry its
+        `unique`, or a writer without room for even the 16-byte header. Never raises for anything
+        the request or the Filesystem does.
+        """
+        total = reader.remaining
+        if total < _IN_PREFIX.size:
+            log.debug("dropping a %d-byte request: no room for a header", total)
+            return 0
+        raw = reader.read(_IN_SIZE)
+        if total < _IN_SIZE:
+            _, opcode, unique = _IN_PREFIX.unpack_from(raw)
+            return self._malformed(writer, unique, opcode, "truncated header")
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = abi.IN_HEADER.unpack(raw)
+        # Extensions (total_extlen 8-byte units) trail the arguments; nothing negotiated by default
+        # produces them, and the handlers never look past body_len.
+        body_len = length - _IN_SIZE - extlen * 8
+        if length != total or body_len < 0:
+            return self._malformed(writer, unique, opcode, f"len {length} but {total} bytes present")
+        if not self._initialized and opcode != abi.FUSE_INIT:
+            return 0 if opcode in _NO_REPLY else _error(writer, unique, errno.EIO)
+        table = self._table
+        handler = table[opcode] if opcode < len(table) else None
+        if handler is None:
+            return _error(writer, unique, errno.ENOSYS)
+        try:
+            return handler(unique, nodeid, Context(uid, gid, pid), body_len, reader, writer)
+        except OSError as exc:
+            return _error(writer, unique, _errno_of(exc))
+        except Exception:
+            log.exception("FUSE %s (unique %d, nodeid %d) failed",
+                          abi.OPCODE_NAMES.get(opcode, opcode), unique, nodeid)
+            return _error(writer, unique, errno.EIO)
+
+    def _malformed(self, writer: Writer, unique: int, opcode: int, why: str) -> int:
+        log.debug("malformed request %d (opcode %d): %s", unique, opcode, why)
+        return 0 if opcode in _NO_REPLY else _error(writer, unique, errno.EINVAL)
+
+    # -- session --------------------------------------------------------------------------------
+    def _init(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+              writer: Writer) -> int:
+        if self._initialized:
+            raise OSError(errno.EIO, "INIT on a running session")
+        if body_len < abi.INIT_OUT_VERSION.size:
+            raise _invalid()
+        body = reader.read(body_len)
+        major, minor = abi.INIT_OUT_VERSION.unpack_from(body)
+        if major > abi.KERNEL_VERSION:
+            # fuse.h version negotiation: answer with our major only; the client retries with it.
+            return _send(writer, unique, _R_INIT_VERSION.pack(
+                _R_INIT_VERSION.size, 0, unique, abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION))
+        if major < abi.KERNEL_VERSION or minor < abi.MIN_KERNEL_MINOR_VERSION:
+            log.warning("refusing FUSE protocol %d.%d (need %d.%d+)", major, minor,
+                        abi.KERNEL_VERSION, abi.MIN_KERNEL_MINOR_VERSION)
+            raise OSError(errno.EPROTO, "unsupported FUSE protocol version")
+        if body_len < abi.INIT_IN_COMPAT.size:
+            raise _invalid()
+        _, _, max_readahead, flags = abi.INIT_IN_COMPAT.unpack_from(body)
+        # flags2 exists only in the 64-byte fuse_init_in that FUSE_INIT_EXT announces (7.36).
+        if flags & abi.FUSE_INIT_EXT and body_len >= abi.INIT_IN.size:
+            flags |= abi.INIT_IN.unpack_from(body)[4] << 32
+        proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
+        conn = ConnectionInfo(
+            proto_major=abi.KERNEL_VERSION,
+            proto_minor=proto_minor,
+            capable=flags,
+            want=self.want & flags,
+            max_write=self.max_write,
+            max_readahead=min(max_readahead, self.max_readahead),
+            max_pages=min(0xFFFF, -(-max(self.max_write, self.max_read or 0) // _PAGE)),
+            extra={"time_gran": 1, "max_background": self.max_background,
+                   "congestion_threshold": self.congestion_threshold,
+                   "map_alignment": self.map_alignment or 0},
+        )
+        self.fs.init(conn)
+        out = conn.want & flags
+        max_write = max(4096, min(conn.max_write, 0xFFFFFFFF))
+        extra = conn.extra
+        reply = _R_INIT.pack(
+            _R_INIT.size, 0, unique, abi.KERNEL_VERSION, proto_minor,
+            min(conn.max_readahead, max_readahead), out & 0xFFFFFFFF, extra["max_background"],
+            extra["congestion_threshold"], max_write, extra["time_gran"], max(1, min(conn.max_pages, 0xFFFF)),
+            extra["map_alignment"], out >> 32, 0, 0)
+        if len(reply) > writer.available:
+            self.fs.destroy()
+            return _error(writer, unique, errno.ERANGE)
+        self._write_limit = max_write
+        self._setxattr_ext = bool(out & abi.FUSE_SETXATTR_EXT)
+        self.conn = conn
+        self._initialized = True
+        writer.write(reply)
+        return len(reply)
+
+    def _destroy(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                 writer: Writer) -> int:
+        self.reset()
+        return _ok(writer, unique)
+
+    def _interrupt(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                   writer: Writer) -> int:
+        # Requests are served to completion synchronously, so there is never anything to interrupt;
+        # NOTIFY_REPLY answers a RETRIEVE notification this server never sends. Neither is answered.
+        return 0
+
+    # -- names ----------------------------------------------------------------------------------
+    def _reply_entry(self, writer: Writer, unique: int, entry: Entry) -> int:
+        """Sends fuse_entry_out; if it cannot be delivered, gives the lookup reference back."""
+        try:
+            data = _R_ENTRY.pack(_R_ENTRY.size, 0, unique, *_entry_values(entry))
+            if len(data) > writer.available:
+                raise OSError(errno.ERANGE, "no room for the entry")
+        except BaseException:
+            if entry.nodeid:
+                self.fs.forget(entry.nodeid, 1)
+            raise
+        writer.write(data)
+        return len(data)
+
+    def _lookup(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                writer: Writer) -> int:
+        name, _ = _name(reader.read(body_len), 0, dots=True)
+        return self._reply_entry(writer, unique, self.fs.lookup(ctx, nodeid, name))
+
+    def _forget(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                writer: Writer) -> int:
+        if body_len < abi.FORGET_IN.size:
+            log.debug("dropping a truncated FORGET")
+            return 0
+        (nlookup,) = abi.FORGET_IN.unpack(reader.read(abi.FORGET_IN.size))
+        self._forget_one(nodeid, nlookup)
+        return 0
+
+    def _batch_forget(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                      writer: Writer) -> int:
+        if body_len < abi.BATCH_FORGET_IN.size:
+            log.debug("dropping a truncated BATCH_FORGET")
+            return 0
+        body = reader.read(body_len)
+        (count,) = abi.BATCH_FORGET_IN.unpack_from(body)
+        # Trust the bytes present, not the count: never read past the body.
+        present = (body_len - abi.BATCH_FORGET_IN.size) // abi.FORGET_ONE.size
+        if count > present:
+            log.debug("BATCH_FORGET claims %d entries, carries %d", count, present)
+        for one_nodeid, nlookup in abi.FORGET_ONE.iter_unpack(
+                body[abi.BATCH_FORGET_IN.size:abi.BATCH_FORGET_IN.size + min(count, present) * 16]):
+            self._forget_one(one_nodeid, nlookup)
+        return 0
+
+    def _forget_one(self, nodeid: int, nlookup: int) -> None:
+        # FORGET has no reply to carry an error, so a failing forget can only be logged.
+        try:
+            self.fs.forget(nodeid, nlookup)
+        except Exception:
+            log.exception("forget(%d, %d) failed", nodeid, nlookup)
+
+    def _getattr(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                 writer: Writer) -> int:
+        flags, fh = _args(reader, body_len, abi.GETATTR_IN)
+        attr, timeout = self.fs.getattr(ctx, nodeid, fh if flags & abi.FUSE_GETATTR_FH else None)
+        return self._reply_attr(writer, unique, attr, timeout)
+
+    def _reply_attr(self, writer: Writer, unique: int, attr: Attr, timeout: float) -> int:
+        av, avn = _timeout(timeout)
+        return _send(writer, unique, _R_ATTR.pack(_R_ATTR.size, 0, unique, av, avn, *_attr_values(attr)))
+
+    def _setattr(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                 writer: Writer) -> int:
+        (valid, fh, size, _lock_owner, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode,
+         uid, gid) = _args(reader, body_len, abi.SETATTR_IN)
+        changes = SetAttr(
+            mode=mode if valid & abi.FATTR_MODE else None,
+            uid=uid if valid & abi.FATTR_UID else None,
+            gid=gid if valid & abi.FATTR_GID else None,
+            size=size if valid & abi.FATTR_SIZE else None,
+            # The kernel sets FATTR_ATIME together with FATTR_ATIME_NOW; NOW wins.
+            atime_ns=(TIME_NOW if valid & abi.FATTR_ATIME_NOW
+                      else atime * _NSEC + atimensec if valid & abi.FATTR_ATIME else None),
+            mtime_ns=(TIME_NOW if valid & abi.FATTR_MTIME_NOW
+                      else mtime * _NSEC + mtimensec if valid & abi.FATTR_MTIME else None),
+            ctime_ns=ctime * _NSEC + ctimensec if valid & abi.FATTR_CTIME else None,
+            fh=fh if valid & abi.FATTR_FH else None,
+            kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID),
+        )
+        attr, timeout = self.fs.setattr(ctx, nodeid, changes)
+        return self._reply_attr(writer, unique, attr, timeout)
+
+    def _readlink(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                  writer: Writer) -> int:
+        return _send_payload(writer, unique, self.fs.readlink(ctx, nodeid))
+
+    def _symlink(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                 writer: Writer) -> int:
+        # fuse_symlink sends the new entry's name first, then the target; the target is data, so
+        # only its NUL and length are checked.
+        body = reader.read(body_len)
+        name, pos = _name(body, 0)
+        end = body.find(b"\0", pos)
+        if end < 0:
+            raise _invalid()
+        if end - pos >= abi.PATH_MAX:
+            raise OSError(errno.ENAMETOOLONG, "symlink target too long")
+        return self._reply_entry(writer, unique, self.fs.symlink(ctx, nodeid, name, body[pos:end]))
+
+    def _mknod(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+               writer: Writer) -> int:
+        body, (mode, rdev, umask) = _body(reader, body_len, abi.MKNOD_IN)
+        name, _ = _name(body, abi.MKNOD_IN.size)
+        return self._reply_entry(writer, unique, self.fs.mknod(ctx, nodeid, name, mode, rdev, umask))
+
+    def _mkdir(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+               writer: Writer) -> int:
+        body, (mode, umask) = _body(reader, body_len, abi.MKDIR_IN)
+        name, _ = _name(body, abi.MKDIR_IN.size)
+        return self._reply_entry(writer, unique, self.fs.mkdir(ctx, nodeid, name, mode, umask))
+
+    def _unlink(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                writer: Writer) -> int:
+        name, _ = _name(reader.read(body_len), 0)
+        self.fs.unlink(ctx, nodeid, name)
+        return _ok(writer, unique)
+
+    def _rmdir(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+               writer: Writer) -> int:
+        name, _ = _name(reader.read(body_len), 0)
+        self.fs.rmdir(ctx, nodeid, name)
+        return _ok(writer, unique)
+
+    def _rename(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                writer: Writer) -> int:
+        body, (newdir,) = _body(reader, body_len, abi.RENAME_IN)
+        return self._do_rename(writer, unique, ctx, nodeid, body, abi.RENAME_IN.size, newdir, 0)
+
+    def _rename2(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                 writer: Writer) -> int:
+        body, (newdir, flags) = _body(reader, body_len, abi.RENAME2_IN)
+        return self._do_rename(writer, unique, ctx, nodeid, body, abi.RENAME2_IN.size, newdir, flags)
+
+    def _do_rename(self, writer: Writer, unique: int, ctx: Context, parent: int, body: bytes, pos: int,
+                   newdir: int, flags: int) -> int:
+        name, pos = _name(body, pos)
+        newname, _ = _name(body, pos)
+        self.fs.rename(ctx, parent, name, newdir, newname, flags)
+        return _ok(writer, unique)
+
+    def _link(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+              writer: Writer) -> int:
+        # The header's nodeid is the new parent; the node being linked is in fuse_link_in.
+        body, (oldnodeid,) = _body(reader, body_len, abi.LINK_IN)
+        newname, _ = _name(body, abi.LINK_IN.size)
+        return self._reply_entry(writer, unique, self.fs.link(ctx, oldnodeid, nodeid, newname))
+
+    # -- files ----------------------------------------------------------------------------------
+    def _open(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+              writer: Writer) -> int:
+        flags, _open_flags = _args(reader, body_len, abi.OPEN_IN)
+        return self._reply_open(writer, unique, self.fs.open(ctx, nodeid, flags))
+
+    def _reply_open(self, writer: Writer, unique: int, handle: Open) -> int:
+        return _send(writer, unique, _R_OPEN.pack(_R_OPEN.size, 0, unique, handle.fh, handle.flags, 0))
+
+    def _create(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                writer: Writer) -> int:
+        body, (flags, mode, umask, _open_flags) = _body(reader, body_len, abi.CREATE_IN)
+        name, _ = _name(body, abi.CREATE_IN.size)
+        entry, handle = self.fs.create(ctx, nodeid, name, mode, flags, umask)
+        data = _R_CREATE.pack(_R_CREATE.size, 0, unique, *_entry_values(entry), handle.fh, handle.flags, 0)
+        if len(data) > writer.available:
+            # The guest will never know the node or the handle: give both back.
+            self.fs.release(ctx, entry.nodeid, handle.fh, flags)
+            self.fs.forget(entry.nodeid, 1)
+            return _error(writer, unique, errno.ERANGE)
+        writer.write(data)
+        return len(data)
+
+    def _read(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+              writer: Writer) -> int:
+        fh, offset, size, _read_flags, _lock_owner, _flags = _args(reader, body_len, abi.READ_IN)
+        room = writer.available - _HDR_SIZE
+        if room < 0:
+            log.debug("no room for the reply to READ %d", unique)
+            return 0
+        # The guest's size is only a wish: what it can receive is the room it gave us.
+        size = min(size, room)
+        if self.max_read is not None:
+            size = min(size, self.max_read)
+        data = writer.split_at(_HDR_SIZE)
+        n = self.fs.read_into(ctx, nodeid, fh, offset, size, data)
+        if n != data.written or n > size:
+            raise RuntimeError(f"read_into returned {n} but wrote {data.written} of {size} bytes")
+        writer.write(_HDR.pack(_HDR_SIZE + n, 0, unique))
+        return _HDR_SIZE + n
+
+    def _write(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+               writer: Writer) -> int:
+        fh, offset, size, write_flags, _lock_owner, _flags = _args(reader, body_len, abi.WRITE_IN)
+        if size != body_len - abi.WRITE_IN.size or size > self._write_limit:
+            raise _invalid()
+        n = self.fs.write_from(ctx, nodeid, fh, offset, size, reader, write_flags)
+        if not 0 <= n <= size:
+            raise RuntimeError(f"write_from returned {n} for a {size}-byte write")
+        return _send(writer, unique, _R_WRITE.pack(_R_WRITE.size, 0, unique, n))
+
+    def _flush(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+               writer: Writer) -> int:
+        fh, lock_owner = _args(reader, body_len, abi.FLUSH_IN)
+        self.fs.flush(ctx, nodeid, fh, lock_owner)
+        return _ok(writer, unique)
+
+    def _release(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                 writer: Writer) -> int:
+        fh, flags, _release_flags, _lock_owner = _args(reader, body_len, abi.RELEASE_IN)
+        self.fs.release(ctx, nodeid, fh, flags)
+        return _ok(writer, unique)
+
+    def _fsync(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+               writer: Writer) -> int:
+        fh, flags = _args(reader, body_len, abi.FSYNC_IN)
+        self.fs.fsync(ctx, nodeid, fh, bool(flags & abi.FUSE_FSYNC_FDATASYNC))
+        return _ok(writer, unique)
+
+    def _fallocate(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                   writer: Writer) -> int:
+        fh, offset, length, mode = _args(reader, body_len, abi.FALLOCATE_IN)
+        self.fs.fallocate(ctx, nodeid, fh, offset, length, mode)
+        return _ok(writer, unique)
+
+    def _lseek(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+               writer: Writer) -> int:
+        fh, offset, whence = _args(reader, body_len, abi.LSEEK_IN)
+        result = self.fs.lseek(ctx, nodeid, fh, offset, whence)
+        return _send(writer, unique, _R_LSEEK.pack(_R_LSEEK.size, 0, unique, result))
+
+    def _copy_file_range(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                         writer: Writer) -> int:
+        fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = _args(
+            reader, body_len, abi.COPY_FILE_RANGE_IN)
+        length = min(length, _COPY_MAX)
+        n = self.fs.copy_file_range(ctx, nodeid, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags)
+        if not 0 <= n <= length:
+            raise RuntimeError(f"copy_file_range returned {n} for {length} bytes")
+        return _send(writer, unique, _R_WRITE.pack(_R_WRITE.size, 0, unique, n))
+
+    # -- directories ----------------------------------------------------------------------------
+    def _opendir(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                 writer: Writer) -> int:
+        flags, _open_flags = _args(reader, body_len, abi.OPEN_IN)
+        return self._reply_open(writer, unique, self.fs.opendir(ctx, nodeid, flags))
+
+    def _readdir(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                 writer: Writer) -> int:
+        return self._do_readdir(unique, nodeid, ctx, body_len, reader, writer, False)
+
+    def _readdirplus(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                     writer: Writer) -> int:
+        return self._do_readdir(unique, nodeid, ctx, body_len, reader, writer, True)
+
+    def _do_readdir(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                    writer: Writer, plus: bool) -> int:
+        fh, offset, size, _read_flags, _lock_owner, _flags = _args(reader, body_len, abi.READ_IN)
+        limit = min(size, writer.available - _HDR_SIZE)
+        if limit < 0:
+            log.debug("no room for the reply to READDIR %d", unique)
+            return 0
+        listing = self.fs.readdir(ctx, nodeid, fh, offset, plus)
+        entries = iter(listing)
+        buf = bytearray()
+        # Nodeids whose lookup reference rides in `buf`: handed back if the reply is never sent.
+        referenced: list[int] = []
+        try:
+            for d in entries:
+                reclen = abi.dirent_size(len(d.name), plus)
+                if len(buf) + reclen > limit:
+                    self._unsent(d, plus)
+                    # A generator stops here and counts nothing more; entries the file system
+                    # already produced as a list each carry a lookup that must be returned.
+                    if not isinstance(listing, Iterator):
+                        for rest in entries:
+                            self._unsent(rest, plus)
+                    if not buf:
+                        # As getdents(2) answers a buffer too small for one entry.
+                        raise _invalid()
+                    break
+                self._pack_dirent(buf, d, reclen, plus, referenced)
+        except BaseException:
+            for referenced_id in referenced:
+                self.fs.forget(referenced_id, 1)
+            raise
+        finally:
+            close = getattr(entries, "close", None)
+            if close is not None:
+                close()
+        return _send_payload(writer, unique, buf)
+
+    def _unsent(self, d: DirEntry, plus: bool) -> None:
+        if plus and d.entry is not None and d.entry.nodeid:
+            self.fs.forget(d.entry.nodeid, 1)
+
+    def _pack_dirent(self, buf: bytearray, d: DirEntry, reclen: int, plus: bool,
+                     referenced: list[int]) -> None:
+        """Appends one fuse_dirent (or fuse_direntplus) record with zeroed padding to `buf`."""
+        name = d.name
+        namelen = len(name)
+        if plus:
+            entry = d.entry
+            if entry is None or not entry.nodeid:
+                values = _ZERO_ENTRY
+            elif name == b"." or name == b"..":
+                # The kernel ignores the entry of "." and ".." in fuse_direntplus_link and so never
+                # forgets it: hand the reference back now and send no node at all.
+                self.fs.forget(entry.nodeid, 1)
+                values = _ZERO_ENTRY
+            else:
+                values = _entry_values(entry)
+                referenced.append(entry.nodeid)
+            buf += abi.DIRENTPLUS.pack(*values, d.ino, d.offset, namelen, d.type)
+            pad = reclen - abi.DIRENTPLUS.size - namelen
+        else:
+            buf += abi.DIRENT.pack(d.ino, d.offset, namelen, d.type)
+            pad = reclen - abi.DIRENT.size - namelen
+        buf += name
+        buf += _ZEROS[:pad]
+
+    def _releasedir(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                    writer: Writer) -> int:
+        fh, _flags, _release_flags, _lock_owner = _args(reader, body_len, abi.RELEASE_IN)
+        self.fs.releasedir(ctx, nodeid, fh)
+        return _ok(writer, unique)
+
+    def _fsyncdir(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                  writer: Writer) -> int:
+        fh, flags = _args(reader, body_len, abi.FSYNC_IN)
+        self.fs.fsyncdir(ctx, nodeid, fh, bool(flags & abi.FUSE_FSYNC_FDATASYNC))
+        return _ok(writer, unique)
+
+    # -- file system ----------------------------------------------------------------------------
+    def _statfs(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                writer: Writer) -> int:
+        s = self.fs.statfs(ctx, nodeid)
+        return _send(writer, unique, _R_STATFS.pack(
+            _R_STATFS.size, 0, unique, s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize,
+            s.f_namemax, s.f_frsize))
+
+    def _access(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                writer: Writer) -> int:
+        (mask,) = _args(reader, body_len, abi.ACCESS_IN)
+        self.fs.access(ctx, nodeid, mask)
+        return _ok(writer, unique)
+
+    def _syncfs(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                writer: Writer) -> int:
+        _args(reader, body_len, abi.SYNCFS_IN)
+        self.fs.syncfs(ctx, nodeid)
+        return _ok(writer, unique)
+
+    # -- extended attributes --------------------------------------------------------------------
+    def _setxattr(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                  writer: Writer) -> int:
+        # The 16-byte fuse_setxattr_in only once FUSE_SETXATTR_EXT is negotiated; 8 bytes before.
+        st = abi.SETXATTR_IN if self._setxattr_ext else abi.SETXATTR_IN_COMPAT
+        body, fields = _body(reader, body_len, st)
+        size, flags = fields[0], fields[1]
+        name, pos = _xattr_name(body, st.size)
+        if len(body) - pos != size:
+            raise _invalid()
+        self.fs.setxattr(ctx, nodeid, name, body[pos:], flags)
+        return _ok(writer, unique)
+
+    def _getxattr(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                  writer: Writer) -> int:
+        body, (size,) = _body(reader, body_len, abi.GETXATTR_IN)
+        name, _ = _xattr_name(body, abi.GETXATTR_IN.size)
+        return self._reply_xattr(writer, unique, size, self.fs.getxattr(ctx, nodeid, name))
+
+    def _listxattr(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                   writer: Writer) -> int:
+        (size,) = _args(reader, body_len, abi.GETXATTR_IN)
+        names = self.fs.listxattr(ctx, nodeid)
+        return self._reply_xattr(writer, unique, size, b"".join(n + b"\0" for n in names))
+
+    def _reply_xattr(self, writer: Writer, unique: int, size: int, value: bytes) -> int:
+        """Size 0 asks only for the length; otherwise the value, ERANGE if larger than `size`. The
+        value comes from the file system, so `size` (up to 2**32-1) never sizes an allocation."""
+        if size == 0:
+            return _send(writer, unique, _R_XATTR_SIZE.pack(_R_XATTR_SIZE.size, 0, unique, len(value)))
+        if len(value) > size:
+            return _error(writer, unique, errno.ERANGE)
+        return _send_payload(writer, unique, value)
+
+    def _removexattr(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                     writer: Writer) -> int:
+        name, _ = _xattr_name(reader.read(body_len), 0)
+        self.fs.removexattr(ctx, nodeid, name)
+        return _ok(writer, unique)
