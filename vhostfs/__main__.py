@@ -1,0 +1,5 @@
+"""`python -m vhostfs`: the same as the `vhostfs` command."""
+
+from vhostfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,200 @@
+"""The virtio-fs device: joins the vhost-user session, the virtqueues and the FUSE server.
+
+Queue 0 is the high-priority queue (FORGET, INTERRUPT), queues 1.. are request queues (virtio 1.2,
+5.11.2). Each running queue has its own worker thread that waits on the kick eventfd, drains the
+available ring through the FUSE server, returns the chains on the used ring and signals the call
+eventfd when the driver wants it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import struct
+import threading
+
+from vhostfs.vhost_user import messages as vu
+from vhostfs.vhost_user.handler import Vring
+from vhostfs.vhost_user.memory import GuestMemory
+from vhostfs.virtqueue.split import (
+    ChainError,
+    QueueBroken,
+    SplitQueue,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
+
+log = logging.getLogger("vhostfs.device")
+
+#: virtio-fs configuration space (virtio 1.2, 5.11.4): tag[36], num_request_queues (le32).
+VIRTIO_FS_CONFIG = struct.Struct("<36sI")
+assert VIRTIO_FS_CONFIG.size == 40
+VIRTIO_FS_TAG_MAX = 36
+
+#: Request queues a front end may set up (GET_QUEUE_NUM reports one more, for the hiprio queue).
+MAX_REQUEST_QUEUES = 16
+
+DEVICE_FEATURES = (
+    1 << vu.VIRTIO_F_VERSION_1
+    | 1 << vu.VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << vu.VIRTIO_RING_F_EVENT_IDX
+)
+
+
+def ring_views(memory: GuestMemory, vring: Vring) -> tuple[memoryview, memoryview, memoryview]:
+    """The descriptor table, avail and used rings of `vring`, whose addresses are front-end addresses."""
+    assert vring.addr is not None
+    num = vring.num
+    out = []
+    for uva, size in ((vring.addr.desc, desc_table_size(num)), (vring.addr.avail, avail_ring_size(num)),
+                      (vring.addr.used, used_ring_size(num))):
+        out.append(memory.view(memory.uva_to_gpa(uva, size), size))
+    return out[0], out[1], out[2]
+
+
+class QueueWorker:
+    """Serves one virtqueue on its own thread until stopped."""
+
+    def __init__(self, index: int, queue: SplitQueue, vring: Vring, handle) -> None:
+        self.index = index
+        self.queue = queue
+        self.vring = vring
+        self.kick_fd = vring.kick_fd
+        self.call_fd = vring.call_fd
+        self.handle = handle
+        self.call_lock = threading.Lock()
+        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
+        self.new_memory: GuestMemory | None = None
+        self.broken = False
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name=f"vhostfs-queue{index}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> int:
+        """Stops the worker after the request it is serving; returns the next avail index."""
+        self.stopping = True
+        os.eventfd_write(self.stop_fd, 1)
+        self.thread.join()
+        os.close(self.stop_fd)
+        return self.queue.last_avail_idx
+
+    def set_call_fd(self, fd: int) -> None:
+        with self.call_lock:
+            self.call_fd = fd
+
+    def _signal(self) -> None:
+        with self.call_lock:
+            if self.call_fd >= 0:
+                os.eventfd_write(self.call_fd, 1)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.kick_fd, select.POLLIN)
+        poller.register(self.stop_fd, select.POLLIN)
+        try:
+            # Buffers may already be waiting (a restarted ring, or a kick sent before we listened).
+            self._drain()
+            while True:
+                events = poller.poll()
+                if any(fd == self.stop_fd for fd, _ in events):
+                    return
+                for _fd, ev in events:
+                    if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                        log.error("queue %d: kick fd failed (events %#x)", self.index, ev)
+                        return
+                try:
+                    os.eventfd_read(self.kick_fd)
+                except BlockingIOError:
+                    pass
+                self._drain()
+        except Exception:
+            log.exception("queue %d: worker failed", self.index)
+
+    def _drain(self) -> None:
+        q = self.queue
+        if self.broken:
+            return
+        if self.new_memory is not None:
+            memory, self.new_memory = self.new_memory, None
+            q.remap(memory, *ring_views(memory, self.vring))
+        handle = self.handle
+        try:
+            while True:
+                q.disable_kicks()
+                served = 0
+                while not self.stopping and q.pending():
+                    head = q.pop_head()
+                    try:
+                        chain = q.chain(head)
+                    except ChainError as e:
+                        log.error("queue %d: bad descriptor chain %d: %s", self.index, head, e)
+                        q.push(head, 0)
+                        served += 1
+                        continue
+                    q.push(head, handle(chain.reader, chain.writer))
+                    served += 1
+                if served and q.notify_needed():
+                    self._signal()
+                if self.stopping or not q.enable_kicks():
+                    return
+        except QueueBroken as e:
+            # virtio 1.2, 2.7.13.3: the ring cannot be trusted any more; stop serving it.
+            log.error("queue %d: %s; the queue is stopped until it is reset", self.index, e)
+            self.broken = True
+
+
+class VirtioFsDevice:
+    """The vhost-user back end of a virtio-fs device serving `server` (a FuseServer).
+
+    `request_queues` is what the configuration space announces (with a `tag`); the front end may
+    set up any number of request queues up to MAX_REQUEST_QUEUES.
+    """
+
+    def __init__(self, server, *, tag: str | None = None, request_queues: int = 1) -> None:
+        if tag is not None and not 0 < len(tag.encode()) <= VIRTIO_FS_TAG_MAX:
+            raise ValueError(f"tag must be 1 to {VIRTIO_FS_TAG_MAX} bytes")
+        self.server = server
+        self.tag = tag
+        self.request_queues = request_queues
+        self.max_queues = 1 + max(request_queues, MAX_REQUEST_QUEUES)
+        self.features = DEVICE_FEATURES
+        self.protocol_features = 1 << vu.VHOST_USER_PROTOCOL_F_CONFIG if tag is not None else 0
+        self.workers: dict[int, QueueWorker] = {}
+
+    def _handle(self, reader, writer) -> int:
+        try:
+            return self.server.handle(reader, writer)
+        except Exception:
+            log.exception("request failed")
+            return 0
+
+    def start_queue(self, index: int, vring: Vring, memory: GuestMemory, features: int) -> None:
+        queue = SplitQueue(memory, vring.num, *ring_views(memory, vring), last_avail_idx=vring.base,
+                           event_idx=bool(features & 1 << vu.VIRTIO_RING_F_EVENT_IDX),
+                           indirect=bool(features & 1 << vu.VIRTIO_RING_F_INDIRECT_DESC))
+        worker = QueueWorker(index, queue, vring, self._handle)
+        self.workers[index] = worker
+        worker.start()
+
+    def stop_queue(self, index: int) -> int:
+        return self.workers.pop(index).stop()
+
+    def set_call_fd(self, index: int, fd: int) -> None:
+        self.workers[index].set_call_fd(fd)
+
+    def set_memory(self, memory: GuestMemory) -> None:
+        for worker in self.workers.values():
+            worker.new_memory = memory
+
+    def config(self) -> bytes:
+        tag = (self.tag or "").encode()
+        return VIRTIO_FS_CONFIG.pack(tag, self.request_queues)
+
+    def reset(self) -> None:
+        for index in list(self.workers):
+            self.stop_queue(index)
+        self.server.reset()
