@@ -17,6 +17,7 @@ import mmap
 import os
 import select
 import socket
+import threading
 from dataclasses import dataclass
 
 from vhostfs.vhost_user import messages as m
@@ -69,6 +70,7 @@ class Frontend:
         self.mem = mmap.mmap(self.mem_fd, mem_size)
         self.view = memoryview(self.mem)
         self._brk = PAGE  # bump allocator for rings and buffers (guest address 0 left unused)
+        self._alloc_lock = threading.Lock()
         self.rings: dict[int, Ring] = {}
         self.features = 0
         self.protocol_features = 0
@@ -98,11 +100,12 @@ class Frontend:
 
     # -- guest memory ---------------------------------------------------------------------------
     def alloc(self, size: int, align: int = 16) -> int:
-        addr = _align(self._brk, align)
-        if addr + size > self.mem_size:
-            raise MemoryError("test guest memory exhausted")
-        self._brk = addr + size
-        return addr
+        with self._alloc_lock:
+            addr = _align(self._brk, align)
+            if addr + size > self.mem_size:
+                raise MemoryError("test guest memory exhausted")
+            self._brk = addr + size
+            return addr
 
     def uva(self, gpa: int) -> int:
         return UVA_BASE + gpa
@@ -233,6 +236,14 @@ class Frontend:
         return head
 
     def publish(self, ring: Ring, head: int, kick: bool = True) -> None:
+        """Makes chain `head` available and kicks.
+
+        With EVENT_IDX, used_event asks for an interrupt as soon as the device uses the oldest
+        element not yet seen (virtio 1.2, 2.7.10); it is stored before the avail index, and the kick
+        (a system call) orders both before whatever the device does next.
+        """
+        if self.features & 1 << m.VIRTIO_RING_F_EVENT_IDX:
+            U16.pack_into(self.view, ring.avail + 4 + 2 * ring.num, ring.last_used)
         U16.pack_into(self.view, ring.avail + 4 + 2 * (ring.next_avail % ring.num), head)
         ring.next_avail = (ring.next_avail + 1) & 0xFFFF
         U16.pack_into(self.view, ring.avail + 2, ring.next_avail)
@@ -243,13 +254,17 @@ class Frontend:
         return U16.unpack_from(self.view, ring.used + 2)[0]
 
     def wait_used(self, ring: Ring, timeout: float = 10.0) -> tuple[int, int]:
-        """Waits for the next used element; returns (head, len). Raises TimeoutError."""
+        """Waits for the call eventfd and the next used element; returns (head, len).
+
+        Raises TimeoutError when no interrupt came, saying so if the element did arrive (a lost
+        notification is a device bug).
+        """
         while self.used_idx(ring) == ring.last_used:
             r, _, _ = select.select([ring.call], [], [], timeout)
             if not r:
-                if self.used_idx(ring) != ring.last_used:
-                    break
-                raise TimeoutError(f"no used buffer on queue {ring.index}")
+                late = self.used_idx(ring) != ring.last_used
+                raise TimeoutError(f"no interrupt on queue {ring.index}"
+                                   + (" although the used ring advanced" if late else ""))
             try:
                 os.eventfd_read(ring.call)
             except BlockingIOError:
@@ -260,12 +275,19 @@ class Frontend:
         return head, length
 
     def request(self, index: int, data: bytes, reply_size: int = 4096, *, indirect: bool = False,
-                timeout: float = 10.0) -> bytes:
-        """Posts `data` (device-readable) and `reply_size` writable bytes; returns the bytes written."""
+                timeout: float = 10.0, arena: int | None = None) -> bytes:
+        """Posts `data` (device-readable) and `reply_size` writable bytes; returns the bytes written.
+
+        The buffers are allocated, or placed at guest address `arena` (a caller's own area, so that
+        threads driving different queues do not share buffers).
+        """
         ring = self.rings[index]
-        src = self.alloc(max(len(data), 1))
+        if arena is None:
+            src = self.alloc(max(len(data), 1))
+            dst = self.alloc(reply_size) if reply_size else 0
+        else:
+            src, dst = arena, _align(arena + len(data), 16)
         self.view[src:src + len(data)] = data
-        dst = self.alloc(reply_size) if reply_size else 0
         in_bufs = [(dst, reply_size)] if reply_size else []
         maker = self.make_indirect if indirect else self.make_chain
         head = maker(ring, [(src, len(data))], in_bufs)
@@ -274,6 +296,3 @@ class Frontend:
         assert got_head == head, f"used head {got_head}, expected {head}"
         return bytes(self.view[dst:dst + length])
 
-    def reset_buffers(self, mark: int) -> None:
-        """Frees every buffer allocated after `mark` (a value of `_brk` saved earlier)."""
-        self._brk = mark
