@@ -39,6 +39,9 @@ class FlatMemory:
                 return base, view
         raise ValueError(f"unmapped {gpa:#x}")
 
+    def region(self, gpa):
+        return self._find(gpa)
+
     def views(self, gpa, length):
         out = []
         while length:

@@ -7,8 +7,9 @@ next available chain as a `DescriptorChain` whose `reader`/`writer` are views of
 NO_INTERRUPT flag to decide whether the driver wants an interrupt.
 
 Guest memory is any object with `views(gpa, length) -> list[memoryview]` (one view per region the
-range crosses) and `view(gpa, length) -> memoryview` (a single contiguous view), raising an exception
-for an unmapped range.
+range crosses), `view(gpa, length) -> memoryview` (a single contiguous view) and
+`region(gpa) -> (base, view)` (the whole region holding `gpa`), raising an exception for an unmapped
+address.
 """
 
 from __future__ import annotations
@@ -83,52 +84,58 @@ def walk_chain(memory, desc_table: memoryview, num: int, head: int, indirect_ok:
         raise ChainError(f"head index {head} >= queue size {num}")
     readable: list[memoryview] = []
     writable: list[memoryview] = []
-    table, limit, idx = desc_table, num, head
-    in_indirect = False
+    # The region of the previous buffer: consecutive buffers almost always share one, so most
+    # lookups are two comparisons instead of a call.
+    base, end, rview = 0, 0, None
     total = 0
     count = 0
+    limit = num
+    idx = head
+    entries = None  # an indirect table, unpacked at once (it is contiguous, unlike the ring's chains)
     unpack = DESC.unpack_from
     while True:
         count += 1
         if count > limit:
             raise ChainError("descriptor chain loops or is longer than its table")
-        addr, length, flags, nxt = unpack(table, idx * 16)
+        addr, length, flags, nxt = entries[idx] if entries is not None else unpack(desc_table, idx * 16)
         if flags & VIRTQ_DESC_F_INDIRECT:
             if not indirect_ok:
                 raise ChainError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
-            if in_indirect:
+            if entries is not None:
                 raise ChainError("nested indirect descriptor table")
             if flags & VIRTQ_DESC_F_NEXT:
                 raise ChainError("indirect descriptor with VIRTQ_DESC_F_NEXT")
             if length == 0 or length % 16:
                 raise ChainError(f"indirect table length {length} is not a non-zero multiple of 16")
             try:
-                table = memory.view(addr, length)
-            except Exception:
-                # A table split across regions is legal but rare: copy the small descriptor table.
-                try:
-                    table = memoryview(b"".join(memory.views(addr, length)))
-                except Exception as e:
-                    raise ChainError(f"indirect table outside guest memory: {e}") from None
-            in_indirect = True
+                # A table split across regions is legal but rare: join its few bytes.
+                entries = list(DESC.iter_unpack(b"".join(memory.views(addr, length))))
+            except Exception as e:
+                raise ChainError(f"indirect table outside guest memory: {e}") from None
             limit, idx, count = length // 16, 0, 0
             continue
         total += length
         if total >= MAX_CHAIN_BYTES:
             raise ChainError("descriptor chain longer than 4 GiB")
-        if length:
-            try:
-                bufs = memory.views(addr, length)
-            except Exception as e:
-                raise ChainError(f"buffer outside guest memory: {e}") from None
-            if flags & VIRTQ_DESC_F_WRITE:
-                writable.extend(bufs)
-            elif writable:
-                raise ChainError("device-readable descriptor after a device-writable one")
-            else:
-                readable.extend(bufs)
-        elif flags & VIRTQ_DESC_F_WRITE == 0 and writable:
+        if flags & VIRTQ_DESC_F_WRITE:
+            bufs = writable
+        elif writable:
             raise ChainError("device-readable descriptor after a device-writable one")
+        else:
+            bufs = readable
+        if length:
+            if base <= addr and addr + length <= end:
+                bufs.append(rview[addr - base:addr - base + length])
+            else:
+                try:
+                    base, rview = memory.region(addr)
+                    end = base + len(rview)
+                    if addr + length <= end:
+                        bufs.append(rview[addr - base:addr - base + length])
+                    else:
+                        bufs.extend(memory.views(addr, length))
+                except Exception as e:
+                    raise ChainError(f"buffer outside guest memory: {e}") from None
         if not flags & VIRTQ_DESC_F_NEXT:
             return DescriptorChain(head, readable, writable)
         idx = nxt
