@@ -36,6 +36,26 @@ def _take(segs: list[memoryview], idx: int, off: int, size: int) -> tuple[list[m
     return views, idx, off
 
 
+def _transfer(call, fd: int, segs: list[memoryview], idx: int, off: int, size: int, offset: int) -> int:
+    """Runs os.preadv or os.pwritev over `size` bytes of segs[idx][off:], IOV_MAX views at a time.
+
+    Returns the bytes transferred; stops early on a short transfer (end of file, full disk).
+    """
+    if off == 0 and size == sum(map(len, segs[idx:idx + IOV_MAX])) and len(segs) - idx <= IOV_MAX:
+        # The usual case, a request's whole data area: the segments go to the kernel as they are.
+        return call(fd, segs[idx:] if idx else segs, offset)
+    views, _, _ = _take(segs, idx, off, size)
+    done = 0
+    for start in range(0, len(views), IOV_MAX):
+        batch = views[start:start + IOV_MAX]
+        want = sum(map(len, batch))
+        n = call(fd, batch, offset + done)
+        done += n
+        if n < want:
+            break
+    return done
+
+
 class Reader:
     """Consumes the device-readable bytes of a request, front to back.
 
@@ -49,7 +69,7 @@ class Reader:
         self._segs = segs
         self._idx = 0
         self._off = 0
-        self.remaining = sum(len(s) for s in segs)
+        self.remaining = sum(map(len, segs))
 
     def read(self, size: int) -> bytes:
         """Copies and consumes up to `size` bytes (for headers and small arguments, not file data)."""
@@ -86,30 +106,15 @@ class Reader:
         Returns the bytes written (short only if the file system wrote short); consumes exactly those.
         Raises OSError from pwritev.
         """
-        views = self.views(size)
-        done = 0
-        for start in range(0, len(views), IOV_MAX):
-            batch = views[start:start + IOV_MAX]
-            want = sum(len(v) for v in batch)
-            n = os.pwritev(fd, batch, offset + done)
-            done += n
-            if n < want:
-                break
-        # Give back what was not written, so `remaining` stays honest.
-        unread = sum(len(v) for v in views) - done
-        if unread:
-            self._rewind(unread)
+        size = min(size, self.remaining)
+        idx, off = self._idx, self._off
+        done = _transfer(os.pwritev, fd, self._segs, idx, off, size, offset)
+        if done == self.remaining:
+            self._idx, self._off = len(self._segs), 0
+        else:
+            _, self._idx, self._off = _take(self._segs, idx, off, done)
+        self.remaining -= done
         return done
-
-    def _rewind(self, size: int) -> None:
-        self.remaining += size
-        while size:
-            if self._off == 0:
-                self._idx -= 1
-                self._off = len(self._segs[self._idx])
-            step = min(size, self._off)
-            self._off -= step
-            size -= step
 
 
 class Writer:
@@ -125,7 +130,7 @@ class Writer:
         self._segs = segs
         self._idx = 0
         self._off = 0
-        self.available = sum(len(s) for s in segs)
+        self.available = sum(map(len, segs))
         self.written = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
@@ -168,16 +173,11 @@ class Writer:
         """
         size = min(size, self.available)
         idx, off = self._idx, self._off
-        views, _, _ = _take(self._segs, idx, off, size)
-        done = 0
-        for start in range(0, len(views), IOV_MAX):
-            batch = views[start:start + IOV_MAX]
-            want = sum(len(v) for v in batch)
-            n = os.preadv(fd, batch, offset + done)
-            done += n
-            if n < want:
-                break
-        _, self._idx, self._off = _take(self._segs, idx, off, done)
+        done = _transfer(os.preadv, fd, self._segs, idx, off, size, offset)
+        if done == self.available:
+            self._idx, self._off = len(self._segs), 0
+        else:
+            _, self._idx, self._off = _take(self._segs, idx, off, done)
         self.available -= done
         self.written += done
         return done
@@ -193,8 +193,8 @@ class Writer:
         head, idx, off = _take(self._segs, self._idx, self._off, offset)
         tail = self._segs[idx:]
         if tail and off:
-            tail = [tail[0][off:], *tail[1:]]
-        rest = Writer([v for v in tail if len(v)])
+            tail[0] = tail[0][off:]
+        rest = Writer(tail)
         self._segs = head
         self._idx = 0
         self._off = 0
