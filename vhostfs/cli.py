@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xattr", action="store_true", help="enable extended attributes")
     p.add_argument("--readonly", action="store_true", help="refuse every change to the shared directory")
     p.add_argument("--no-readdirplus", action="store_true", help="answer READDIR only, no READDIRPLUS")
-    p.add_argument("--thread-pool-size", type=int, default=0, help="accepted for compatibility")
+    p.add_argument("--thread-pool-size", type=int, default=0, metavar="N",
+                   help="threads serving each request queue (default 0: the queue's own thread)")
     p.add_argument("--sandbox", choices=("namespace", "chroot", "none"), default="none",
                    help="sandbox mode (namespace and chroot are not implemented yet: refused)")
     p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
@@ -163,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _terminate)
     fs = Passthrough(args.shared_dir, cache=args.cache, readonly=args.readonly, xattr=args.xattr)
     server = FuseServer(fs)
-    device = VirtioFsDevice(server, tag=args.tag)
+    device = VirtioFsDevice(server, tag=args.tag, thread_pool_size=args.thread_pool_size)
 
     lock_fd = -1
     if args.fd is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import select
 import struct
 import threading
@@ -55,11 +56,17 @@ def ring_views(memory: GuestMemory, vring: Vring) -> tuple[memoryview, memoryvie
 
 
 class QueueWorker:
-    """Serves one virtqueue on its own thread until stopped."""
+    """Serves one virtqueue on its own thread until stopped.
 
-    def __init__(self, index: int, queue: SplitQueue, vring: Vring, handle) -> None:
+    With `pool_size` > 0 the worker only takes chains off the ring and `pool_size` threads serve
+    them, so a request that blocks (a lock, a slow host file system) does not hold up the others and
+    system calls of several requests overlap. The used ring is then shared: `used_lock` orders the
+    completions, and a head already in flight is never taken (nor completed) a second time.
+    """
+
+    def __init__(self, index: int, vq: SplitQueue, vring: Vring, handle, pool_size: int = 0) -> None:
         self.index = index
-        self.queue = queue
+        self.queue = vq
         self.vring = vring
         self.kick_fd = vring.kick_fd
         self.call_fd = vring.call_fd
@@ -70,15 +77,26 @@ class QueueWorker:
         self.broken = False
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name=f"vhostfs-queue{index}", daemon=True)
+        self.used_lock = threading.Lock()
+        self.in_flight: set[int] = set()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.pool = [threading.Thread(target=self._serve_jobs, name=f"vhostfs-queue{index}-{i}", daemon=True)
+                     for i in range(pool_size)]
 
     def start(self) -> None:
+        for t in self.pool:
+            t.start()
         self.thread.start()
 
     def stop(self) -> int:
-        """Stops the worker after the request it is serving; returns the next avail index."""
+        """Stops taking requests, finishes those in flight; returns the next avail index."""
         self.stopping = True
         os.eventfd_write(self.stop_fd, 1)
         self.thread.join()
+        for _ in self.pool:
+            self.jobs.put(None)
+        for t in self.pool:
+            t.join()
         os.close(self.stop_fd)
         return self.queue.last_avail_idx
 
@@ -128,6 +146,9 @@ class QueueWorker:
                 served = 0
                 while not self.stopping and q.pending():
                     head = q.pop_head()
+                    if self.pool:
+                        self._dispatch(head)
+                        continue
                     try:
                         chain = q.chain(head)
                     except ChainError as e:
@@ -147,19 +168,55 @@ class QueueWorker:
             self.broken = True
 
 
+    def _dispatch(self, head: int) -> None:
+        """Hands chain `head` to the pool (pool mode)."""
+        q = self.queue
+        with self.used_lock:
+            if head in self.in_flight:
+                # The driver offered a head it has not got back yet (virtio 1.2, 2.7.13.2 forbids
+                # it); serving it twice would complete it twice.
+                log.error("queue %d: descriptor chain %d offered again while in flight", self.index, head)
+                return
+            try:
+                chain = q.chain(head)
+            except ChainError as e:
+                log.error("queue %d: bad descriptor chain %d: %s", self.index, head, e)
+                q.push(head, 0)
+                if q.notify_needed():
+                    self._signal()
+                return
+            self.in_flight.add(head)
+        self.jobs.put(chain)
+
+    def _serve_jobs(self) -> None:
+        q = self.queue
+        handle = self.handle
+        while (chain := self.jobs.get()) is not None:
+            length = handle(chain.reader, chain.writer)
+            with self.used_lock:
+                self.in_flight.discard(chain.head)
+                q.push(chain.head, length)
+                notify = q.notify_needed()
+            if notify:
+                self._signal()
+
+
 class VirtioFsDevice:
     """The vhost-user back end of a virtio-fs device serving `server` (a FuseServer).
 
     `request_queues` is what the configuration space announces (with a `tag`); the front end may
-    set up any number of request queues up to MAX_REQUEST_QUEUES.
+    set up any number of request queues up to MAX_REQUEST_QUEUES. `thread_pool_size` threads serve
+    each request queue (0: the queue's own thread serves its requests one at a time).
     """
 
-    def __init__(self, server, *, tag: str | None = None, request_queues: int = 1) -> None:
+    def __init__(self, server, *, tag: str | None = None, request_queues: int = 1,
+                 thread_pool_size: int = 0) -> None:
         if tag is not None and not 0 < len(tag.encode()) <= VIRTIO_FS_TAG_MAX:
             raise ValueError(f"tag must be 1 to {VIRTIO_FS_TAG_MAX} bytes")
         self.server = server
         self.tag = tag
         self.request_queues = request_queues
+        self.thread_pool_size = thread_pool_size
         self.max_queues = 1 + max(request_queues, MAX_REQUEST_QUEUES)
         self.features = DEVICE_FEATURES
         self.protocol_features = 1 << vu.VHOST_USER_PROTOCOL_F_CONFIG if tag is not None else 0
@@ -173,10 +230,11 @@ class VirtioFsDevice:
             return 0
 
     def start_queue(self, index: int, vring: Vring, memory: GuestMemory, features: int) -> None:
-        queue = SplitQueue(memory, vring.num, *ring_views(memory, vring), last_avail_idx=vring.base,
+        vq = SplitQueue(memory, vring.num, *ring_views(memory, vring), last_avail_idx=vring.base,
                            event_idx=bool(features & 1 << vu.VIRTIO_RING_F_EVENT_IDX),
                            indirect=bool(features & 1 << vu.VIRTIO_RING_F_INDIRECT_DESC))
-        worker = QueueWorker(index, queue, vring, self._handle)
+        # The hiprio queue only carries FORGET and INTERRUPT, which never block.
+        worker = QueueWorker(index, vq, vring, self._handle, self.thread_pool_size if index else 0)
         self.workers[index] = worker
         worker.start()
 

@@ -150,3 +150,36 @@ def test_print_capabilities():
     r = subprocess.run([sys.executable, "-m", "vhostfs", "--print-capabilities"], capture_output=True,
                        text=True, timeout=30, check=True)
     assert json.loads(r.stdout)["type"] == "fs"
+
+
+def test_thread_pool_serves_requests_and_stops_cleanly(tmp_path):
+    d = start_daemon(tmp_path, "--thread-pool-size", "4")
+    try:
+        (d.shared / "f").write_bytes(b"pool" * 1000)
+        with d.connect() as fe:
+            fe.setup(queues=2)
+            client = FuseClient(fe)
+            client.init()
+            nodeid = client.lookup(ROOT, b"f")[0]
+            fh = client.open(nodeid)
+            # Several requests in flight at once on one queue, completed by different threads.
+            ring = fe.rings[1]
+            heads = {}
+            for i in range(16):
+                buf = fe.alloc(4096 + 16)
+                src = fe.alloc(80)
+                msg = client.message(abi.FUSE_READ, nodeid, abi.READ_IN.pack(fh, i * 100, 100, 0, 0, 0))
+                fe.view[src:src + len(msg)] = msg
+                head = fe.make_chain(ring, [(src, len(msg))], [(buf, 4096 + 16)])
+                heads[head] = (buf, i)
+                fe.publish(ring, head)
+            for _ in range(16):
+                head, length = fe.wait_used(ring)
+                buf, i = heads.pop(head)
+                assert length == 116
+                assert fe.view[buf + 16:buf + 116] == (b"pool" * 1000)[i * 100:i * 100 + 100]
+            assert not heads
+        assert d.wait(10) == 0
+    finally:
+        stop_daemon(d)
+    assert "Traceback" not in d.log_text()

@@ -20,6 +20,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
+from vhostfs import native
 from vhostfs.vhost_user import messages as m
 from vhostfs.virtqueue.split import (
     DESC,
@@ -256,9 +257,14 @@ class Frontend:
     def wait_used(self, ring: Ring, timeout: float = 10.0) -> tuple[int, int]:
         """Waits for the call eventfd and the next used element; returns (head, len).
 
-        Raises TimeoutError when no interrupt came, saying so if the element did arrive (a lost
-        notification is a device bug).
+        With EVENT_IDX, used_event is moved to the awaited element first, and the used index read
+        again after a full fence, as a driver must before it sleeps (virtio 1.2, 2.7.10). Raises
+        TimeoutError when no interrupt came, saying so if the element did arrive (a lost notification
+        is a device bug).
         """
+        if self.features & 1 << m.VIRTIO_RING_F_EVENT_IDX:
+            U16.pack_into(self.view, ring.avail + 4 + 2 * ring.num, ring.last_used)
+            native.mb()
         while self.used_idx(ring) == ring.last_used:
             r, _, _ = select.select([ring.call], [], [], timeout)
             if not r:
