@@ -1,0 +1,115 @@
+#!/bin/bash
+# Builds the guest that the e2e tests and run-qemu.sh boot: Debian's kernel (the linux-image-amd64
+# package) and a busybox initramfs whose /init (scripts/guest-init) mounts the virtio-fs share.
+#
+# Usage: scripts/build-guest.sh [OUT]
+#   OUT defaults to $VHOSTFS_GUEST_DIR, else /var/tmp/vhostfs-guest. Prints "OUT/vmlinuz OUT/initrd.img".
+#   Missing host tools are installed with apt-get (as root). Exits 3 when something needed cannot be
+#   had here (not root, no apt, no network), so that callers can tell "unavailable" from "broken".
+#
+# A second run is quick: the kernel .deb is kept in OUT/kernels/, and the initramfs is rebuilt only
+# when the kernel or the files it is made from (this script, guest-init) change.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=scripts/common.sh
+. "$here/common.sh"
+
+out=${1:-${VHOSTFS_GUEST_DIR:-/var/tmp/vhostfs-guest}}
+mkdir -p "$out/kernels"
+out=$(cd "$out" && pwd)
+
+# The test session and run-qemu.sh may build at the same time: one builds, the other waits and reuses.
+exec {lock_fd}>"$out/.lock"
+flock "$lock_fd"
+
+ensure_guest_tools || exit
+
+# Prints the .deb file name (PACKAGE_VERSION_amd64.deb) of the kernel that linux-image-amd64
+# currently depends on, or nothing when the package lists do not know it.
+candidate_kernel_deb() {
+    local pkg ver
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
+        awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
+    [ -n "$pkg" ] || return 0
+    ver=$(apt-cache policy "$pkg" | awk '$1 == "Candidate:" { print $2 }')
+    [ -n "$ver" ] && [ "$ver" != "(none)" ] && echo "${pkg}_${ver//:/%3a}_amd64.deb"
+}
+
+deb=$(candidate_kernel_deb || true)
+if [ -z "$deb" ]; then
+    # Offline or never-updated package lists: an already downloaded kernel will do.
+    deb=$(find "$out/kernels" -maxdepth 1 -name '*.deb' -printf '%T@ %f\n' | sort -rn | awk 'NR == 1 { print $2 }')
+fi
+if [ -z "$deb" ]; then
+    apt_update || exit
+    deb=$(candidate_kernel_deb || true)
+    [ -n "$deb" ] || { log "cannot find a linux-image-amd64 kernel with apt"; exit "$VHOSTFS_EXIT_UNAVAILABLE"; }
+fi
+
+# download_kernel DEB: fetches the kernel package into OUT/kernels; fails if apt cannot provide DEB.
+download_kernel() {
+    local deb=$1 dl
+    log "downloading ${deb%%_*}"
+    dl=$(mktemp -d "$out/kernels/download.XXXXXX")
+    # apt-get download writes to the current directory; its unsandboxed-as-root warning is harmless.
+    (cd "$dl" && apt-get download "${deb%%_*}" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
+    if [ -f "$dl/$deb" ]; then mv "$dl/$deb" "$out/kernels/$deb"; fi
+    rm -rf "$dl"
+    [ -f "$out/kernels/$deb" ]
+}
+
+if [ ! -f "$out/kernels/$deb" ] && ! download_kernel "$deb"; then
+    # Package lists older than the mirror name a kernel it no longer has: refresh them, try once more.
+    apt_update || exit
+    deb=$(candidate_kernel_deb || true)
+    if [ -z "$deb" ] || ! download_kernel "$deb"; then
+        log "cannot download the kernel"
+        exit "$VHOSTFS_EXIT_UNAVAILABLE"
+    fi
+fi
+
+stamp="$deb $(cat "${BASH_SOURCE[0]}" "$here/guest-init" | sha256sum | cut -d' ' -f1)"
+if [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
+    echo "$out/vmlinuz $out/initrd.img"
+    exit 0
+fi
+
+log "building the initramfs for $deb"
+work=$(mktemp -d "$out/build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+dpkg-deb -x "$out/kernels/$deb" "$work/kernel"
+kver=$(ls "$work/kernel/lib/modules")
+# Debian generates modules.dep in the package's postinst, so the extracted tree has none yet.
+depmod -b "$work/kernel" "$kver"
+
+root=$work/initramfs
+mkdir -p "$root/bin" "$root/lib/vhostfs-modules"
+cp "$(command -v busybox)" "$root/bin/busybox"
+cp "$here/guest-init" "$root/init"
+chmod 755 "$root/init"
+
+# modprobe resolves the dependencies and prints them in load order (one "insmod PATH" line per
+# module, repeated when two modules share a dependency); busybox's insmod then loads them in that order.
+modprobe -d "$work/kernel" -S "$kver" --show-depends -a virtio_pci virtiofs |
+    awk '$1 == "insmod" && !seen[$2]++ { print $2 }' >"$work/modules"
+while read -r ko; do
+    name=${ko##*/}
+    case $name in
+        # Busybox's insmod wants plain ELF; newer Debian kernels compress their modules.
+        *.ko.xz) xz -dc "$ko" >"$root/lib/vhostfs-modules/${name%.xz}"; name=${name%.xz} ;;
+        *.ko.zst) zstd -qdc "$ko" >"$root/lib/vhostfs-modules/${name%.zst}"; name=${name%.zst} ;;
+        *) cp "$ko" "$root/lib/vhostfs-modules/$name" ;;
+    esac
+    echo "$name" >>"$root/lib/vhostfs-modules/load-order"
+done <"$work/modules"
+
+# Owned by root inside the guest whoever builds it; gzip because the kernel can always unpack it.
+(cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --quiet -o -0 -H newc -R 0:0) | gzip -6 >"$work/initrd.img"
+cp "$work/kernel/boot/vmlinuz-$kver" "$work/vmlinuz"
+mv -f "$work/vmlinuz" "$out/vmlinuz"
+mv -f "$work/initrd.img" "$out/initrd.img"
+echo "$stamp" >"$out/stamp"
+# Keep only the kernel that is in use.
+find "$out/kernels" -maxdepth 1 -name '*.deb' ! -name "$deb" -delete
+echo "$out/vmlinuz $out/initrd.img"

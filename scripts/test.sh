@@ -1,0 +1,28 @@
+#!/bin/bash
+# Runs the whole test suite (unit, integration, e2e) from the repository's .venv and exits with
+# pytest's status; extra arguments go to pytest (e.g. scripts/test.sh -k readdir).
+#
+# On a fresh Debian 12 machine, as root, it first installs what the tests use: fuse3 for the
+# /dev/fuse mounts, fio for the I/O workloads, QEMU and the guest's build tools for the e2e tests, and
+# vhostfs with its test extras into .venv. Without root it uses what is there; the e2e tests then
+# skip with the reason if the guest cannot be built (except under CI=true, where they fail).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$here")
+# shellcheck source=scripts/common.sh
+. "$here/common.sh"
+
+missing=()
+command -v fusermount3 >/dev/null || missing+=(fuse3)
+command -v fio >/dev/null || missing+=(fio)
+if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}" || log "continuing without ${missing[*]}"
+fi
+# Building the guest here keeps its apt and download time out of the tests' timeouts; when it is not
+# possible the e2e fixture finds out again and reports why.
+"$here/build-guest.sh" >/dev/null || log "cannot build the e2e guest now; the e2e tests will say why"
+
+python=$(ensure_venv "$repo" test)
+cd "$repo"
+exec "$python" -m pytest -q tests "$@"

@@ -1,0 +1,243 @@
+"""Boots a real QEMU guest whose virtio-fs share is served by the daemon under test.
+
+The guest (Debian kernel + busybox initramfs, see scripts/build-guest.sh and scripts/guest-init) mounts
+the share on /mnt, runs the test's shell script there, reports its exit status on the console, unmounts
+and powers off. The script reaches the guest as /cmd.sh in a small cpio archive appended to a copy of
+the initrd: the kernel unpacks every archive of a concatenation, so the base image is never rebuilt.
+"""
+
+import functools
+import gzip
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_GUEST = REPO / "scripts" / "build-guest.sh"
+# build-guest.sh's status for "something needed cannot be had here" (see scripts/common.sh).
+EXIT_UNAVAILABLE = 3
+# What build-guest.sh needs on the host; it installs them itself when it runs as root with apt-get.
+HOST_TOOLS = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "busybox": "busybox-static",
+    "depmod": "kmod",
+    "cpio": "cpio",
+}
+
+DAEMON_ENV = "VHOSTFS_E2E_DAEMON"
+DEFAULT_DAEMON = [sys.executable, "-m", "vhostfs", "--socket-path", "{sock}", "--shared-dir", "{dir}"]
+
+# Seconds QEMU may go on running after the daemon has exited (see _run_qemu).
+DAEMON_EXIT_GRACE = 10
+
+_EXIT_MARKER = re.compile(r"^VHOSTFS-GUEST-EXIT=(\d+)$", re.MULTILINE)
+
+
+class GuestUnavailable(Exception):
+    """The guest cannot be built on this machine; the message says what is missing."""
+
+
+class GuestError(Exception):
+    """Booting failed before the guest ran, e.g. the daemon never created its socket."""
+
+
+@dataclass(frozen=True)
+class GuestImages:
+    kernel: Path
+    initrd: Path
+
+
+@dataclass(frozen=True)
+class GuestResult:
+    exit_status: int | None  # the script's, or None when the guest never reported one
+    console_output: str
+    daemon_log: str
+
+    @property
+    def mounted(self) -> bool:
+        return _has_marker(self.console_output, "VHOSTFS-GUEST-MOUNTED")
+
+    @property
+    def unmounted(self) -> bool:
+        return _has_marker(self.console_output, "VHOSTFS-GUEST-UNMOUNTED")
+
+    def lines_starting(self, prefix: str) -> list[str]:
+        """The console lines that start with prefix, with it removed."""
+        return [
+            line.removeprefix(prefix) for line in self.console_output.splitlines() if line.startswith(prefix)
+        ]
+
+    def describe(self, tail: int = 60) -> str:
+        """The ends of the console and the daemon log, for assertion messages."""
+        console = "\n".join(self.console_output.splitlines()[-tail:])
+        daemon = "\n".join(self.daemon_log.splitlines()[-tail:])
+        return (
+            f"exit status {self.exit_status}\n--- guest console ---\n{console}\n--- daemon log ---\n{daemon}"
+        )
+
+
+def _has_marker(console: str, marker: str) -> bool:
+    return re.search(rf"^{marker}\b", console, re.MULTILINE) is not None
+
+
+def daemon_command() -> list[str]:
+    """The daemon under test: $VHOSTFS_E2E_DAEMON (shell-quoted, with {sock} and {dir}) or vhostfs."""
+    override = os.environ.get(DAEMON_ENV)
+    return shlex.split(override) if override else list(DEFAULT_DAEMON)
+
+
+def running_in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+@functools.cache
+def build_guest() -> GuestImages:
+    """Builds the guest with scripts/build-guest.sh (once per process; later builds are no-ops anyway)."""
+    missing = [
+        f"{tool} (package {package})" for tool, package in HOST_TOOLS.items() if not shutil.which(tool)
+    ]
+    if missing and (os.geteuid() != 0 or not shutil.which("apt-get")):
+        raise GuestUnavailable(
+            f"missing {', '.join(missing)}; build-guest.sh installs them only as root with apt"
+        )
+    proc = subprocess.run([str(BUILD_GUEST)], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if proc.returncode == EXIT_UNAVAILABLE:
+        raise GuestUnavailable(f"cannot build the guest: {proc.stderr.strip()}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{BUILD_GUEST} failed with status {proc.returncode}:\n{proc.stderr}")
+    kernel, initrd = proc.stdout.split()
+    return GuestImages(Path(kernel), Path(initrd))
+
+
+def cpio_archive(files: Mapping[str, bytes]) -> bytes:
+    """A gzip'd newc cpio archive of executable regular files owned by root."""
+    out = bytearray()
+
+    def member(ino: int, mode: int, name: str, data: bytes) -> None:
+        encoded = name.encode() + b"\0"
+        # c_ino, c_mode, c_uid, c_gid, c_nlink, c_mtime, c_filesize, c_devmajor, c_devminor,
+        # c_rdevmajor, c_rdevminor, c_namesize, c_check
+        fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
+        out.extend(b"070701" + b"".join(b"%08X" % field for field in fields) + encoded)
+        out.extend(b"\0" * (-len(out) % 4))  # the name is padded so that the data starts 4-aligned
+        out.extend(data)
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, (name, data) in enumerate(files.items(), start=1):
+        member(ino, 0o100755, name, data)
+    member(0, 0, "TRAILER!!!", b"")
+    return gzip.compress(bytes(out))
+
+
+def boot_guest(
+    script: str,
+    shared_dir: str | os.PathLike[str],
+    daemon_cmd: Sequence[str],
+    *,
+    mem: int = 1024,
+    queue_size: int = 1024,
+    num_request_queues: int = 1,
+    smp: int = 2,
+    tag: str = "vhostfs",
+    mount_opts: str | None = None,
+    timeout: float = 600,
+) -> GuestResult:
+    """Serves shared_dir with daemon_cmd ({sock}, {dir} substituted) and runs script in a guest on it."""
+    images = build_guest()
+    with tempfile.TemporaryDirectory(prefix="vhostfs-e2e-") as tmp:
+        run = Path(tmp)
+        sock = run / "vhostfs.sock"
+        initrd = run / "initrd.img"
+        initrd.write_bytes(images.initrd.read_bytes() + cpio_archive({"cmd.sh": script.encode()}))
+        argv = [
+            arg.replace("{sock}", str(sock)).replace("{dir}", os.fspath(shared_dir)) for arg in daemon_cmd
+        ]
+        log_path = run / "daemon.log"
+        with open(log_path, "wb") as log:
+            # cwd: `python -m vhostfs` then finds the package even where it is not installed.
+            daemon = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            _wait_for_socket(sock, daemon, log_path)
+            append = f"console=ttyS0 quiet panic=-1 vhostfs.tag={tag}"
+            if mount_opts:
+                append += f" vhostfs.opts={mount_opts}"
+            qemu = [
+                "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(smp), "-m", str(mem),
+                # vhost-user needs guest RAM in a shareable memfd that the daemon can map.
+                "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on", "-numa", "node,memdev=mem",
+                "-kernel", str(images.kernel), "-initrd", str(initrd), "-append", append,
+                "-chardev", f"socket,id=vhostfs,path={sock}",
+                "-device", f"vhost-user-fs-pci,chardev=vhostfs,tag={tag},queue-size={queue_size},"
+                f"num-request-queues={num_request_queues}",
+                "-serial", "stdio", "-monitor", "none", "-display", "none", "-vga", "none", "-net", "none",
+                "-no-reboot",
+            ]  # fmt: skip
+            console = _run_qemu(qemu, timeout, daemon, run / "console.log")
+        finally:
+            _stop(daemon)
+        daemon_log = log_path.read_text(errors="replace")
+    matches = _EXIT_MARKER.findall(console)
+    return GuestResult(int(matches[-1]) if matches else None, console, daemon_log)
+
+
+def _wait_for_socket(sock: Path, daemon: subprocess.Popen[bytes], log_path: Path, limit: float = 20) -> None:
+    deadline = time.monotonic() + limit
+    while not sock.is_socket():
+        if daemon.poll() is not None:
+            raise GuestError(
+                f"daemon exited with status {daemon.returncode} before creating its socket:\n"
+                f"{log_path.read_text(errors='replace')}"
+            )
+        if time.monotonic() > deadline:
+            raise GuestError(
+                f"daemon created no socket in {limit} s:\n{log_path.read_text(errors='replace')}"
+            )
+        time.sleep(0.05)
+
+
+def _run_qemu(argv: list[str], timeout: float, daemon: subprocess.Popen[bytes], console_path: Path) -> str:
+    """Runs QEMU to completion and returns its console output (the serial line, without CRs).
+
+    A guest whose daemon has died waits for its replies forever, so QEMU is stopped a little after
+    the daemon exits (a little: some daemons exit by themselves once QEMU disconnects at power-off).
+    """
+    with open(console_path, "wb") as console:
+        qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    daemon_gone: float | None = None
+    note = ""
+    while qemu.poll() is None:
+        now = time.monotonic()
+        if daemon_gone is None and daemon.poll() is not None:
+            daemon_gone = now
+        if daemon_gone is not None and now - daemon_gone > DAEMON_EXIT_GRACE:
+            note = f"[qemu killed: the daemon exited with status {daemon.returncode} while the guest ran]"
+        elif now > deadline:
+            note = f"[qemu killed after {timeout} s]"
+        if note:
+            qemu.kill()
+            qemu.wait()
+            break
+        time.sleep(0.2)
+    if not note and qemu.returncode != 0:
+        note = f"[qemu exited with status {qemu.returncode}]"
+    output = console_path.read_bytes().decode(errors="replace").replace("\r", "")
+    return f"{output}\n{note}" if note else output
+
+
+def _stop(daemon: subprocess.Popen[bytes]) -> None:
+    if daemon.poll() is None:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
