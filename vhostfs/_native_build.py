@@ -18,6 +18,14 @@ int vhostfs_unshare(int flags);
 int vhostfs_pivot_root(const char *new_root, const char *put_old);
 int vhostfs_syncfs(int fd);
 int vhostfs_fallocate(int fd, int mode, long long offset, long long len);
+int vhostfs_log_pages(unsigned char *log, unsigned long long log_size, unsigned long long first,
+                      unsigned long long last);
+void *vhostfs_mmap(void *addr, size_t length, int prot, int flags, int fd, long long offset);
+int vhostfs_munmap(void *addr, size_t length);
+int vhostfs_msync(void *addr, size_t length, int flags);
+int vhostfs_mount(const char *source, const char *target, const char *fstype, unsigned long flags,
+                  const char *data);
+int vhostfs_umount2(const char *target, int flags);
 """
 
 SOURCE = r"""
@@ -29,6 +37,8 @@ SOURCE = r"""
 #include <sched.h>
 #include <stdio.h>
 #include <sys/fsuid.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -54,6 +64,32 @@ int vhostfs_fallocate(int fd, int mode, long long offset, long long len)
 {
     return fallocate(fd, mode, offset, len);
 }
+/* Dirty-page log (vhost-user.rst "Migration"): sets the bits of pages first..last in the bitmap,
+ * one bit per page, atomically because the front end reads and clears it concurrently. Returns -1,
+ * marking nothing, when the range lies beyond the log. */
+int vhostfs_log_pages(unsigned char *log, unsigned long long log_size, unsigned long long first,
+                      unsigned long long last)
+{
+    if (last < first || last / 8 >= log_size)
+        return -1;
+    for (unsigned long long page = first; page <= last; page++)
+        __atomic_fetch_or(&log[page / 8], (unsigned char)(1u << (page % 8)), __ATOMIC_RELAXED);
+    return 0;
+}
+/* mmap(2) at a fixed address (MAP_FIXED), which Python's mmap module cannot do. */
+void *vhostfs_mmap(void *addr, size_t length, int prot, int flags, int fd, long long offset)
+{
+    return mmap(addr, length, prot, flags, fd, offset);
+}
+int vhostfs_munmap(void *addr, size_t length) { return munmap(addr, length); }
+int vhostfs_msync(void *addr, size_t length, int flags) { return msync(addr, length, flags); }
+/* mount(2) and umount2(2) for the /dev/fuse transport (os has neither). */
+int vhostfs_mount(const char *source, const char *target, const char *fstype, unsigned long flags,
+                  const char *data)
+{
+    return mount(source, target, fstype, flags, data);
+}
+int vhostfs_umount2(const char *target, int flags) { return umount2(target, flags); }
 """
 
 ffibuilder = FFI()
