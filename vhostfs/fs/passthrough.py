@@ -24,9 +24,14 @@ Security model (see DESIGN.md):
 
 Credentials: when the daemon runs as root, the calls that create a node (mknod, mkdir, symlink,
 create) run with the thread's fsuid/fsgid switched to the caller's (`_as_caller`), so new files belong
-to the guest user and the host checks the guest user's permission to create them. Everything else runs
-with the daemon's credentials; the guest kernel mounts virtio-fs with default_permissions and checks
-access itself.
+to the guest user and the host checks the guest user's permission to create them (a setgid directory
+passes its group on, and a set-group-ID bit the guest user may not set is dropped, as on the host).
+The constructor drops the daemon's supplementary groups, which would otherwise count as the guest
+user's in those checks. Everything else runs with the daemon's credentials; the guest kernel mounts
+virtio-fs with default_permissions and checks access itself.
+
+Locks: POSIX record locks and flock(2) locks are held on the host (locks.py), so they conflict between
+guest processes and with host processes alike.
 
 The constructor sets the process umask to 0: the guest has already applied its own umask (or passes it
 to be applied here), and the daemon's umask must not change the modes a second time.
@@ -35,6 +40,7 @@ to be applied here), and the daemon's umask must not change the modes a second t
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import time
@@ -45,14 +51,18 @@ from typing import TYPE_CHECKING
 from vhostfs import native
 from vhostfs.fs.handles import Handle, HandleTable
 from vhostfs.fs.inodes import Inode, InodeTable
+from vhostfs.fs.locks import LockTable, wait_until
+from vhostfs.fs.xattrmap import XattrMap
 from vhostfs.fuse.filesystem import (
     ROOT_ID,
     TIME_NOW,
     Attr,
+    ConnectionInfo,
     Context,
     DirEntry,
     Entry,
     Filesystem,
+    Lock,
     Open,
     SetAttr,
     StatVfs,
@@ -69,6 +79,15 @@ FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_CACHE_DIR = 1 << 3
 FUSE_WRITE_KILL_SUIDGID = 1 << 2
+FUSE_POSIX_LOCKS = 1 << 1
+FUSE_FLOCK_LOCKS = 1 << 10
+FUSE_DO_READDIRPLUS = 1 << 13
+FUSE_READDIRPLUS_AUTO = 1 << 14
+FUSE_WRITEBACK_CACHE = 1 << 16
+FUSE_SUBMOUNTS = 1 << 27
+FUSE_HANDLE_KILLPRIV_V2 = 1 << 28
+FUSE_DIRECT_IO_ALLOW_MMAP = 1 << 36
+FUSE_ATTR_SUBMOUNT = 1 << 0
 
 #: Cache policy -> (entry/attr timeout in seconds, FOPEN flags for files, FOPEN flags for directories),
 #: the meanings virtiofsd gives its --cache values.
@@ -81,16 +100,18 @@ CACHE_POLICIES: dict[str, tuple[float, int, int]] = {
 
 # open(2) flags a guest may have passed on to the host file. Everything else is dropped: O_CREAT and
 # O_EXCL (open never creates; create adds them itself), O_DIRECTORY and O_PATH (the node type decides),
-# O_NOCTTY, O_TMPFILE, and O_DIRECT (the guest's buffers need not meet host alignment rules, and
-# bypassing the host page cache is the host's choice, as in virtiofsd).
+# O_NOCTTY, O_TMPFILE; O_DIRECT unless allow_direct_io (the guest's buffers need not meet host alignment
+# rules, and bypassing the host page cache is the host's choice, as in virtiofsd), and O_NOATIME unless
+# preserve_noatime (the host refuses it with EPERM to anyone but the file's owner).
 _OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
-               | os.O_NOATIME | os.O_LARGEFILE)
+               | os.O_LARGEFILE)
 _RENAME_FLAGS = 1 | 2 | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _DT_DIR = stat.S_IFDIR >> 12
 _DT_REG = stat.S_IFREG >> 12
 _DT_LNK = stat.S_IFLNK >> 12
 _DOTS = (b".", b"..")
+_FLOCK_OPS = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}
 
 
 def _err(code: int) -> OSError:
@@ -125,15 +146,45 @@ class Passthrough(Filesystem):
     `cache` is "never", "metadata", "auto" or "always" (see CACHE_POLICIES); `readonly` makes every
     modifying operation fail with EROFS; `xattr` enables the extended attribute calls (ENOSYS
     otherwise). Thread-safe: any number of worker threads may call it at once.
+
+    The other options follow virtiofsd's of the same names:
+
+    - `posix_lock`, `flock`: serve the guest's POSIX record locks and flock(2) locks on the host
+      (locks.py); `lock_wait` bounds, in seconds, how long a blocking lock request is retried.
+    - `readdirplus`: let the guest use READDIRPLUS (off: plain READDIR only).
+    - `writeback`: the guest caches writes (FUSE_WRITEBACK_CACHE); files are then opened read-write
+      and without O_APPEND on the host, since the guest may read to fill pages and appends itself.
+    - `allow_direct_io`: pass the guest's O_DIRECT on to the host (dropped otherwise).
+    - `allow_mmap`: let the guest mmap files opened with FOPEN_DIRECT_IO (cache="never").
+    - `announce_submounts`: a directory on another host file system than its parent is flagged
+      FUSE_ATTR_SUBMOUNT, and the guest shows it as a submount with its own st_dev.
+    - `preserve_noatime`: pass the guest's O_NOATIME on (dropped otherwise).
+    - `killpriv_v2`: FUSE_HANDLE_KILLPRIV_V2: the guest leaves clearing set-user-ID/set-group-ID bits
+      on write, truncate and chown to the daemon (FUSE_WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, and an
+      O_TRUNC open by a guest user other than root).
+    - `xattrmap`: virtiofsd's --xattrmap rules (xattrmap.py), applied to every extended attribute name.
     """
 
     def __init__(self, root: str, *, cache: str = "auto", readonly: bool = False,
-                 xattr: bool = False) -> None:
+                 xattr: bool = False, posix_lock: bool = True, flock: bool = True,
+                 lock_wait: float = 1.0, readdirplus: bool = True, writeback: bool = False,
+                 allow_direct_io: bool = False, allow_mmap: bool = False, announce_submounts: bool = False,
+                 preserve_noatime: bool = False, killpriv_v2: bool = False,
+                 xattrmap: str | None = None) -> None:
         if cache not in CACHE_POLICIES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
         self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
         self._readonly = readonly
         self._xattr = xattr
+        self._xattrmap = XattrMap.parse(xattrmap) if xattrmap is not None else None
+        self._cap_name = self._xattrmap.capability_name if self._xattrmap is not None else None
+        self._readdirplus = readdirplus
+        self._writeback = writeback
+        self._allow_mmap = allow_mmap
+        self._submounts = announce_submounts
+        self._killpriv_v2 = killpriv_v2
+        self._open_flags = (_OPEN_FLAGS | (os.O_DIRECT if allow_direct_io else 0)
+                            | (os.O_NOATIME if preserve_noatime else 0))
         # Held open so that reopening works after the sandbox hides /proc's path (pivot_root, chroot).
         self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -143,7 +194,14 @@ class Passthrough(Filesystem):
             raise
         self._inodes = InodeTable(root_fd, os.stat(root_fd))
         self._handles = HandleTable()
+        self._posix_lock = posix_lock
+        self._flock = flock
+        self._locks = LockTable(self._reopen_fd, lock_wait)
         self._switch_creds = os.geteuid() == 0
+        if self._switch_creds:
+            # Root's supplementary groups would count for every guest user once fsuid/fsgid are
+            # switched (the host checks group membership with them), so the daemon holds none.
+            os.setgroups([])
         os.umask(0)
 
     def close(self) -> None:
@@ -173,6 +231,10 @@ class Passthrough(Filesystem):
         """
         return os.open(str(inode.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
 
+    def _reopen_fd(self, fd: int, flags: int) -> int:
+        """A new open file description of the regular file open as `fd` (for lock owners)."""
+        return os.open(str(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
+
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
         return Entry(inode.nodeid, st, entry_timeout=self._timeout, attr_timeout=self._timeout)
 
@@ -184,7 +246,10 @@ class Passthrough(Filesystem):
         except BaseException:
             os.close(fd)
             raise
-        return self._entry(self._inodes.add(fd, st), st)
+        entry = self._entry(self._inodes.add(fd, st), st)
+        if self._submounts and stat.S_ISDIR(st.st_mode) and st.st_dev != os.stat(dir_fd).st_dev:
+            entry.attr_flags = FUSE_ATTR_SUBMOUNT
+        return entry
 
     def _add_fd(self, fd: int) -> Entry:
         """Counts a lookup of the file open as `fd` (any open mode) and returns its Entry."""
@@ -219,8 +284,26 @@ class Passthrough(Filesystem):
             native.setfsgid(old_gid)
 
     # -- session ------------------------------------------------------------------------------------
+    def init(self, conn: ConnectionInfo) -> None:
+        """Asks for the guest's POSIX record locks and flock locks when they are enabled."""
+        if self._posix_lock:
+            conn.want |= FUSE_POSIX_LOCKS
+        if self._flock:
+            conn.want |= FUSE_FLOCK_LOCKS
+        if not self._readdirplus:
+            conn.want &= ~(FUSE_DO_READDIRPLUS | FUSE_READDIRPLUS_AUTO)
+        if self._writeback:
+            conn.want |= FUSE_WRITEBACK_CACHE
+        if self._allow_mmap:
+            conn.want |= FUSE_DIRECT_IO_ALLOW_MMAP
+        if self._submounts:
+            conn.want |= FUSE_SUBMOUNTS
+        if self._killpriv_v2:
+            conn.want |= FUSE_HANDLE_KILLPRIV_V2
+
     def destroy(self) -> None:
         """Forgets every node but the root and closes every handle (a new session may follow)."""
+        self._locks.clear()
         self._handles.clear()
         self._inodes.clear()
 
@@ -271,6 +354,8 @@ class Passthrough(Filesystem):
                 os.fchown(fd, uid, gid)
             else:
                 os.chown(name, uid, gid, dir_fd=proc)
+            if inode.kind == stat.S_IFREG:
+                self._drop_capability(fd if fd is not None else f"/proc/self/fd/{inode.fd}")
         mode = ch.mode
         if mode is None and ch.kill_suidgid and inode.kind == stat.S_IFREG:
             old = os.stat(inode.fd).st_mode
@@ -395,7 +480,14 @@ class Passthrough(Filesystem):
     def _host_flags(self, flags: int) -> int:
         if self._readonly and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
             raise _err(errno.EROFS)
-        return flags & _OPEN_FLAGS
+        host = flags & self._open_flags
+        if self._writeback:
+            # The guest's page cache may read back pages a write-only file fills partly, and it puts
+            # appended data at the end of the file itself (virtiofsd does the same).
+            if host & os.O_ACCMODE == os.O_WRONLY:
+                host = host & ~os.O_ACCMODE | os.O_RDWR
+            host &= ~os.O_APPEND
+        return host
 
     def _open_inode(self, inode: Inode, flags: int) -> int:
         """Opens regular file `inode`; refuses directories (EISDIR), symlinks (ELOOP), others (EBADF)."""
@@ -407,9 +499,18 @@ class Passthrough(Filesystem):
         return self._handles.add(fd, inode.nodeid, False)
 
     def open(self, ctx: Context, nodeid: int, flags: int) -> Open:
-        """Opens regular file `nodeid` with the allowed subset of `flags` (see _OPEN_FLAGS)."""
+        """Opens regular file `nodeid` with the allowed subset of `flags` (see _OPEN_FLAGS).
+
+        With killpriv_v2, an O_TRUNC open by a guest user other than root clears the set-user-ID bit
+        (and set-group-ID with group execute), as truncation by that user would on the host; the
+        daemon itself keeps them, having CAP_FSETID.
+        """
         with self._inodes.use(nodeid) as inode:
-            return Open(self._open_inode(inode, flags), self._fopen_file)
+            fh = self._open_inode(inode, flags)
+            if self._killpriv_v2 and flags & os.O_TRUNC and ctx.uid != 0:
+                with self._handles.use(fh) as handle:
+                    self._kill_suidgid(handle, FUSE_WRITE_KILL_SUIDGID)
+            return Open(fh, self._fopen_file)
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
                umask: int) -> tuple[Entry, Open]:
@@ -467,9 +568,24 @@ class Passthrough(Filesystem):
             self._kill_suidgid(handle, flags)
             return src.write_to_fd(handle.fd, size, offset)
 
+    def _drop_capability(self, target: int | str) -> None:
+        """Removes the remapped security.capability of `target` (fd or /proc path), if there is one.
+
+        The host kernel drops security.capability itself on write and chown, but not the name an
+        xattrmap stores it under (see xattrmap.py).
+        """
+        if self._cap_name is None:
+            return
+        try:
+            os.removexattr(target, self._cap_name)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+
     def _kill_suidgid(self, handle: Handle, flags: int) -> None:
         # The daemon writes with CAP_FSETID, so the host kernel keeps set-id bits a write by the guest
         # user would have cleared; FUSE_WRITE_KILL_SUIDGID asks for that to be done here.
+        self._drop_capability(handle.fd)
         if not flags & FUSE_WRITE_KILL_SUIDGID:
             return
         mode = os.fstat(handle.fd).st_mode
@@ -482,11 +598,72 @@ class Passthrough(Filesystem):
     def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
         """Closes a duplicate of the host fd, so close(2)-time errors (NFS, quotas) reach the guest."""
         with self._handles.use(fh) as handle:
+            self._locks.flush(handle.nodeid, lock_owner)
             os.close(os.dup(handle.fd))
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
-        """Forgets `fh`; its host fd closes once no request uses it."""
+        """Forgets `fh`, and the lock owners' descriptions used through it; its fd closes once unused."""
         self._handles.remove(fh)
+        self._locks.release(fh)
+
+    @contextmanager
+    def fd_for_mapping(self, nodeid: int, fh: int) -> Iterator[tuple[int, bool]]:
+        """The host fd of open file `fh` of `nodeid` and whether it was opened for writing, kept open
+        for the block (for the DAX window, vhostfs.dax); EBADF for a directory or another node's fh."""
+        with self._handles.use(fh) as handle:
+            if handle.is_dir or handle.nodeid != nodeid:
+                raise _err(errno.EBADF)
+            yield handle.fd, fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+
+    # -- locks (see locks.py) ---------------------------------------------------------------------
+    def _lock_handle(self, fh: int, enabled: bool) -> Handle:
+        if not enabled:
+            raise _err(errno.ENOSYS)
+        handle = self._handles.use(fh)
+        if handle.is_dir:
+            self._handles.unuse(handle)
+            raise _err(errno.EBADF)
+        return handle
+
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: Lock) -> Lock:
+        """F_OFD_GETLK on `owner`'s host description of the file (ENOSYS unless posix_lock)."""
+        with self._lock_handle(fh, self._posix_lock) as handle:
+            start, end, kind, pid = self._locks.getlk(handle.nodeid, owner, fh, handle.fd, lock.start,
+                                                      lock.end, lock.type)
+        return Lock(start, end, kind, pid)
+
+    def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: Lock, wait: bool) -> None:
+        """F_OFD_SETLK on `owner`'s host description; `wait` retries for at most lock_wait seconds,
+        then fails with EDEADLK (see locks.py: a blocked request must not hold its queue)."""
+        with self._lock_handle(fh, self._posix_lock) as handle:
+            self._locks.setlk(handle.nodeid, owner, fh, handle.fd, lock.start, lock.end, lock.type,
+                              lock.pid, wait)
+
+    def flock(self, ctx: Context, nodeid: int, fh: int, owner: int, kind: int, wait: bool) -> None:
+        """flock(2) on the handle's own host fd, which is the guest's open file (ENOSYS unless flock)."""
+        op = _FLOCK_OPS.get(kind)
+        with self._lock_handle(fh, self._flock) as handle:
+            if op is None:
+                raise _err(errno.EINVAL)
+            if wait:
+                wait_until(lambda: fcntl.flock(handle.fd, op | fcntl.LOCK_NB), self._locks.wait_limit)
+            else:
+                fcntl.flock(handle.fd, op | fcntl.LOCK_NB)
+
+    def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int, umask: int) -> tuple[Entry, Open]:
+        """openat(2) with O_TMPFILE in directory `parent`: an unnamed file the guest may link later."""
+        self._check_writable()
+        host_flags = (self._host_flags(flags) & ~os.O_TRUNC) | (flags & os.O_EXCL)
+        with self._dir(parent) as dir_inode:
+            with self._as_caller(ctx):
+                fd = os.open(".", host_flags | os.O_TMPFILE | os.O_CLOEXEC, stat.S_IMODE(mode) & ~umask,
+                             dir_fd=dir_inode.fd)
+            try:
+                entry = self._add_fd(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            return entry, Open(self._handles.add(fd, entry.nodeid, False), self._fopen_file)
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         """fdatasync(2) or fsync(2) on `fh`."""
@@ -626,6 +803,10 @@ class Passthrough(Filesystem):
         if name is not None and (not name or b"\0" in name):
             raise _err(errno.EINVAL)
 
+    def _host_name(self, name: bytes) -> bytes:
+        """The host name of guest attribute `name` under the xattrmap (EPERM/ENOTSUP if refused)."""
+        return name if self._xattrmap is None else self._xattrmap.to_host(name)
+
     def _xattr_path(self, inode: Inode) -> str:
         """The /proc path naming the node itself; EOPNOTSUPP for symlinks, whose link would be followed."""
         if inode.is_symlink:
@@ -636,22 +817,25 @@ class Passthrough(Filesystem):
         """setxattr(2) with XATTR_CREATE/XATTR_REPLACE `flags` (ENOSYS unless xattr=True)."""
         self._check_xattr(name, modify=True)
         with self._inodes.use(nodeid) as inode:
-            os.setxattr(self._xattr_path(inode), name, value, flags)
+            os.setxattr(self._xattr_path(inode), self._host_name(name), value, flags)
 
     def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:
         """getxattr(2): the value, or ENODATA (ENOSYS unless xattr=True)."""
         self._check_xattr(name)
         with self._inodes.use(nodeid) as inode:
-            return os.getxattr(self._xattr_path(inode), name)
+            return os.getxattr(self._xattr_path(inode), self._host_name(name))
 
     def listxattr(self, ctx: Context, nodeid: int) -> list[bytes]:
-        """listxattr(2): the attribute names (ENOSYS unless xattr=True)."""
+        """listxattr(2): the attribute names, as the xattrmap shows them (ENOSYS unless xattr=True)."""
         self._check_xattr()
         with self._inodes.use(nodeid) as inode:
-            return [os.fsencode(n) for n in os.listxattr(self._xattr_path(inode))]
+            names = [os.fsencode(n) for n in os.listxattr(self._xattr_path(inode))]
+        if self._xattrmap is None:
+            return names
+        return [g for g in map(self._xattrmap.to_guest, names) if g is not None]
 
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         """removexattr(2) (ENOSYS unless xattr=True)."""
         self._check_xattr(name, modify=True)
         with self._inodes.use(nodeid) as inode:
-            os.removexattr(self._xattr_path(inode), name)
+            os.removexattr(self._xattr_path(inode), self._host_name(name))

@@ -87,6 +87,8 @@ class Entry:
     The server counts one kernel reference on `nodeid` for each Entry it sends back.
     `entry_timeout` and `attr_timeout` (seconds) say how long the guest may cache the name and the
     attributes. A negative lookup can be cached by returning nodeid 0 (instead of raising ENOENT).
+    `attr_flags` are fuse_attr.flags bits such as FUSE_ATTR_SUBMOUNT (a directory that is the root of
+    another host file system, which the guest then shows as a submount with its own st_dev).
     """
 
     nodeid: int
@@ -94,6 +96,7 @@ class Entry:
     generation: int = 0
     entry_timeout: float = 1.0
     attr_timeout: float = 1.0
+    attr_flags: int = 0
 
 
 @dataclass(slots=True)
@@ -169,6 +172,21 @@ class ConnectionInfo:
     max_readahead: int
     max_pages: int
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Lock:
+    """A POSIX record lock as FUSE carries it (fuse_file_lock).
+
+    `start` and `end` are inclusive byte offsets; `end` 0x7fffffffffffffff (OFFSET_MAX) means "to the
+    end of the file". `type` is fcntl's F_RDLCK, F_WRLCK or F_UNLCK; `pid` the guest process that
+    holds (or asks for) the lock, 0 when unknown.
+    """
+
+    start: int
+    end: int
+    type: int
+    pid: int = 0
 
 
 @dataclass(slots=True)
@@ -296,6 +314,35 @@ class Filesystem:
         """Flushes `fh` to stable storage (data only when `datasync`)."""
         raise _nosys()
 
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: Lock) -> Lock:
+        """F_GETLK for lock `owner`: a lock that would conflict with `lock`, or `lock` with type F_UNLCK.
+
+        Locks are served here only when `init` adds FUSE_POSIX_LOCKS to `conn.want`; otherwise the
+        guest kernel keeps POSIX locks to itself and never calls getlk/setlk.
+        """
+        raise _nosys()
+
+    def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: Lock, wait: bool) -> None:
+        """F_SETLK (F_SETLKW when `wait`) for lock `owner`: takes or drops (F_UNLCK) a record lock.
+
+        Raises EAGAIN when another owner's lock conflicts and `wait` is false. Every lock of an owner on
+        a node goes when `flush` is called with that owner.
+        """
+        raise _nosys()
+
+    def flock(self, ctx: Context, nodeid: int, fh: int, owner: int, kind: int, wait: bool) -> None:
+        """flock(2) on handle `fh`, `kind` being F_RDLCK (shared), F_WRLCK (exclusive) or F_UNLCK.
+
+        Called only when `init` adds FUSE_FLOCK_LOCKS to `conn.want`. Raises EAGAIN on conflict unless
+        `wait`. The lock belongs to the handle and goes with it, and is dropped before `release` when
+        the guest asks for it (FUSE_RELEASE_FLOCK_UNLOCK).
+        """
+        raise _nosys()
+
+    def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int, umask: int) -> tuple[Entry, Open]:
+        """Creates and opens an unnamed regular file in directory `parent` (open(2) with O_TMPFILE)."""
+        raise _nosys()
+
     def fallocate(self, ctx: Context, nodeid: int, fh: int, offset: int, length: int, mode: int) -> None:
         """fallocate(2) on `fh`."""
         raise _nosys()
@@ -358,4 +405,20 @@ class Filesystem:
 
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         """Removes extended attribute `name`."""
+        raise _nosys()
+
+    # -- DAX window (virtio-fs) -----------------------------------------------------------------
+    def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int, flags: int,
+                     moffset: int) -> None:
+        """Maps `length` bytes of open file `fh` from `foffset` at offset `moffset` of the DAX window.
+
+        `flags` holds FUSE_SETUPMAPPING_FLAG_READ and/or FUSE_SETUPMAPPING_FLAG_WRITE; the server has
+        checked that `length` > 0, no other flag is set and neither range overflows 64 bits. A mapping
+        the new one overlaps is replaced. EINVAL for a range outside the window or not aligned to
+        `map_alignment`, EACCES for a writable mapping of a file not open for writing.
+        """
+        raise _nosys()
+
+    def removemapping(self, ctx: Context, mappings: list[tuple[int, int]]) -> None:
+        """Unmaps the (moffset, length) ranges of the DAX window (each non-empty, not overflowing)."""
         raise _nosys()

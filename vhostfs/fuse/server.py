@@ -28,6 +28,7 @@ from vhostfs.fuse.filesystem import (
     DirEntry,
     Entry,
     Filesystem,
+    Lock,
     Open,
     SetAttr,
 )
@@ -57,6 +58,8 @@ _HDR_SIZE = _HDR.size
 _IN_SIZE = abi.IN_HEADER.size
 # len, opcode, unique: the part of fuse_in_header needed to answer even a truncated request.
 _IN_PREFIX = struct.Struct("<IIQ")
+# fcntl(2) F_UNLCK, the lock type FUSE carries for "unlock".
+_F_UNLCK = 2
 _PAGE = 4096
 _NSEC = 1_000_000_000
 # Kernel timeouts are (u64 sec, u32 nsec) that it reads as a signed time64_t; 2**32 s (136 years)
@@ -65,6 +68,9 @@ _MAX_TIMEOUT_SEC = 1 << 32
 # The COPY_FILE_RANGE reply carries a u32 count; the kernel itself caps len at UINT_MAX & PAGE_MASK.
 _COPY_MAX = 0xFFFFFFFF & ~(_PAGE - 1)
 _ZEROS = bytes(abi.DIRENT_ALIGN)
+_MAPPING_FLAGS = abi.FUSE_SETUPMAPPING_FLAG_READ | abi.FUSE_SETUPMAPPING_FLAG_WRITE
+# A DAX range [offset, offset + length) must end within the 64 bits of the kernel's u64 fields.
+_U64_LIMIT = 1 << 64
 # fuse_entry_out with nodeid 0: "no node" (a negative entry, or readdirplus without attributes).
 _ZERO_ENTRY = (0,) * len(abi.ENTRY_OUT.unpack(bytes(abi.ENTRY_OUT.size)))
 # Opcodes the kernel never waits an answer for: a reply would name a unique nobody owns.
@@ -84,6 +90,7 @@ _R_WRITE = _with_header(abi.WRITE_OUT)
 _R_STATFS = _with_header(abi.STATFS_OUT)
 _R_XATTR_SIZE = _with_header(abi.GETXATTR_OUT)
 _R_LSEEK = _with_header(abi.LSEEK_OUT)
+_R_LK = _with_header(abi.LK_OUT)
 _R_INIT = _with_header(abi.INIT_OUT)
 _R_INIT_VERSION = _with_header(abi.INIT_OUT_VERSION)
 
@@ -107,15 +114,15 @@ def _timeout(seconds: float) -> tuple[int, int]:
     return sec, min(int((seconds - sec) * _NSEC), _NSEC - 1)
 
 
-def _attr_values(a: Attr) -> tuple[int, ...]:
-    """The fuse_attr fields of `a`, in wire order."""
+def _attr_values(a: Attr, flags: int = 0) -> tuple[int, ...]:
+    """The fuse_attr fields of `a`, in wire order, with fuse_attr.flags `flags`."""
     at, atn = divmod(a.st_atime_ns, _NSEC)
     mt, mtn = divmod(a.st_mtime_ns, _NSEC)
     ct, ctn = divmod(a.st_ctime_ns, _NSEC)
     # fuse_attr.rdev is the kernel's 32-bit new_encode_dev(); glibc's 64-bit dev_t has the same
     # low 32 bits for every major < 4096 and minor < 2**20.
     return (a.st_ino, a.st_size, a.st_blocks, at, mt, ct, atn, mtn, ctn, a.st_mode, a.st_nlink,
-            a.st_uid, a.st_gid, a.st_rdev & 0xFFFFFFFF, a.st_blksize, 0)
+            a.st_uid, a.st_gid, a.st_rdev & 0xFFFFFFFF, a.st_blksize, flags)
 
 
 def _entry_values(e: Entry) -> tuple[int, ...]:
@@ -124,7 +131,7 @@ def _entry_values(e: Entry) -> tuple[int, ...]:
     if not e.nodeid:
         return (0, 0, ev, 0, evn, 0) + _ZERO_ENTRY[6:]
     av, avn = _timeout(e.attr_timeout)
-    return (e.nodeid, e.generation, ev, av, evn, avn, *_attr_values(e.attr))
+    return (e.nodeid, e.generation, ev, av, evn, avn, *_attr_values(e.attr, e.attr_flags))
 
 
 def _name(body: bytes, start: int, dots: bool = False) -> tuple[bytes, int]:
@@ -262,8 +269,17 @@ class FuseServer:
             (abi.FUSE_NOTIFY_REPLY, self._interrupt), (abi.FUSE_FALLOCATE, self._fallocate),
             (abi.FUSE_LSEEK, self._lseek), (abi.FUSE_COPY_FILE_RANGE, self._copy_file_range),
             (abi.FUSE_SYNCFS, self._syncfs),
+            (abi.FUSE_GETLK, self._getlk), (abi.FUSE_SETLK, self._setlk), (abi.FUSE_SETLKW, self._setlkw),
+            (abi.FUSE_TMPFILE, self._tmpfile),
+            (abi.FUSE_SETUPMAPPING, self._setupmapping), (abi.FUSE_REMOVEMAPPING, self._removemapping),
         ):
             table[opcode] = method
+        # Without a DAX window the mapping requests are unsupported whatever their arguments: ENOSYS,
+        # not the EINVAL their validation would give.
+        for opcode, name in ((abi.FUSE_SETUPMAPPING, "setupmapping"),
+                             (abi.FUSE_REMOVEMAPPING, "removemapping")):
+            if getattr(type(fs), name) is getattr(Filesystem, name):
+                table[opcode] = None
         self._table = table
 
     @property
@@ -547,6 +563,20 @@ class FuseServer:
         body, (flags, mode, umask, _open_flags) = _body(reader, body_len, abi.CREATE_IN)
         name, _ = _name(body, abi.CREATE_IN.size)
         entry, handle = self.fs.create(ctx, nodeid, name, mode, flags, umask)
+        return self._reply_create(writer, unique, ctx, flags, entry, handle)
+
+    def _tmpfile(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                 writer: Writer) -> int:
+        # fuse_create_in then the name of the kernel's placeholder dentry ("/"), which names nothing:
+        # only its NUL is checked.
+        body, (flags, mode, umask, _open_flags) = _body(reader, body_len, abi.CREATE_IN)
+        if body.find(b"\0", abi.CREATE_IN.size) < 0:
+            raise _invalid()
+        entry, handle = self.fs.tmpfile(ctx, nodeid, mode, flags, umask)
+        return self._reply_create(writer, unique, ctx, flags, entry, handle)
+
+    def _reply_create(self, writer: Writer, unique: int, ctx: Context, flags: int, entry: Entry,
+                      handle: Open) -> int:
         data = _R_CREATE.pack(_R_CREATE.size, 0, unique, *_entry_values(entry), handle.fh, handle.flags, 0)
         if len(data) > writer.available:
             # The guest will never know the node or the handle: give both back.
@@ -592,7 +622,14 @@ class FuseServer:
 
     def _release(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                  writer: Writer) -> int:
-        fh, flags, _release_flags, _lock_owner = _args(reader, body_len, abi.RELEASE_IN)
+        fh, flags, release_flags, lock_owner = _args(reader, body_len, abi.RELEASE_IN)
+        if release_flags & abi.FUSE_RELEASE_FLOCK_UNLOCK:
+            # The guest took flock locks through this file: drop them before the handle goes, as
+            # closing the file would (fuse_release in linux/fs/fuse/file.c).
+            try:
+                self.fs.flock(ctx, nodeid, fh, lock_owner, _F_UNLCK, False)
+            except OSError as exc:
+                log.debug("flock unlock of fh %d on release: %s", fh, exc)
         self.fs.release(ctx, nodeid, fh, flags)
         return _ok(writer, unique)
 
@@ -600,6 +637,31 @@ class FuseServer:
                writer: Writer) -> int:
         fh, flags = _args(reader, body_len, abi.FSYNC_IN)
         self.fs.fsync(ctx, nodeid, fh, bool(flags & abi.FUSE_FSYNC_FDATASYNC))
+        return _ok(writer, unique)
+
+    def _getlk(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+               writer: Writer) -> int:
+        fh, owner, start, end, kind, pid, _lk_flags = _args(reader, body_len, abi.LK_IN)
+        lock = self.fs.getlk(ctx, nodeid, fh, owner, Lock(start, end, kind, pid))
+        return _send(writer, unique, _R_LK.pack(_R_LK.size, 0, unique, lock.start, lock.end, lock.type,
+                                                 lock.pid))
+
+    def _setlk(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+               writer: Writer) -> int:
+        return self._do_setlk(unique, nodeid, ctx, body_len, reader, writer, False)
+
+    def _setlkw(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                writer: Writer) -> int:
+        return self._do_setlk(unique, nodeid, ctx, body_len, reader, writer, True)
+
+    def _do_setlk(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                  writer: Writer, wait: bool) -> int:
+        fh, owner, start, end, kind, pid, lk_flags = _args(reader, body_len, abi.LK_IN)
+        if lk_flags & abi.FUSE_LK_FLOCK:
+            # flock(2) arrives as a whole-file lock: LOCK_SH/LOCK_EX/LOCK_UN as F_RDLCK/F_WRLCK/F_UNLCK.
+            self.fs.flock(ctx, nodeid, fh, owner, kind, wait)
+        else:
+            self.fs.setlk(ctx, nodeid, fh, owner, Lock(start, end, kind, pid), wait)
         return _ok(writer, unique)
 
     def _fallocate(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
@@ -734,6 +796,30 @@ class FuseServer:
                 writer: Writer) -> int:
         _args(reader, body_len, abi.SYNCFS_IN)
         self.fs.syncfs(ctx, nodeid)
+        return _ok(writer, unique)
+
+    # -- DAX window -----------------------------------------------------------------------------
+    def _setupmapping(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                      writer: Writer) -> int:
+        fh, foffset, length, flags, moffset = _args(reader, body_len, abi.SETUPMAPPING_IN)
+        if (length == 0 or flags & ~_MAPPING_FLAGS or foffset + length > _U64_LIMIT
+                or moffset + length > _U64_LIMIT):
+            raise _invalid()
+        self.fs.setupmapping(ctx, nodeid, fh, foffset, length, flags, moffset)
+        return _ok(writer, unique)
+
+    def _removemapping(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                       writer: Writer) -> int:
+        body, (count,) = _body(reader, body_len, abi.REMOVEMAPPING_IN)
+        # The fuse_removemapping_one entries follow the count; it may not claim more than are there.
+        start = abi.REMOVEMAPPING_IN.size
+        one = abi.REMOVEMAPPING_ONE.size
+        if count == 0 or count > (body_len - start) // one:
+            raise _invalid()
+        ranges = list(abi.REMOVEMAPPING_ONE.iter_unpack(body[start:start + count * one]))
+        if any(length == 0 or moffset + length > _U64_LIMIT for moffset, length in ranges):
+            raise _invalid()
+        self.fs.removemapping(ctx, ranges)
         return _ok(writer, unique)
 
     # -- extended attributes --------------------------------------------------------------------

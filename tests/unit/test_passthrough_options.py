@@ -1,0 +1,246 @@
+"""Passthrough options (virtiofsd's flags), ownership of new files, and the xattr map, against a
+temporary share next to a canary directory that must stay untouched."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_passthrough import _tree
+from tests.unit.test_passthrough_locks import Server
+from vhostfs.fs.passthrough import FUSE_WRITE_KILL_SUIDGID, Passthrough
+from vhostfs.fuse import abi
+from vhostfs.fuse.filesystem import ROOT_ID, ConnectionInfo, Context, SetAttr
+from vhostfs.fuse.server import DEFAULT_WANT
+
+CTX = Context(0, 0, 1)
+USER = Context(1000, 1000, 2)
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setfsuid, mount)")
+
+
+@pytest.fixture
+def share(tmp_path: Path):
+    share, canary = tmp_path / "share", tmp_path / "canary"
+    share.mkdir()
+    canary.mkdir()
+    (canary / "secret").write_bytes(b"do not touch")
+    before = _tree(canary)
+    yield share
+    assert _tree(canary) == before, "the canary directory outside the share changed"
+
+
+@pytest.fixture
+def make(share):
+    made: list[Passthrough] = []
+    umask = os.umask(0)
+    os.umask(umask)
+
+    def factory(**kw) -> Passthrough:
+        fs = Passthrough(str(share), **kw)
+        made.append(fs)
+        return fs
+
+    yield factory
+    for fs in made:
+        fs.close()
+    os.umask(umask)
+
+
+def want(fs: Passthrough, capable: int) -> int:
+    conn = ConnectionInfo(7, 38, capable, DEFAULT_WANT & capable, 1 << 20, 1 << 17, 256)
+    fs.init(conn)
+    return conn.want
+
+
+def host_flags(fs: Passthrough, fh: int) -> int:
+    with fs._handles.use(fh) as handle:
+        return fcntl.fcntl(handle.fd, fcntl.F_GETFL)
+
+
+# -- options ---------------------------------------------------------------------------------------------
+
+OPTIONAL = (abi.FUSE_WRITEBACK_CACHE | abi.FUSE_SUBMOUNTS | abi.FUSE_HANDLE_KILLPRIV_V2
+            | abi.FUSE_DIRECT_IO_ALLOW_MMAP)
+ALL = DEFAULT_WANT | OPTIONAL
+READDIRPLUS = abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO
+
+
+def test_defaults_want_readdirplus_and_nothing_optional(make):
+    got = want(make(), ALL)
+    assert got & READDIRPLUS == READDIRPLUS and not got & OPTIONAL
+
+
+def test_options_add_and_remove_init_flags(make):
+    fs = make(readdirplus=False, writeback=True, announce_submounts=True, killpriv_v2=True, allow_mmap=True)
+    got = want(fs, ALL)
+    assert not got & READDIRPLUS and got & OPTIONAL == OPTIONAL
+
+
+def test_no_readdirplus_reaches_the_init_reply(make):
+    srv = Server(make(readdirplus=False))
+    assert not srv.init(DEFAULT_WANT) & READDIRPLUS
+    srv = Server(make())
+    assert srv.init(DEFAULT_WANT) & READDIRPLUS == READDIRPLUS
+
+
+def test_allow_mmap_is_a_flags2_bit_in_the_init_reply(make):
+    srv = Server(make(cache="never", allow_mmap=True))
+    err, body = srv.call(abi.FUSE_INIT, abi.INIT_IN.pack(7, 38, 1 << 17, DEFAULT_WANT | abi.FUSE_INIT_EXT,
+                                                           abi.FUSE_DIRECT_IO_ALLOW_MMAP >> 32))
+    assert err == 0 and abi.INIT_OUT.unpack(body)[10] << 32 & abi.FUSE_DIRECT_IO_ALLOW_MMAP
+
+
+def test_writeback_opens_read_write_without_append(make, share):
+    (share / "f").write_bytes(b"")
+    for writeback, expect in ((False, os.O_WRONLY | os.O_APPEND), (True, os.O_RDWR)):
+        fs = make(writeback=writeback)
+        node = fs.lookup(CTX, ROOT_ID, b"f").nodeid
+        flags = host_flags(fs, fs.open(CTX, node, os.O_WRONLY | os.O_APPEND).fh)
+        assert flags & (os.O_ACCMODE | os.O_APPEND) == expect
+        _, created = fs.create(CTX, ROOT_ID, b"g", 0o600, os.O_WRONLY | os.O_APPEND, 0)
+        assert host_flags(fs, created.fh) & (os.O_ACCMODE | os.O_APPEND) == expect
+
+
+@pytest.mark.parametrize("option, flag", [("allow_direct_io", os.O_DIRECT),
+                                          ("preserve_noatime", os.O_NOATIME)])
+def test_direct_io_and_noatime_pass_only_when_allowed(make, share, option, flag):
+    (share / "f").write_bytes(b"x" * 4096)
+    for allowed in (False, True):
+        fs = make(**{option: allowed})
+        node = fs.lookup(CTX, ROOT_ID, b"f").nodeid
+        assert bool(host_flags(fs, fs.open(CTX, node, os.O_RDONLY | flag).fh) & flag) == allowed
+
+
+@ROOT_ONLY
+def test_announce_submounts_flags_a_host_mount_point(make, share):
+    (share / "plain").mkdir()
+    (share / "mnt").mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "vhostfs-test", str(share / "mnt")],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (mount(8) failed)")
+    try:
+        fs = make(announce_submounts=True)
+        assert fs.lookup(CTX, ROOT_ID, b"mnt").attr_flags == abi.FUSE_ATTR_SUBMOUNT
+        assert fs.lookup(CTX, ROOT_ID, b"plain").attr_flags == 0
+        srv = Server(fs)
+        srv.init(DEFAULT_WANT | abi.FUSE_SUBMOUNTS)
+        err, body = srv.call(abi.FUSE_LOOKUP, b"mnt\0")
+        assert err == 0 and abi.ENTRY_OUT.unpack(body)[-1] == abi.FUSE_ATTR_SUBMOUNT
+        assert make().lookup(CTX, ROOT_ID, b"mnt").attr_flags == 0  # off by default
+    finally:
+        subprocess.run(["umount", "-l", str(share / "mnt")], check=True)
+
+
+# -- ownership and privileges ------------------------------------------------------------------------------
+
+@ROOT_ONLY
+def test_daemon_drops_supplementary_groups(make):
+    os.setgroups([4242])
+    make()
+    assert os.getgroups() == []
+
+
+@ROOT_ONLY
+def test_setgid_directory_passes_its_group_on(make, share):
+    d = share / "team"
+    d.mkdir()
+    os.chown(d, 0, 4321)
+    os.chmod(d, 0o2777)
+    fs = make()
+    team = fs.lookup(CTX, ROOT_ID, b"team").nodeid
+    f, _ = fs.create(USER, team, b"file", 0o644, os.O_RDWR, 0)
+    sub = fs.mkdir(USER, team, b"sub", 0o755, 0)
+    assert (f.attr.st_uid, f.attr.st_gid) == (1000, 4321)
+    assert (sub.attr.st_uid, sub.attr.st_gid) == (1000, 4321) and sub.attr.st_mode & stat.S_ISGID
+    # Outside it, the guest user's own group.
+    g, _ = fs.create(USER, sub.nodeid, b"deeper", 0o644, os.O_RDWR, 0)
+    assert g.attr.st_gid == 4321
+    os.chmod(share / "team" / "sub", 0o777)
+    h, _ = fs.create(USER, sub.nodeid, b"plain", 0o644, os.O_RDWR, 0)
+    assert h.attr.st_gid == 1000
+
+
+@ROOT_ONLY
+def test_non_member_cannot_create_setgid_file(make, share):
+    d = share / "other"
+    d.mkdir()
+    os.chown(d, 0, 4321)
+    os.chmod(d, 0o2777)
+    fs = make()
+    other = fs.lookup(CTX, ROOT_ID, b"other").nodeid
+    f = fs.mknod(USER, other, b"f", stat.S_IFREG | 0o2755, 0, 0)
+    assert f.attr.st_gid == 4321 and not f.attr.st_mode & stat.S_ISGID
+
+
+@ROOT_ONLY
+def test_chown_clears_setuid(make, share):
+    (share / "prog").write_bytes(b"#!")
+    os.chmod(share / "prog", 0o6755)
+    fs = make()
+    node = fs.lookup(CTX, ROOT_ID, b"prog").nodeid
+    attr, _ = fs.setattr(CTX, node, SetAttr(uid=1000, gid=1000))
+    assert attr.st_uid == 1000 and not attr.st_mode & (stat.S_ISUID | stat.S_ISGID)
+
+
+def test_killpriv_v2_o_trunc_open_by_a_user_clears_setuid(make, share):
+    p = share / "prog"
+    for who, kept in ((CTX, True), (USER, False)):
+        p.write_bytes(b"data")
+        os.chmod(p, 0o6775)
+        fs = make(killpriv_v2=True)
+        node = fs.lookup(CTX, ROOT_ID, b"prog").nodeid
+        fs.open(who, node, os.O_WRONLY | os.O_TRUNC)
+        mode = os.stat(p).st_mode
+        assert bool(mode & stat.S_ISUID) == kept and bool(mode & stat.S_ISGID) == kept
+        assert p.read_bytes() == b""
+    # Without the option the guest kernel clears the bits itself; the open leaves them.
+    os.chmod(p, 0o6775)
+    fs = make()
+    fs.open(USER, fs.lookup(CTX, ROOT_ID, b"prog").nodeid, os.O_WRONLY | os.O_TRUNC)
+    assert os.stat(p).st_mode & 0o7777 == 0o6775
+
+
+# -- xattr map -----------------------------------------------------------------------------------------------
+
+def test_xattrmap_stores_names_under_the_prefix_and_lists_them_back(make, share):
+    (share / "f").write_bytes(b"")
+    fs = make(xattr=True, xattrmap=":map:trusted.:user.virtiofs.:")
+    node = fs.lookup(CTX, ROOT_ID, b"f").nodeid
+    fs.setxattr(CTX, node, b"trusted.overlay.opaque", b"y", 0)
+    fs.setxattr(CTX, node, b"user.plain", b"p", 0)
+    assert os.getxattr(share / "f", "user.virtiofs.trusted.overlay.opaque") == b"y"
+    assert sorted(fs.listxattr(CTX, node)) == [b"trusted.overlay.opaque", b"user.plain"]
+    assert fs.getxattr(CTX, node, b"trusted.overlay.opaque") == b"y"
+    with pytest.raises(PermissionError):
+        fs.getxattr(CTX, node, b"user.virtiofs.trusted.overlay.opaque")
+    fs.removexattr(CTX, node, b"trusted.overlay.opaque")
+    assert fs.listxattr(CTX, node) == [b"user.plain"]
+
+
+def test_remapped_capability_is_removed_on_write_and_chown(make, share):
+    (share / "f").write_bytes(b"")
+    fs = make(xattr=True, xattrmap=":map::user.virtiofs.:")
+    node = fs.lookup(CTX, ROOT_ID, b"f").nodeid
+    cap = b"\x01\x00\x00\x02" + bytes(16)
+    fs.setxattr(CTX, node, b"security.capability", cap, 0)
+    fs.setxattr(CTX, node, b"user.keep", b"k", 0)
+    assert os.getxattr(share / "f", "user.virtiofs.security.capability") == cap
+    _, handle = fs.create(CTX, ROOT_ID, b"f", 0o644, os.O_RDWR, 0)
+    fs.write(CTX, node, handle.fh, 0, b"changed", 0)
+    assert fs.listxattr(CTX, node) == [b"user.keep"]
+    fs.setxattr(CTX, node, b"security.capability", cap, 0)
+    fs.setattr(CTX, node, SetAttr(uid=os.geteuid()))
+    assert fs.listxattr(CTX, node) == [b"user.keep"]
+    fs.setxattr(CTX, node, b"security.capability", cap, 0)
+    fs.write(CTX, node, handle.fh, 0, b"again", FUSE_WRITE_KILL_SUIDGID)
+    assert fs.listxattr(CTX, node) == [b"user.keep"]
+
+
+def test_malformed_xattrmap_is_refused_at_construction(share):
+    with pytest.raises(ValueError, match="unknown rule type"):
+        Passthrough(str(share), xattrmap=":nope:all:::")
