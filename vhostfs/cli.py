@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import grp
 import json
 import logging
 import logging.handlers
@@ -30,8 +31,25 @@ LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.I
               "trace": logging.DEBUG, "off": logging.CRITICAL + 10}
 
 
+#: C virtiofsd `-o` options accepted without effect: the guest sees the same file system either way
+#: (locking and write-back are the guest kernel's choices through FUSE_INIT flags, timeouts are
+#: covered by cache=, the rest select optional protocol extensions the kernel may ask for).
+_O_IGNORED = frozenset({
+    "writeback", "no_writeback", "flock", "no_flock", "posix_lock", "no_posix_lock", "allow_direct_io",
+    "no_allow_direct_io", "announce_submounts", "killpriv_v2", "no_killpriv_v2", "timeout", "norace",
+    "no_posix_acl", "modcaps", "allow_root",
+})
+#: C virtiofsd `-o` options that change what the guest sees and that vhostfs does not implement.
+_O_UNSUPPORTED = frozenset({"posix_acl", "xattrmap", "security_label", "writeback_cache"})
+
+
 def _apply_o_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Maps the comma-separated `-o` options of the C virtiofsd onto their long options."""
+    """Maps the comma-separated `-o` options of the C virtiofsd onto their long options.
+
+    Options vhostfs has no use for are collected in `args.ignored_o`; options it cannot honour and
+    unknown ones are command-line errors.
+    """
+    args.ignored_o = []
     for group in args.o or []:
         for item in group.split(","):
             if not item:
@@ -47,13 +65,17 @@ def _apply_o_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                 args.xattr = key == "xattr"
             elif key in ("readdirplus", "no_readdirplus"):
                 args.no_readdirplus = key == "no_readdirplus"
-            elif key in ("writeback", "no_writeback", "flock", "no_flock", "posix_lock",
-                         "no_posix_lock", "allow_direct_io", "no_allow_direct_io", "announce_submounts",
-                         "killpriv_v2", "no_killpriv_v2", "timeout", "log_level"):
-                if key == "log_level":
-                    args.log_level = value
-                else:
-                    log.warning("-o %s is accepted and ignored", key)
+            elif key == "log_level":
+                if value not in LOG_LEVELS:
+                    parser.error(f"-o log_level={value}: expected one of {', '.join(LOG_LEVELS)}")
+                args.log_level = value
+            elif key == "sandbox":
+                args.sandbox = value
+            elif key in _O_IGNORED:
+                # Tuning the guest would not notice: warned about once logging is set up.
+                args.ignored_o.append(item)
+            elif key in _O_UNSUPPORTED:
+                parser.error(f"-o {key} is not supported by vhostfs")
             else:
                 parser.error(f"unknown -o option {key!r}")
 
@@ -64,16 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket-path", help="Unix socket to listen on for the VMM")
     p.add_argument("--socket", dest="socket_path", help=argparse.SUPPRESS)
     p.add_argument("--fd", type=int, help="inherited, already listening socket fd (as libvirt passes it)")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="give the socket to this group, readable and writable by it (mode 0660)")
+    p.add_argument("--keep-listening", action="store_true",
+                   help="serve the next front end after one disconnects (default: exit, like virtiofsd)")
     p.add_argument("--shared-dir", help="the host directory to share")
     p.add_argument("--tag", help="virtio-fs tag, served through the device configuration space")
     p.add_argument("--cache", default="auto", choices=CACHE_MODES, help="guest caching (default: auto)")
     p.add_argument("--xattr", action="store_true", help="enable extended attributes")
     p.add_argument("--readonly", action="store_true", help="refuse every change to the shared directory")
     p.add_argument("--no-readdirplus", action="store_true", help="answer READDIR only, no READDIRPLUS")
+    p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
+                   help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
+                        "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
     p.add_argument("--thread-pool-size", type=int, default=0, metavar="N",
                    help="threads serving each request queue (default 0: the queue's own thread)")
     p.add_argument("--sandbox", choices=("namespace", "chroot", "none"), default="none",
-                   help="sandbox mode (namespace and chroot are not implemented yet: refused)")
+                   help="confine the daemon to the shared directory: namespace (new mount, pid and net "
+                        "namespaces, pivot_root into it; needs root), chroot (for containers), or none "
+                        "(default)")
     p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
     p.add_argument("--syslog", action="store_true", help="log to syslog instead of stderr")
     p.add_argument("--print-capabilities", action="store_true",
@@ -98,11 +129,12 @@ def _setup_logging(level: str, use_syslog: bool) -> None:
     root.setLevel(LOG_LEVELS[level])
 
 
-def _listen(path: str) -> tuple[socket.socket, int]:
+def _listen(path: str, group: int | None = None) -> tuple[socket.socket, int]:
     """Binds the listening socket at `path`, guarded by a `<path>.pid` lock file.
 
     The lock stops a second daemon from taking over a socket that is being served; a stale socket
-    left by a daemon that died is replaced.
+    left by a daemon that died is replaced. The socket is for its owner only (0600), or with a
+    `group` gid, owned by that group too (0660).
     """
     pid_path = path + ".pid"
     lock_fd = os.open(pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -124,13 +156,37 @@ def _listen(path: str) -> tuple[socket.socket, int]:
         sock.bind(path)
     finally:
         os.umask(old_umask)
+    if group is not None:
+        os.chown(path, -1, group)
+        os.chmod(path, 0o660)
     sock.listen(1)
     return sock, lock_fd
 
 
 def capabilities() -> dict:
-    """The vhost-user back-end description (docs/interop/vhost-user.rst, "Backend program conventions")."""
-    return {"type": "fs"}
+    """The vhost-user back-end description (docs/interop/vhost-user.rst, "Backend program conventions").
+
+    "separate-options" tells libvirt to pass --shared-dir, --cache, ... rather than one `-o` list.
+    "migrate-precopy" is left out: guest memory is dirty-logged (VHOST_F_LOG_ALL), but the FUSE
+    session (node ids, open files) is not transferred, so a migrated guest would lose its files.
+    """
+    return {"type": "fs", "features": ["separate-options"]}
+
+
+_SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """A byte count such as 4096, 64M or 1G (binary units)."""
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    digits = value.rstrip("kmgt")
+    unit = value[len(digits):]
+    if not digits.isdigit() or unit not in _SIZE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (like 4096, 64M or 1G)")
+    size = int(digits) * _SIZE_SUFFIXES[unit]
+    if size % os.sysconf("SC_PAGE_SIZE"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of the page size")
+    return size
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -138,22 +194,37 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mount"]:
+        from vhostfs import mount_cli
+
+        return mount_cli.main(argv[1:])
+    if "--print-capabilities" in argv:
+        # The other options are ignored, as the back-end program conventions ask.
+        print(json.dumps(capabilities(), indent=2))
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     _apply_o_options(parser, args)
-    if args.print_capabilities:
-        print(json.dumps(capabilities(), indent=2))
-        return 0
     _setup_logging("debug" if args.debug else args.log_level, args.syslog)
+    for item in args.ignored_o:
+        log.warning("-o %s is accepted and has no effect", item)
     if args.shared_dir is None:
         parser.error("--shared-dir (or -o source=DIR) is required")
     if (args.socket_path is None) == (args.fd is None):
         parser.error("exactly one of --socket-path (--socket) or --fd is required")
-    if args.sandbox != "none":
-        parser.error(f"--sandbox={args.sandbox} is not implemented; pass --sandbox=none")
     if not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
+    group = None
+    if args.socket_group is not None:
+        if args.socket_path is None:
+            parser.error("--socket-group needs --socket-path (an inherited socket is the launcher's)")
+        try:
+            group = grp.getgrnam(args.socket_group).gr_gid
+        except KeyError:
+            parser.error(f"--socket-group: no group named {args.socket_group!r}")
 
+    from vhostfs import sandbox
     from vhostfs.device import VirtioFsDevice
     from vhostfs.fs.passthrough import Passthrough
     from vhostfs.fuse.server import FuseServer
@@ -162,29 +233,72 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
-    fs = Passthrough(args.shared_dir, cache=args.cache, readonly=args.readonly, xattr=args.xattr)
-    server = FuseServer(fs)
-    device = VirtioFsDevice(server, tag=args.tag, thread_pool_size=args.thread_pool_size)
-
     lock_fd = -1
     if args.fd is not None:
         listener = socket.socket(fileno=args.fd)
     else:
-        listener, lock_fd = _listen(args.socket_path)
+        listener, lock_fd = _listen(args.socket_path, group)
+
+    # The socket's directory, held so that the socket can be removed after a chroot too.
+    socket_dir = -1
+    if args.socket_path is not None:
+        socket_dir = os.open(os.path.dirname(os.path.abspath(args.socket_path)),
+                             os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def remove_socket() -> None:
+        if socket_dir >= 0:
+            name = os.path.basename(args.socket_path)
+            for path in (name, name + ".pid"):
+                try:
+                    os.unlink(path, dir_fd=socket_dir)
+                except FileNotFoundError:
+                    pass
+
+    # Listen, enter the sandbox, build the file system (it opens the share and /proc/self/fd by
+    # path), then lock the sandbox down: see vhostfs/sandbox.py. In namespace mode the process that
+    # returns here is the sandboxed child; the outer one removes the socket when it is done.
+    try:
+        jail = sandbox.prepare(args.sandbox, args.shared_dir, remove_socket)
+    except sandbox.SandboxError as e:
+        remove_socket()
+        raise SystemExit(f"vhostfs: {e}") from None
+    fs = Passthrough(args.shared_dir, cache=args.cache, readonly=args.readonly, xattr=args.xattr)
+    window = None
+    if args.dax_window_size:
+        from vhostfs.dax import DaxFilesystem, DaxWindow
+
+        window = DaxWindow(args.dax_window_size)
+        fs = DaxFilesystem(fs, window)
+    server = FuseServer(fs, map_alignment=window.alignment_log2 if window is not None else None)
+    device = VirtioFsDevice(server, tag=args.tag, thread_pool_size=args.thread_pool_size, dax_window=window)
+    if args.sandbox == "namespace" and socket_dir >= 0:
+        # The outer process removes the socket; a directory fd outside the share has no place inside.
+        os.close(socket_dir)
+        socket_dir = -1
+    try:
+        jail.lock_down()
+    except sandbox.SandboxError as e:
+        if args.sandbox != "namespace":
+            remove_socket()
+        raise SystemExit(f"vhostfs: {e}") from None
     log.info("serving %s on %s", args.shared_dir, args.socket_path or f"fd {args.fd}")
     try:
-        conn, _ = listener.accept()
-        listener.close()
-        log.info("front end connected")
-        Session(device).serve(Connection(conn))
+        while True:
+            conn, _ = listener.accept()
+            if not args.keep_listening:
+                listener.close()
+            log.info("front end connected")
+            # A new session per connection; on disconnect it resets the device (queues, FUSE
+            # state), so the next front end starts from scratch.
+            Session(device).serve(Connection(conn))
+            if not args.keep_listening:
+                break
+            log.info("waiting for the next front end")
     except SystemExit:
         log.info("terminated by signal")
     finally:
-        if args.socket_path is not None:
-            for path in (args.socket_path, args.socket_path + ".pid"):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+        if args.sandbox != "namespace":
+            remove_socket()
+        if lock_fd >= 0:
             os.close(lock_fd)
     return 0

@@ -15,7 +15,10 @@ import select
 import struct
 import threading
 
+from vhostfs.dax import DaxWindow
 from vhostfs.vhost_user import messages as vu
+from vhostfs.vhost_user.backend_channel import BackendChannel
+from vhostfs.vhost_user.dirty_log import QueueLog
 from vhostfs.vhost_user.handler import Vring
 from vhostfs.vhost_user.memory import GuestMemory
 from vhostfs.virtqueue.split import (
@@ -41,6 +44,7 @@ DEVICE_FEATURES = (
     1 << vu.VIRTIO_F_VERSION_1
     | 1 << vu.VIRTIO_RING_F_INDIRECT_DESC
     | 1 << vu.VIRTIO_RING_F_EVENT_IDX
+    | 1 << vu.VHOST_F_LOG_ALL
 )
 
 
@@ -156,7 +160,10 @@ class QueueWorker:
                         q.push(head, 0)
                         served += 1
                         continue
-                    q.push(head, handle(chain.reader, chain.writer))
+                    length = handle(chain.reader, chain.writer)
+                    if q.log is not None:
+                        q.log.mark_written(chain.writable_ranges, length)
+                    q.push(head, length)
                     served += 1
                 if served and q.notify_needed():
                     self._signal()
@@ -193,6 +200,8 @@ class QueueWorker:
         handle = self.handle
         while (chain := self.jobs.get()) is not None:
             length = handle(chain.reader, chain.writer)
+            if q.log is not None:
+                q.log.mark_written(chain.writable_ranges, length)
             with self.used_lock:
                 self.in_flight.discard(chain.head)
                 q.push(chain.head, length)
@@ -210,7 +219,7 @@ class VirtioFsDevice:
     """
 
     def __init__(self, server, *, tag: str | None = None, request_queues: int = 1,
-                 thread_pool_size: int = 0) -> None:
+                 thread_pool_size: int = 0, dax_window: DaxWindow | None = None) -> None:
         if tag is not None and not 0 < len(tag.encode()) <= VIRTIO_FS_TAG_MAX:
             raise ValueError(f"tag must be 1 to {VIRTIO_FS_TAG_MAX} bytes")
         self.server = server
@@ -221,6 +230,13 @@ class VirtioFsDevice:
         self.features = DEVICE_FEATURES
         self.protocol_features = 1 << vu.VHOST_USER_PROTOCOL_F_CONFIG if tag is not None else 0
         self.workers: dict[int, QueueWorker] = {}
+        #: The DAX window (shmid 0), mapped by the front end through the back-end channel: offered
+        #: only when enabled, so a front end without one never sees VHOST_USER_PROTOCOL_F_SHMEM.
+        self.dax_window = dax_window
+        self.shmem_regions = [dax_window.size] if dax_window is not None else []
+        self._backend_channel: BackendChannel | None = None
+        if dax_window is not None:
+            self.protocol_features |= 1 << vu.VHOST_USER_PROTOCOL_F_SHMEM
 
     def _handle(self, reader, writer) -> int:
         try:
@@ -229,10 +245,13 @@ class VirtioFsDevice:
             log.exception("request failed")
             return 0
 
-    def start_queue(self, index: int, vring: Vring, memory: GuestMemory, features: int) -> None:
+    def start_queue(self, index: int, vring: Vring, memory: GuestMemory, features: int,
+                    log: QueueLog | None = None) -> None:
         vq = SplitQueue(memory, vring.num, *ring_views(memory, vring), last_avail_idx=vring.base,
                            event_idx=bool(features & 1 << vu.VIRTIO_RING_F_EVENT_IDX),
                            indirect=bool(features & 1 << vu.VIRTIO_RING_F_INDIRECT_DESC))
+        # Fixed for the queue's life: the session restarts the queue to change it.
+        vq.log = log
         # The hiprio queue only carries FORGET and INTERRUPT, which never block.
         worker = QueueWorker(index, vq, vring, self._handle, self.thread_pool_size if index else 0)
         self.workers[index] = worker
@@ -252,7 +271,18 @@ class VirtioFsDevice:
         tag = (self.tag or "").encode()
         return VIRTIO_FS_CONFIG.pack(tag, self.request_queues)
 
+    def set_backend_channel(self, channel: BackendChannel | None) -> None:
+        """The front end's back-end channel (None when it is gone); the DAX window maps through it."""
+        old, self._backend_channel = self._backend_channel, channel
+        if self.dax_window is not None:
+            self.dax_window.mapper = channel
+        if old is not None:
+            old.close()
+
     def reset(self) -> None:
         for index in list(self.workers):
             self.stop_queue(index)
+        if self.dax_window is not None:
+            # The front end unmaps the whole window on reset (vhost-user.rst, SHMEM_MAP).
+            self.dax_window.forget_all()
         self.server.reset()

@@ -21,15 +21,17 @@ REPLY_ACK = 1 << m.VHOST_USER_PROTOCOL_F_REPLY_ACK
 
 class RecordingBackend:
     max_queues = 2
-    features = 1 << m.VIRTIO_F_VERSION_1 | 1 << m.VIRTIO_RING_F_EVENT_IDX
+    features = 1 << m.VIRTIO_F_VERSION_1 | 1 << m.VIRTIO_RING_F_EVENT_IDX | 1 << m.VHOST_F_LOG_ALL
     protocol_features = 1 << m.VHOST_USER_PROTOCOL_F_CONFIG
 
     def __init__(self):
         self.events = []
         self.memory = None
+        self.logs = {}
 
-    def start_queue(self, index, vring, memory, features):
+    def start_queue(self, index, vring, memory, features, log=None):
         self.events.append(("start", index, vring.base))
+        self.logs[index] = log
 
     def stop_queue(self, index):
         self.events.append(("stop", index))
@@ -283,7 +285,7 @@ def test_unknown_request_gets_negative_ack(pair):
     fe, *_ = pair
     acked(fe)
     assert fe.ack(200) != 0
-    assert fe.ack(R.VHOST_USER_SET_LOG_FD) != 0
+    assert fe.ack(R.VHOST_USER_SET_VRING_ENDIAN, m.VRING_STATE.pack(0, 0)) != 0
     fe.send(201, b"x" * 100)  # no reply wanted: skipped, body and all
     assert fe.call_u64(R.VHOST_USER_GET_QUEUE_NUM) == 2
 
@@ -311,3 +313,178 @@ def test_reset_device_stops_queues(pair):
     fe.add_ring(0, 64)
     assert fe.ack(R.VHOST_USER_RESET_DEVICE) == 0
     assert backend.events[-2:] == [("stop", 0), ("reset",)]
+
+
+def set_log_base(fe, fd, size, offset=0, need_reply=False):
+    """SET_LOG_BASE with LOG_SHMFD: always answered with a u64 status."""
+    fe.send(R.VHOST_USER_SET_LOG_BASE, m.LOG.pack(size, offset), [fd], need_reply=need_reply)
+    return m.U64.unpack(fe.recv_reply(R.VHOST_USER_SET_LOG_BASE))[0]
+
+
+def test_features_and_protocol_features_offer_dirty_logging(pair):
+    fe, *_ = pair
+    assert fe.call_u64(R.VHOST_USER_GET_FEATURES) & 1 << m.VHOST_F_LOG_ALL
+    assert fe.call_u64(R.VHOST_USER_GET_PROTOCOL_FEATURES) & 1 << m.VHOST_USER_PROTOCOL_F_LOG_SHMFD
+
+
+def test_logging_follows_log_base_log_all_and_vring_flags(pair):
+    fe, session, backend, _ = pair
+    acked(fe)  # every offered feature, VHOST_F_LOG_ALL included
+    assert fe.set_mem_table() == 0
+    ring = fe.add_ring(0, 64)
+    fe.sync()
+    assert backend.logs[0] is None  # no log yet
+    fd = memfd(0x1000)
+    try:
+        assert set_log_base(fe, fd, 0x1000) == 0
+    finally:
+        os.close(fd)
+    fe.sync()
+    # The queue was restarted where it stood, now logging its buffers but not its used ring.
+    assert backend.events[-2:] == [("stop", 0), ("start", 0, 42)]
+    assert backend.logs[0] is not None and backend.logs[0].used_log_addr is None
+    addr = m.VRING_ADDR.pack(0, 1 << m.VHOST_VRING_F_LOG, fe.uva(ring.desc), fe.uva(ring.used),
+                             fe.uva(ring.avail), ring.used)
+    assert fe.ack(R.VHOST_USER_SET_VRING_ADDR, addr) == 0
+    assert backend.logs[0].used_log_addr == ring.used
+    # LOG_ALL dropped: logging stops.
+    assert fe.ack(R.VHOST_USER_SET_FEATURES, m.U64.pack(fe.features & ~(1 << m.VHOST_F_LOG_ALL))) == 0
+    assert backend.logs[0] is None
+    assert backend.events[-1] == ("start", 0, 42)
+
+
+def test_vring_addr_may_not_move_a_running_ring(pair):
+    fe, session, *_ = pair
+    acked(fe)
+    assert fe.set_mem_table() == 0
+    ring = fe.add_ring(0, 64)
+    addr = m.VRING_ADDR.pack(0, 0, fe.uva(ring.desc) + 0x1000, fe.uva(ring.used), fe.uva(ring.avail), 0)
+    assert fe.ack(R.VHOST_USER_SET_VRING_ADDR, addr) != 0
+    assert session.vrings[0].addr.desc == fe.uva(ring.desc)
+
+
+@pytest.mark.parametrize("case", ["no_fd", "beyond_file", "size0", "short"])
+def test_bad_log_base_refused_with_status(pair, case):
+    fe, session, *_ = pair
+    acked(fe)
+    fd = memfd(0x1000)
+    try:
+        payload, fds = {
+            "no_fd": (m.LOG.pack(0x1000, 0), []),
+            "beyond_file": (m.LOG.pack(0x1000, 0x1000), [fd]),
+            "size0": (m.LOG.pack(0, 0), [fd]),
+            "short": (m.LOG.pack(0x1000, 0)[:8], [fd]),
+        }[case]
+        fe.send(R.VHOST_USER_SET_LOG_BASE, payload, fds)
+        assert m.U64.unpack(fe.recv_reply(R.VHOST_USER_SET_LOG_BASE))[0] != 0
+    finally:
+        os.close(fd)
+    assert session.dirty_log is None
+    assert fe.call_u64(R.VHOST_USER_GET_QUEUE_NUM) == 2
+
+
+def test_log_base_without_log_shmfd_refused(pair):
+    fe, session, *_ = pair
+    fe.negotiate(protocol_features=REPLY_ACK)
+    fd = memfd(0x1000)
+    try:
+        assert fe.ack(R.VHOST_USER_SET_LOG_BASE, m.LOG.pack(0x1000, 0), [fd]) != 0
+    finally:
+        os.close(fd)
+    assert session.dirty_log is None
+
+
+def test_set_log_fd_takes_and_closes_its_fd(pair):
+    fe, *_ = pair
+    acked(fe)
+    r, w = os.pipe()
+    try:
+        assert fe.ack(R.VHOST_USER_SET_LOG_FD, b"", [w]) == 0
+        os.close(w)
+        w = -1
+        assert os.read(r, 1) == b""  # the daemon holds no copy of the write end
+        assert fe.ack(R.VHOST_USER_SET_LOG_FD) != 0  # no fd
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def _ack_cases(fe):
+    """(request, payload, fds) for every request without a reply of its own, each valid here."""
+    ring = fe.rings[0]
+    kick, call, err = (os.eventfd(0, os.EFD_CLOEXEC) for _ in range(3))
+    a, b = socket.socketpair()
+    fd_log, fd_log2, fd_reg = memfd(0x1000), memfd(0x1000), memfd(0x10000)
+    region = bytes(8) + m.MEMORY_REGION.pack(0x10000000, 0x10000, 0x10000000, 0)
+    cases = [
+        (R.VHOST_USER_SET_OWNER, b"", []),
+        (R.VHOST_USER_SET_PROTOCOL_FEATURES, m.U64.pack(fe.protocol_features), []),
+        (R.VHOST_USER_SET_FEATURES, m.U64.pack(fe.features), []),
+        (R.VHOST_USER_ADD_MEM_REG, region, [fd_reg]),
+        (R.VHOST_USER_REM_MEM_REG, region, []),
+        (R.VHOST_USER_SET_VRING_ENABLE, m.VRING_STATE.pack(1, 0), []),
+        (R.VHOST_USER_SET_VRING_NUM, m.VRING_STATE.pack(1, 64), []),
+        (R.VHOST_USER_SET_VRING_BASE, m.VRING_STATE.pack(1, 0), []),
+        (R.VHOST_USER_SET_VRING_ADDR, m.VRING_ADDR.pack(1, 0, fe.uva(ring.desc), fe.uva(ring.used),
+                                                        fe.uva(ring.avail), 0), []),
+        (R.VHOST_USER_SET_VRING_CALL, m.U64.pack(1), [call]),
+        (R.VHOST_USER_SET_VRING_ERR, m.U64.pack(1), [err]),
+        (R.VHOST_USER_SET_VRING_KICK, m.U64.pack(1), [kick]),
+        (R.VHOST_USER_SET_BACKEND_REQ_FD, b"", [b.fileno()]),
+        (R.VHOST_USER_SET_LOG_FD, b"", [fd_log]),
+        (R.VHOST_USER_SET_MEM_TABLE, mem_table((0, fe.mem_size, fe.uva(0), 0)), [fe.mem_fd]),
+        (R.VHOST_USER_SET_LOG_BASE, m.LOG.pack(0x1000, 0), [fd_log2]),
+        (R.VHOST_USER_RESET_DEVICE, b"", []),
+        (R.VHOST_USER_RESET_OWNER, b"", []),
+    ]
+    return cases, [kick, call, err, fd_log, fd_log2, fd_reg], [a, b]
+
+
+def test_reply_ack_honoured_on_every_request_that_asks(pair):
+    fe, *_ = pair
+    acked(fe)
+    assert fe.set_mem_table() == 0
+    fe.add_ring(0, 64)
+    cases, fds, socks = _ack_cases(fe)
+    try:
+        for request, payload, send in cases:
+            assert fe.ack(request, payload, send) == 0, m.request_name(request)
+        # Requests with a reply of their own get that reply only, even with NEED_REPLY set.
+        fe.send(R.VHOST_USER_GET_QUEUE_NUM, need_reply=True)
+        assert m.U64.unpack(fe.recv_reply(R.VHOST_USER_GET_QUEUE_NUM))[0] == 2
+        assert fe.call_u64(R.VHOST_USER_GET_MAX_MEM_SLOTS) >= 509
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for sock in socks:
+            sock.close()
+
+
+def test_call_fd_replaced_while_running(pair):
+    fe, session, backend, _ = pair
+    acked(fe)
+    assert fe.set_mem_table() == 0
+    fe.add_ring(0, 64)
+    call = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        assert fe.ack(R.VHOST_USER_SET_VRING_CALL, m.U64.pack(0), [call]) == 0
+    finally:
+        os.close(call)
+    assert backend.events[-1] == ("call", 0)
+    assert ("stop", 0) not in backend.events
+
+
+def test_memory_region_added_while_queue_runs(pair):
+    fe, session, backend, _ = pair
+    acked(fe)
+    assert fe.set_mem_table() == 0
+    fe.add_ring(0, 64)
+    fd = memfd(0x10000)
+    try:
+        region = bytes(8) + m.MEMORY_REGION.pack(0x10000000, 0x10000, 0x10000000, 0)
+        assert fe.ack(R.VHOST_USER_ADD_MEM_REG, region, [fd]) == 0
+    finally:
+        os.close(fd)
+    assert len(backend.memory.regions) == 2
+    assert ("stop", 0) not in backend.events

@@ -13,6 +13,7 @@ outside. Raw access (`send`, `raw_header`, ring fields) lets tests send malforme
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import select
@@ -38,6 +39,11 @@ R = m.Request
 PAGE = 4096
 #: Where the front end pretends its guest memory is mapped in its own address space.
 UVA_BASE = 0x7F00_0000_0000
+#: mmap(2) values (linux/mman.h) Python's mmap module lacks: no access, and no swap reserved for the
+#: window, as a VMM reserves it.
+PROT_NONE = 0x0
+MAP_FIXED = 0x10
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 def _align(n: int, a: int = PAGE) -> int:
@@ -60,6 +66,17 @@ class Ring:
     free_head: int = 0
 
 
+@dataclass(frozen=True)
+class WindowMap:
+    """One mapping the back end asked for: `length` bytes of file (st_dev, st_ino) from `fd_offset`."""
+
+    fd_offset: int
+    length: int
+    writable: bool
+    st_dev: int
+    st_ino: int
+
+
 class Frontend:
     """Drives a vhost-user back end. Guest memory is one memfd of `mem_size` bytes at guest address 0."""
 
@@ -75,6 +92,17 @@ class Frontend:
         self.rings: dict[int, Ring] = {}
         self.features = 0
         self.protocol_features = 0
+        #: The DAX window (reserve_window) and the back-end channel that maps into it.
+        self.window_addr = 0
+        self.window_size = 0
+        self.window_maps: dict[int, WindowMap] = {}
+        self.window_lock = threading.Lock()
+        #: When set, SHMEM_MAP requests are answered with a failure status (a VMM out of resources).
+        self.refuse_maps = False
+        #: (request, shm_offset, len, status) of every back-end request served, in order.
+        self.backend_log: list[tuple[int, int, int, int]] = []
+        self._backend_sock: socket.socket | None = None
+        self._backend_thread: threading.Thread | None = None
 
     @classmethod
     def connect(cls, path: str, **kw) -> Frontend:
@@ -91,6 +119,7 @@ class Frontend:
 
     def close(self) -> None:
         self.sock.close()
+        self._close_window()
         for ring in self.rings.values():
             os.close(ring.kick)
             os.close(ring.call)
@@ -301,4 +330,143 @@ class Frontend:
         got_head, length = self.wait_used(ring, timeout)
         assert got_head == head, f"used head {got_head}, expected {head}"
         return bytes(self.view[dst:dst + length])
+
+    # -- the VMM side of the DAX window ---------------------------------------------------------
+    def reserve_window(self, size: int) -> None:
+        """Reserves a `size`-byte window as a VMM does for a shared memory region: inaccessible
+        (PROT_NONE) until the back end maps files into it."""
+        self.window_addr = native.mmap(0, size, PROT_NONE,
+                                       mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        self.window_size = size
+
+    def start_backend_channel(self) -> int:
+        """Hands the back end its request channel (SET_BACKEND_REQ_FD) and serves it on a thread:
+        SHMEM_MAP maps the fd it carries into the window, SHMEM_UNMAP makes the range PROT_NONE
+        again. Returns the SET_BACKEND_REQ_FD status."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._backend_sock = ours
+        self._backend_thread = threading.Thread(target=self._serve_backend, name="frontend-backend-channel",
+                                                daemon=True)
+        self._backend_thread.start()
+        try:
+            return self.ack(R.VHOST_USER_SET_BACKEND_REQ_FD, b"", [theirs.fileno()])
+        finally:
+            theirs.close()
+
+    def get_shmem_config(self) -> list[int]:
+        """GET_SHMEM_CONFIG: the size of each shared memory region the back end wants, by shmid."""
+        nregions, _, *sizes = m.SHMEM_CONFIG.unpack(self.call(R.VHOST_USER_GET_SHMEM_CONFIG))
+        assert nregions == sum(1 for size in sizes if size), (nregions, sizes)
+        while sizes and not sizes[-1]:
+            sizes.pop()
+        return sizes
+
+    def window_view(self, offset: int, length: int) -> memoryview:
+        """The window's bytes at `offset` (touching an unmapped part faults: check window_readable)."""
+        assert 0 <= offset and offset + length <= self.window_size
+        return native.buffer(self.window_addr + offset, length)
+
+    def window_readable(self, offset: int) -> bool:
+        """Whether the window byte at `offset` can be read, asked of the kernel (write(2) from it
+        into a pipe fails with EFAULT where nothing is mapped) rather than by faulting."""
+        r, w = os.pipe()
+        try:
+            os.write(w, self.window_view(offset, 1))
+            return True
+        except OSError as e:
+            if e.errno != errno.EFAULT:
+                raise
+            return False
+        finally:
+            os.close(r)
+            os.close(w)
+
+    def _close_window(self) -> None:
+        if self._backend_sock is not None:
+            self._backend_sock.shutdown(socket.SHUT_RDWR)
+            if self._backend_thread is not None:
+                self._backend_thread.join()
+            self._backend_sock.close()
+            self._backend_sock = None
+        if self.window_addr:
+            native.munmap(self.window_addr, self.window_size)
+            self.window_addr = 0
+
+    def _serve_backend(self) -> None:
+        sock = self._backend_sock
+        assert sock is not None
+        while True:
+            fds: list[int] = []
+            try:
+                request, flags, size = m.HEADER.unpack(self._recv_backend(sock, m.HEADER.size, fds))
+                payload = self._recv_backend(sock, size, fds) if size else b""
+            except (ConnectionError, OSError):
+                for fd in fds:
+                    os.close(fd)
+                return
+            try:
+                status = self._backend_request(request, payload, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if flags & m.VHOST_USER_NEED_REPLY_MASK:
+                sock.sendall(m.HEADER.pack(request, m.VHOST_USER_VERSION | m.VHOST_USER_REPLY_MASK, 8)
+                             + m.U64.pack(status))
+
+    @staticmethod
+    def _recv_backend(sock: socket.socket, size: int, fds: list[int]) -> bytes:
+        buf = b""
+        while len(buf) < size:
+            data, more, _, _ = socket.recv_fds(sock, size - len(buf), m.MAX_FDS)
+            fds.extend(more)
+            if not data:
+                raise ConnectionError("back end closed its channel")
+            buf += data
+        return buf
+
+    def _backend_request(self, request: int, payload: bytes, fds: list[int]) -> int:
+        """Serves one back-end request as a VMM would; returns the status to acknowledge with."""
+        shmid, fd_offset, shm_offset, length, flags = m.MMAP_REQUEST.unpack_from(payload)
+        with self.window_lock:
+            if request == m.BackendRequest.VHOST_USER_BACKEND_SHMEM_MAP:
+                status = self._shmem_map(shmid, fds, fd_offset, shm_offset, length, flags)
+            elif request == m.BackendRequest.VHOST_USER_BACKEND_SHMEM_UNMAP:
+                status = self._shmem_unmap(shmid, shm_offset, length)
+            else:
+                status = 1
+            self.backend_log.append((request, shm_offset, length, status))
+        return status
+
+    def _window_range_ok(self, shmid: int, shm_offset: int, length: int) -> bool:
+        return (shmid == 0 and self.window_addr != 0 and length > 0 and shm_offset % PAGE == 0
+                and length % PAGE == 0 and shm_offset + length <= self.window_size)
+
+    def _shmem_map(self, shmid: int, fds: list[int], fd_offset: int, shm_offset: int, length: int,
+                   flags: int) -> int:
+        if self.refuse_maps or len(fds) != 1 or not self._window_range_ok(shmid, shm_offset, length):
+            return 1
+        # vhost-user.rst, SHMEM_MAP: mapping over an existing mapping is not allowed.
+        end = shm_offset + length
+        if any(off < end and shm_offset < off + mp.length for off, mp in self.window_maps.items()):
+            return 1
+        writable = bool(flags & m.VHOST_USER_FLAG_MAP_RW)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        try:
+            native.mmap(self.window_addr + shm_offset, length, prot, mmap.MAP_SHARED | MAP_FIXED,
+                        fds[0], fd_offset)
+        except OSError:
+            return 1
+        st = os.fstat(fds[0])
+        self.window_maps[shm_offset] = WindowMap(fd_offset, length, writable, st.st_dev, st.st_ino)
+        return 0
+
+    def _shmem_unmap(self, shmid: int, shm_offset: int, length: int) -> int:
+        # The range must be one whole earlier mapping (vhost-user.rst, SHMEM_UNMAP).
+        found = self.window_maps.get(shm_offset)
+        if shmid != 0 or found is None or found.length != length:
+            return 1
+        native.mmap(self.window_addr + shm_offset, length, PROT_NONE,
+                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE)
+        del self.window_maps[shm_offset]
+        return 0
 

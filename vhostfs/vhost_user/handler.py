@@ -5,6 +5,12 @@ GET_VRING_BASE stops it), *enabled* (SET_VRING_ENABLE; rings start enabled when
 VHOST_USER_F_PROTOCOL_FEATURES was not negotiated) and has its size, addresses and guest memory.
 Whenever one of those changes the handler asks the `Backend` to start or stop the queue.
 
+Dirty-page logging ("Migration"): once the front end has given a log (SET_LOG_BASE) and acked
+VHOST_F_LOG_ALL, each queue is started with a `QueueLog`. When that changes on a running queue
+(logging switched on or off, VHOST_VRING_F_LOG toggled by SET_VRING_ADDR) the queue is stopped and
+restarted at the same index, so when the request that switched logging on is acknowledged no write
+can escape the log: the front end waits for that ack (REPLY_ACK) before it starts copying memory.
+
 Refused requests never take the daemon down: the request is answered with a failure status when the
 front end asked for one (REPLY_ACK), logged otherwise, and the previous state is kept.
 """
@@ -18,7 +24,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vhostfs.vhost_user import messages as m
+from vhostfs.vhost_user.backend_channel import BackendChannel
 from vhostfs.vhost_user.connection import Connection, Message
+from vhostfs.vhost_user.dirty_log import DirtyLog, QueueLog
 from vhostfs.vhost_user.memory import (
     MAX_MEM_SLOTS,
     GuestMemory,
@@ -45,6 +53,8 @@ class Vring:
     started: bool = False
     enabled: bool = False
     running: bool = False
+    #: The log the running queue was started with.
+    log: QueueLog | None = None
 
 
 class Backend(Protocol):
@@ -57,8 +67,12 @@ class Backend(Protocol):
     #: Protocol feature bits the device supports beyond the session's own.
     protocol_features: int
 
-    def start_queue(self, index: int, vring: Vring, memory: GuestMemory, features: int) -> None:
-        """Starts serving queue `index`; raises GuestMemoryError/ValueError if the ring is unusable."""
+    def start_queue(self, index: int, vring: Vring, memory: GuestMemory, features: int,
+                    log: QueueLog | None) -> None:
+        """Starts serving queue `index`; raises GuestMemoryError/ValueError if the ring is unusable.
+
+        With a `log`, every write the queue makes to guest memory is logged through it.
+        """
 
     def stop_queue(self, index: int) -> int:
         """Stops queue `index` after its in-flight requests; returns the next avail index."""
@@ -75,6 +89,11 @@ class Backend(Protocol):
     def reset(self) -> None:
         """The device is reset (RESET_OWNER/RESET_DEVICE or disconnect): drop session state."""
 
+    # Optional, for devices with VIRTIO shared memory regions (VHOST_USER_PROTOCOL_F_SHMEM):
+    #   shmem_regions: list[int], the size of each region by shmid (GET_SHMEM_CONFIG);
+    #   set_backend_channel(channel: BackendChannel | None), the channel to send SHMEM_MAP/UNMAP on,
+    #   None once the front end is gone. The device owns and closes the channel it is given.
+
 
 def _bit(n: int) -> int:
     return 1 << n
@@ -88,6 +107,7 @@ SESSION_PROTOCOL_FEATURES = (
     | _bit(m.VHOST_USER_PROTOCOL_F_BACKEND_REQ)
     | _bit(m.VHOST_USER_PROTOCOL_F_BACKEND_SEND_FD)
     | _bit(m.VHOST_USER_PROTOCOL_F_RESET_DEVICE)
+    | _bit(m.VHOST_USER_PROTOCOL_F_LOG_SHMFD)
 )
 
 
@@ -102,12 +122,15 @@ class Session:
         self.acked_features = 0
         self.acked_protocol_features = 0
         self.backend_channel: socket.socket | None = None
+        self.dirty_log: DirtyLog | None = None
         self._handlers = {
             R.VHOST_USER_GET_FEATURES: self.get_features,
             R.VHOST_USER_SET_FEATURES: self.set_features,
             R.VHOST_USER_SET_OWNER: self.set_owner,
             R.VHOST_USER_RESET_OWNER: self.reset_owner,
             R.VHOST_USER_SET_MEM_TABLE: self.set_mem_table,
+            R.VHOST_USER_SET_LOG_BASE: self.set_log_base,
+            R.VHOST_USER_SET_LOG_FD: self.set_log_fd,
             R.VHOST_USER_SET_VRING_NUM: self.set_vring_num,
             R.VHOST_USER_SET_VRING_ADDR: self.set_vring_addr,
             R.VHOST_USER_SET_VRING_BASE: self.set_vring_base,
@@ -126,17 +149,19 @@ class Session:
             R.VHOST_USER_GET_MAX_MEM_SLOTS: self.get_max_mem_slots,
             R.VHOST_USER_ADD_MEM_REG: self.add_mem_reg,
             R.VHOST_USER_REM_MEM_REG: self.rem_mem_reg,
+            R.VHOST_USER_GET_SHMEM_CONFIG: self.get_shmem_config,
         }
         #: Requests answered with a payload of their own (no REPLY_ACK on top).
         self._with_reply = {
             R.VHOST_USER_GET_FEATURES, R.VHOST_USER_GET_PROTOCOL_FEATURES, R.VHOST_USER_GET_VRING_BASE,
             R.VHOST_USER_GET_QUEUE_NUM, R.VHOST_USER_GET_CONFIG, R.VHOST_USER_GET_MAX_MEM_SLOTS,
+            R.VHOST_USER_GET_SHMEM_CONFIG,
         }
         #: Requests whose messages may carry fds.
         self._take_fds = {
             R.VHOST_USER_SET_MEM_TABLE, R.VHOST_USER_SET_VRING_KICK, R.VHOST_USER_SET_VRING_CALL,
             R.VHOST_USER_SET_VRING_ERR, R.VHOST_USER_SET_BACKEND_REQ_FD, R.VHOST_USER_ADD_MEM_REG,
-            R.VHOST_USER_REM_MEM_REG,
+            R.VHOST_USER_REM_MEM_REG, R.VHOST_USER_SET_LOG_BASE, R.VHOST_USER_SET_LOG_FD,
         }
 
     # -- the loop -------------------------------------------------------------------------------
@@ -178,6 +203,10 @@ class Session:
             log.warning("%s carries %d unexpected fds: refused", name, len(msg.fds))
             return m.U64.pack(1) if ack else None
         log.debug("%s %s", name, msg.payload.hex())
+        # With LOG_SHMFD, SET_LOG_BASE is answered with a u64 status whatever the flags say
+        # ("Communication": the requests that always have a reply).
+        status_reply = request == R.VHOST_USER_SET_LOG_BASE and self._has_protocol(
+            m.VHOST_USER_PROTOCOL_F_LOG_SHMFD)
         try:
             result = handler(msg)
         except (m.VhostUserError, GuestMemoryError, ValueError, OSError) as e:
@@ -185,18 +214,20 @@ class Session:
             if request in self._with_reply:
                 # The front end waits for this reply: answer with an empty payload it will reject.
                 return b""
-            return m.U64.pack(1) if ack else None
+            return m.U64.pack(1) if ack or status_reply else None
         if request in self._with_reply:
             return result
-        return m.U64.pack(0) if ack else None
+        return m.U64.pack(0) if ack or status_reply else None
 
     def shutdown(self) -> None:
         """Stops every queue and forgets the session (on disconnect)."""
         self._reset()
         self.memory = GuestMemory([])
+        self.dirty_log = None
         if self.backend_channel is not None:
             self.backend_channel.close()
             self.backend_channel = None
+            self._give_backend_channel(None)
 
     # -- helpers --------------------------------------------------------------------------------
     def _has_protocol(self, bit: int) -> bool:
@@ -213,9 +244,12 @@ class Session:
         ready = vr.started and vr.enabled and vr.num > 0 and vr.addr is not None and bool(
             self.memory.regions)
         if ready and not vr.running:
-            self.backend.start_queue(index, vr, self.memory, self.acked_features)
+            queue_log = self._queue_log(vr)
+            self.backend.start_queue(index, vr, self.memory, self.acked_features, queue_log)
             vr.running = True
-            log.info("queue %d started (size %d, base %d)", index, vr.num, vr.base)
+            vr.log = queue_log
+            log.info("queue %d started (size %d, base %d%s)", index, vr.num, vr.base,
+                     ", logging writes" if queue_log is not None else "")
         elif not ready and vr.running:
             vr.base = self.backend.stop_queue(index)
             vr.running = False
@@ -226,6 +260,27 @@ class Session:
         if vr.running:
             vr.base = self.backend.stop_queue(index)
             vr.running = False
+
+    def _queue_log(self, vr: Vring) -> QueueLog | None:
+        """How queue `vr` must log its writes now (None: it need not)."""
+        if self.dirty_log is None or not self.acked_features & (1 << m.VHOST_F_LOG_ALL):
+            return None
+        assert vr.addr is not None
+        used_log = vr.addr.log if vr.addr.flags & (1 << m.VHOST_VRING_F_LOG) else None
+        return QueueLog(self.dirty_log, used_log)
+
+    def _update_logs(self) -> None:
+        """Restarts the running queues whose logging no longer matches the session's."""
+        for index, vr in enumerate(self.vrings):
+            if not vr.running:
+                continue
+            wanted = self._queue_log(vr)
+            current = vr.log
+            if (wanted is None) != (current is None) or (
+                    wanted is not None and current is not None
+                    and (wanted.dirty, wanted.used_log_addr) != (current.dirty, current.used_log_addr)):
+                self._stop(index)
+                self._update(index)
 
     def _reset(self) -> None:
         for i, vr in enumerate(self.vrings):
@@ -253,6 +308,7 @@ class Session:
         if features & ~offered:
             raise m.VhostUserError(f"features {features & ~offered:#x} were not offered")
         self.acked_features = features
+        self._update_logs()
 
     def get_protocol_features(self, msg: Message) -> bytes:
         return m.U64.pack(SESSION_PROTOCOL_FEATURES | self.backend.protocol_features)
@@ -320,7 +376,14 @@ class Session:
             if value % align:
                 raise m.VhostUserError(f"{what} address {value:#x} is not {align}-byte aligned")
         if vr.running:
-            raise m.VhostUserError(f"SET_VRING_ADDR on running queue {addr.index}")
+            # During migration the front end toggles VHOST_VRING_F_LOG (and sets log_guest_addr) on
+            # running rings; moving the rings themselves needs the ring stopped first.
+            assert vr.addr is not None
+            if (addr.desc, addr.used, addr.avail) != (vr.addr.desc, vr.addr.used, vr.addr.avail):
+                raise m.VhostUserError(f"SET_VRING_ADDR moves the rings of running queue {addr.index}")
+            vr.addr = addr
+            self._update_logs()
+            return
         vr.addr = addr
 
     def set_vring_base(self, msg: Message) -> None:
@@ -392,9 +455,29 @@ class Session:
     def set_backend_req_fd(self, msg: Message) -> None:
         if len(msg.fds) != 1:
             raise m.VhostUserError(f"SET_BACKEND_REQ_FD with {len(msg.fds)} fds")
+        # An fd that is not a socket raises OSError here and stays the message's to close; the old
+        # channel is kept until the new one is known to be good.
+        channel = socket.socket(fileno=msg.fds[0])
+        msg.take_fds()
         if self.backend_channel is not None:
             self.backend_channel.close()
-        self.backend_channel = socket.socket(fileno=msg.take_fds()[0])
+        self.backend_channel = channel
+        self._give_backend_channel(
+            BackendChannel(self.backend_channel.dup(), self.acked_protocol_features))
+
+    def _give_backend_channel(self, channel: BackendChannel | None) -> None:
+        give = getattr(self.backend, "set_backend_channel", None)
+        if give is not None:
+            give(channel)
+        elif channel is not None:
+            channel.close()
+
+    def get_shmem_config(self, msg: Message) -> bytes:
+        if not self._has_protocol(m.VHOST_USER_PROTOCOL_F_SHMEM):
+            raise m.VhostUserError("GET_SHMEM_CONFIG without VHOST_USER_PROTOCOL_F_SHMEM")
+        sizes = list(getattr(self.backend, "shmem_regions", []))
+        padded = sizes + [0] * (m.VIRTIO_MAX_SHMEM_REGIONS - len(sizes))
+        return m.SHMEM_CONFIG.pack(sum(1 for size in sizes if size), 0, *padded)
 
     def get_config(self, msg: Message) -> bytes:
         offset, size, flags, _ = m.parse_config(msg.payload)
@@ -406,3 +489,19 @@ class Session:
     def set_config(self, msg: Message) -> None:
         # The virtio-fs configuration space (tag, num_request_queues) is read-only (virtio 1.2, 5.11.4).
         raise m.VhostUserError("the virtio-fs configuration space is read-only")
+
+    def set_log_base(self, msg: Message) -> None:
+        if not self._has_protocol(m.VHOST_USER_PROTOCOL_F_LOG_SHMFD):
+            raise m.VhostUserError("SET_LOG_BASE without VHOST_USER_PROTOCOL_F_LOG_SHMFD")
+        size, offset = m.parse_log(msg.payload)
+        if len(msg.fds) != 1:
+            raise m.VhostUserError(f"SET_LOG_BASE with {len(msg.fds)} fds")
+        # The mapping outlives the fd, which the message closes.
+        self.dirty_log = DirtyLog(msg.fds[0], size, offset)
+        self._update_logs()
+
+    def set_log_fd(self, msg: Message) -> None:
+        # The eventfd may be used to tell the front end the log changed ("Migration"): optional, and
+        # the front end reads the bitmap when it syncs anyway, so it is taken and closed.
+        if len(msg.fds) != 1:
+            raise m.VhostUserError(f"SET_LOG_FD with {len(msg.fds)} fds")

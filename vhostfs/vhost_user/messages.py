@@ -57,6 +57,28 @@ class Request(IntEnum):
     VHOST_USER_REM_MEM_REG = 38
     VHOST_USER_SET_STATUS = 39
     VHOST_USER_GET_STATUS = 40
+    VHOST_USER_GET_SHARED_OBJECT = 41
+    VHOST_USER_SET_DEVICE_STATE_FD = 42
+    VHOST_USER_CHECK_DEVICE_STATE = 43
+    VHOST_USER_GET_SHMEM_CONFIG = 44
+
+
+class BackendRequest(IntEnum):
+    """Back-end requests, sent on the channel of SET_BACKEND_REQ_FD ("Back-end message types").
+
+    The out-of-tree virtio-fs DAX patches used 6..9 for FS_MAP, FS_UNMAP, FS_SYNC and FS_IO; upstream
+    gave those numbers to SHARED_OBJECT_* and SHMEM_MAP, and no protocol feature tells the two meanings
+    apart, so vhostfs speaks only the upstream SHMEM requests.
+    """
+
+    VHOST_USER_BACKEND_IOTLB_MSG = 1
+    VHOST_USER_BACKEND_CONFIG_CHANGE_MSG = 2
+    VHOST_USER_BACKEND_VRING_HOST_NOTIFIER_MSG = 3
+    VHOST_USER_BACKEND_SHARED_OBJECT_ADD = 6
+    VHOST_USER_BACKEND_SHARED_OBJECT_REMOVE = 7
+    VHOST_USER_BACKEND_SHARED_OBJECT_LOOKUP = 8
+    VHOST_USER_BACKEND_SHMEM_MAP = 9
+    VHOST_USER_BACKEND_SHMEM_UNMAP = 10
 
 
 # Header flags ("Message Specification").
@@ -91,6 +113,10 @@ VHOST_USER_PROTOCOL_F_RESET_DEVICE = 13
 VHOST_USER_PROTOCOL_F_INBAND_NOTIFICATIONS = 14
 VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS = 15
 VHOST_USER_PROTOCOL_F_STATUS = 16
+VHOST_USER_PROTOCOL_F_XEN_MMAP = 17
+VHOST_USER_PROTOCOL_F_SHARED_OBJECT = 18
+VHOST_USER_PROTOCOL_F_DEVICE_STATE = 19
+VHOST_USER_PROTOCOL_F_SHMEM = 20
 
 #: SET_VRING_KICK/CALL/ERR payload: bits 0-7 are the index, bit 8 says no fd is passed.
 VHOST_USER_VRING_IDX_MASK = 0xFF
@@ -125,6 +151,19 @@ LOG = struct.Struct("=QQ")  # mmap_size, mmap_offset
 assert LOG.size == 16
 
 VHOST_VRING_F_LOG = 0
+
+#: SHMEM_MAP / SHMEM_UNMAP payload ("MMAP request"): shmid (u8), 7 bytes padding, fd_offset,
+#: shm_offset, len, flags.
+MMAP_REQUEST = struct.Struct("=B7xQQQQ")
+assert MMAP_REQUEST.size == 40
+#: MMAP request flags: without it the front end maps the pages read-only.
+VHOST_USER_FLAG_MAP_RW = 1 << 0
+#: Shared memory regions GET_SHMEM_CONFIG can describe (VIRTIO_MAX_SHMEM_REGIONS).
+VIRTIO_MAX_SHMEM_REGIONS = 256
+#: GET_SHMEM_CONFIG reply ("VIRTIO Shared Memory Region configuration"): nregions, padding, then one
+#: u64 size per shmid.
+SHMEM_CONFIG = struct.Struct(f"=II{VIRTIO_MAX_SHMEM_REGIONS}Q")
+assert SHMEM_CONFIG.size == 8 + 8 * VIRTIO_MAX_SHMEM_REGIONS
 
 
 @dataclass(frozen=True, slots=True)

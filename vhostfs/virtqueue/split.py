@@ -62,18 +62,28 @@ def used_ring_size(num: int) -> int:
 
 
 class DescriptorChain:
-    """One request: the head index, and its device-readable and device-writable buffers as views."""
+    """One request: the head index, and its device-readable and device-writable buffers as views.
 
-    __slots__ = ("head", "reader", "writer")
+    `writable_ranges` holds the (guest address, length) of each device-writable descriptor, in order,
+    when the walk was asked to record them (dirty-page logging), else None.
+    """
 
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+    __slots__ = ("head", "reader", "writer", "writable_ranges")
+
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
+                 writable_ranges: list[tuple[int, int]] | None = None) -> None:
         self.head = head
         self.reader = Reader(readable)
         self.writer = Writer(writable)
+        self.writable_ranges = writable_ranges
 
 
-def walk_chain(memory, desc_table: memoryview, num: int, head: int, indirect_ok: bool) -> DescriptorChain:
+def walk_chain(memory, desc_table: memoryview, num: int, head: int, indirect_ok: bool,
+               writable_ranges: list[tuple[int, int]] | None = None) -> DescriptorChain:
     """Follows the chain starting at `head` and returns its buffers as views of guest memory.
+
+    With a `writable_ranges` list, the guest address and length of every device-writable descriptor
+    is appended to it (and the chain keeps it).
 
     Enforces 2.7.5: indices below the table size, no loops (at most as many descriptors as the table
     holds), readable buffers before writable ones, indirect tables only when negotiated, not nested,
@@ -119,6 +129,8 @@ def walk_chain(memory, desc_table: memoryview, num: int, head: int, indirect_ok:
             raise ChainError("descriptor chain longer than 4 GiB")
         if flags & VIRTQ_DESC_F_WRITE:
             bufs = writable
+            if writable_ranges is not None:
+                writable_ranges.append((addr, length))
         elif writable:
             raise ChainError("device-readable descriptor after a device-writable one")
         else:
@@ -137,7 +149,7 @@ def walk_chain(memory, desc_table: memoryview, num: int, head: int, indirect_ok:
                 except Exception as e:
                     raise ChainError(f"buffer outside guest memory: {e}") from None
         if not flags & VIRTQ_DESC_F_NEXT:
-            return DescriptorChain(head, readable, writable)
+            return DescriptorChain(head, readable, writable, writable_ranges)
         idx = nxt
         if idx >= limit:
             raise ChainError(f"next index {idx} >= table size {limit}")
@@ -148,6 +160,10 @@ class SplitQueue:
 
     Not thread-safe: one worker owns a queue. `memory` may be replaced between chains (a new guest
     memory table); the ring views must then be replaced with it through `remap`.
+
+    `log` is None, or (during live migration) an object with `mark_used(offset, length)` that is told
+    of every write to the used ring; chains are then walked with their writable guest ranges recorded
+    so that the caller can log the buffers it fills.
     """
 
     def __init__(self, memory, num: int, desc: memoryview, avail: memoryview, used: memoryview,
@@ -163,6 +179,7 @@ class SplitQueue:
         # Used index when the driver was last notified (EVENT_IDX needs the old value).
         self.signalled_used = self.used_idx
         self.signalled_valid = False
+        self.log = None
 
     def remap(self, memory, desc: memoryview, avail: memoryview, used: memoryview) -> None:
         num = self.num
@@ -202,6 +219,8 @@ class SplitQueue:
 
     def chain(self, head: int) -> DescriptorChain:
         """The buffers of the chain at `head` (raises ChainError for a malformed one)."""
+        if self.log is not None:
+            return walk_chain(self.memory, self.desc, self.num, head, self.indirect, [])
         return walk_chain(self.memory, self.desc, self.num, head, self.indirect)
 
     def push(self, head: int, length: int) -> None:
@@ -215,6 +234,9 @@ class SplitQueue:
         native.wmb()
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         U16.pack_into(self.used, 2, self.used_idx)
+        if self.log is not None:
+            self.log.mark_used(4 + USED_ELEM.size * slot, USED_ELEM.size)
+            self.log.mark_used(2, 2)
 
     def notify_needed(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one (2.7.10)."""
@@ -236,6 +258,8 @@ class SplitQueue:
         """Asks the driver not to kick while the device is draining the ring anyway."""
         if not self.event_idx:
             U16.pack_into(self.used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            if self.log is not None:
+                self.log.mark_used(0, 2)
 
     def enable_kicks(self) -> bool:
         """Asks for a kick on the next buffer; returns True if buffers arrived meanwhile.
@@ -245,7 +269,11 @@ class SplitQueue:
         """
         if self.event_idx:
             U16.pack_into(self.used, self._avail_event_off, self.last_avail_idx)
+            if self.log is not None:
+                self.log.mark_used(self._avail_event_off, 2)
         else:
             U16.pack_into(self.used, 0, 0)
+            if self.log is not None:
+                self.log.mark_used(0, 2)
         native.mb()
         return self.pending() > 0

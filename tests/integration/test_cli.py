@@ -1,0 +1,152 @@
+"""The command line as launchers use it: libvirt's --fd and -o spellings, capabilities, socket
+ownership, the pid lock, and serving one front end after another."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+
+from vhostfs.fuse import abi
+from vhostfs.testing.frontend import Frontend
+from vhostfs.testing.fuse_client import FuseClient
+
+from .conftest import start_daemon, stop_daemon
+
+VHOSTFS = [sys.executable, "-m", "vhostfs"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*VHOSTFS, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_print_capabilities_is_the_backend_json_and_ignores_other_options():
+    r = run("--print-capabilities", "--no-such-option")
+    assert r.returncode == 0
+    caps = json.loads(r.stdout)
+    assert caps["type"] == "fs"
+    assert "separate-options" in caps["features"]
+
+
+def test_backend_description_file_ships_with_the_package():
+    desc = json.loads(resources.files("vhostfs").joinpath("data/50-vhostfs.json").read_text())
+    assert desc["type"] == "fs"
+    assert os.path.basename(desc["binary"]) == "vhostfs"
+    assert desc["description"]
+
+
+def test_version():
+    r = run("-V")
+    assert r.returncode == 0 and r.stdout.startswith("vhostfs ")
+
+
+def test_libvirt_style_invocation_on_an_inherited_socket(tmp_path):
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "hello").write_bytes(b"hello from the host\n")
+    path = str(tmp_path / "libvirt.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    fd = listener.fileno()
+    log = open(tmp_path / "daemon.log", "wb")
+    proc = subprocess.Popen([*VHOSTFS, f"--fd={fd}", "-o", f"source={share},cache=always,xattr",
+                             "--thread-pool-size=2"], pass_fds=[fd], stdout=log, stderr=subprocess.STDOUT)
+    listener.close()
+    try:
+        with Frontend.connect(path) as fe:
+            fe.setup(queues=2)
+            client = FuseClient(fe)
+            client.init()
+            nodeid = client.lookup(abi.ROOT_ID, b"hello")[0]
+            fh = client.open(nodeid)
+            assert client.read(nodeid, fh, 0, 100) == b"hello from the host\n"
+        assert proc.wait(30) == 0  # the front end left: the daemon exits, as virtiofsd does
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert "Traceback" not in (tmp_path / "daemon.log").read_text()
+
+
+@pytest.mark.parametrize("option,message", [("bogus", "unknown -o option 'bogus'"),
+                                            ("posix_acl", "-o posix_acl is not supported"),
+                                            ("cache=sometimes", "-o cache=sometimes"),
+                                            ("log_level=loud", "-o log_level=loud")])
+def test_bad_o_options_are_errors(tmp_path, option, message):
+    r = run("--socket-path", str(tmp_path / "s"), "-o", f"source={tmp_path},{option}")
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_harmless_o_options_are_accepted_with_a_warning(tmp_path):
+    # A missing shared directory stops the daemon right after the options were read.
+    r = run("--socket-path", str(tmp_path / "s"), "-o", f"source={tmp_path}/missing,flock,no_posix_lock,"
+            "writeback,timeout=5,announce_submounts")
+    assert "-o flock is accepted and has no effect" in r.stderr
+    assert "-o timeout=5 is accepted and has no effect" in r.stderr
+    assert "is not a directory" in r.stderr
+
+
+def test_socket_group_owns_the_socket(tmp_path):
+    if os.geteuid() != 0:
+        group = grp.getgrgid(os.getgid())
+    else:
+        try:
+            group = grp.getgrnam("daemon")
+        except KeyError:
+            pytest.skip("no 'daemon' group to hand the socket to")
+    d = start_daemon(tmp_path, "--socket-group", group.gr_name)
+    try:
+        st = os.stat(d.socket)
+        assert st.st_gid == group.gr_gid
+        assert stat.S_IMODE(st.st_mode) == 0o660
+    finally:
+        stop_daemon(d)
+
+
+def test_unknown_socket_group_is_an_error(tmp_path):
+    r = run("--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path), "--socket-group",
+            "no-such-group-here")
+    assert r.returncode == 2 and "no group named" in r.stderr
+
+
+def test_pid_lock_names_the_daemon(tmp_path):
+    d = start_daemon(tmp_path)
+    try:
+        with open(d.socket + ".pid") as f:
+            assert int(f.read()) == d.proc.pid
+        r = run("--socket-path", d.socket, "--shared-dir", str(d.shared))
+        assert r.returncode != 0 and "already served" in r.stderr
+    finally:
+        stop_daemon(d)
+    assert not os.path.exists(d.socket + ".pid")
+
+
+def test_keep_listening_serves_the_next_front_end_from_scratch(tmp_path):
+    d = start_daemon(tmp_path, "--keep-listening")
+    try:
+        with d.connect() as fe:
+            fe.setup(queues=2)
+            client = FuseClient(fe)
+            client.init()
+            client.create(abi.ROOT_ID, b"first")
+        with d.connect() as fe:
+            # A fresh session: negotiation, memory and rings again, and a new FUSE INIT.
+            fe.setup(queues=2)
+            client = FuseClient(fe)
+            client.init()
+            assert client.lookup(abi.ROOT_ID, b"first")[0] > 0
+        assert d.proc.poll() is None
+    finally:
+        stop_daemon(d)
+    assert "Traceback" not in d.log_text()

@@ -1,0 +1,291 @@
+"""The DAX window end to end: the daemon with --dax-window-size, the Python front end playing the VMM
+(it reserves the window and maps what SHMEM_MAP sends), and FUSE SETUPMAPPING/REMOVEMAPPING."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from vhostfs import native
+from vhostfs.fuse import abi
+from vhostfs.testing.fuse_client import FuseClient, expect_errno
+from vhostfs.vhost_user import messages as m
+
+from .conftest import start_daemon, stop_daemon
+
+ROOT = abi.ROOT_ID
+PAGE = os.sysconf("SC_PAGE_SIZE")
+WINDOW = 16 << 20
+READ = abi.FUSE_SETUPMAPPING_FLAG_READ
+WRITE = abi.FUSE_SETUPMAPPING_FLAG_WRITE
+#: msync(2) flag (asm-generic/mman-common.h); Python's mmap module does not export it.
+MS_SYNC = 4
+
+
+@pytest.fixture
+def dax(tmp_path):
+    """(client, front end, daemon) with the window reserved, the back-end channel served and INIT done."""
+    daemon = start_daemon(tmp_path, "--dax-window-size", "16M")
+    try:
+        with daemon.connect() as fe:
+            fe.reserve_window(WINDOW)
+            fe.negotiate()
+            assert fe.protocol_features & 1 << m.VHOST_USER_PROTOCOL_F_SHMEM
+            assert fe.set_mem_table() == 0
+            assert fe.start_backend_channel() == 0
+            for i in range(2):
+                fe.add_ring(i)
+            fe.sync()
+            client = FuseClient(fe)
+            client.init(flags=abi.FUSE_MAP_ALIGNMENT)
+            yield client, fe, daemon
+    finally:
+        stop_daemon(daemon)
+    assert "Traceback" not in daemon.log_text(), daemon.log_text()
+
+
+def setupmapping(client: FuseClient, nodeid: int, fh: int, foffset: int, length: int, flags: int,
+                 moffset: int) -> None:
+    client.call(abi.FUSE_SETUPMAPPING, nodeid, abi.SETUPMAPPING_IN.pack(fh, foffset, length, flags, moffset))
+
+
+def removemapping(client: FuseClient, ranges: list[tuple[int, int]], count: int | None = None) -> None:
+    body = abi.REMOVEMAPPING_IN.pack(len(ranges) if count is None else count)
+    body += b"".join(abi.REMOVEMAPPING_ONE.pack(off, n) for off, n in ranges)
+    client.call(abi.FUSE_REMOVEMAPPING, 0, body)
+
+
+def host_file(daemon, name: str, data: bytes) -> None:
+    (daemon.shared / name).write_bytes(data)
+
+
+def open_file(client: FuseClient, name: bytes, flags: int = os.O_RDONLY) -> tuple[int, int]:
+    nodeid = client.lookup(ROOT, name)[0]
+    return nodeid, client.open(nodeid, flags)
+
+
+def test_get_shmem_config_reports_the_window(dax):
+    _, fe, _ = dax
+    assert fe.get_shmem_config() == [WINDOW]
+
+
+def test_init_announces_page_alignment(tmp_path):
+    daemon = start_daemon(tmp_path, "--dax-window-size", "4M")
+    try:
+        with daemon.connect() as fe:
+            fe.setup()
+            out = FuseClient(fe).init(flags=abi.FUSE_MAP_ALIGNMENT)
+            flags, map_alignment = out[3], out[9]
+            assert flags & abi.FUSE_MAP_ALIGNMENT
+            assert 1 << map_alignment == PAGE
+    finally:
+        stop_daemon(daemon)
+
+
+def test_read_through_the_window_equals_the_host_file(dax):
+    client, fe, daemon = dax
+    data = os.urandom(3 << 20)
+    host_file(daemon, "f", data)
+    nodeid, fh = open_file(client, b"f")
+    setupmapping(client, nodeid, fh, 0, 2 << 20, READ, 4 << 20)
+    setupmapping(client, nodeid, fh, 2 << 20, 2 << 20, READ, 8 << 20)
+    assert bytes(fe.window_view(4 << 20, 2 << 20)) == data[:2 << 20]
+    # The second mapping reaches past the end of the file: only its first MiB is backed.
+    assert bytes(fe.window_view(8 << 20, 1 << 20)) == data[2 << 20:]
+    st = os.stat(daemon.shared / "f")
+    assert {(mp.st_dev, mp.st_ino, mp.writable) for mp in fe.window_maps.values()} == {
+        (st.st_dev, st.st_ino, False)}
+
+
+def test_writes_through_the_window_land_in_the_host_file(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "w", bytes(4 * PAGE))
+    nodeid, fh = open_file(client, b"w", os.O_RDWR)
+    setupmapping(client, nodeid, fh, 0, 4 * PAGE, READ | WRITE, 0)
+    view = fe.window_view(0, 4 * PAGE)
+    view[PAGE:PAGE + 11] = b"through dax"
+    native.msync(fe.window_addr, 4 * PAGE, MS_SYNC)
+    assert (daemon.shared / "w").read_bytes()[PAGE:PAGE + 12] == b"through dax\0"
+    # And a FUSE READ sees it too.
+    assert client.read(nodeid, fh, PAGE, 11) == b"through dax"
+
+
+def test_removemapping_makes_the_range_unreadable(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "r", b"x" * (2 * PAGE))
+    nodeid, fh = open_file(client, b"r")
+    setupmapping(client, nodeid, fh, 0, 2 * PAGE, READ, 0)
+    setupmapping(client, nodeid, fh, 0, PAGE, READ, 4 * PAGE)
+    assert fe.window_readable(0) and fe.window_readable(4 * PAGE)
+    removemapping(client, [(0, 2 * PAGE), (4 * PAGE, PAGE)])
+    assert fe.window_maps == {}
+    assert not fe.window_readable(0)
+    assert not fe.window_readable(PAGE)
+    assert not fe.window_readable(4 * PAGE)
+
+
+def test_a_new_mapping_replaces_the_one_it_overlaps(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "a", b"a" * (2 * PAGE))
+    host_file(daemon, "b", b"b" * PAGE)
+    a_node, a_fh = open_file(client, b"a")
+    b_node, b_fh = open_file(client, b"b")
+    setupmapping(client, a_node, a_fh, 0, 2 * PAGE, READ, 0)
+    setupmapping(client, b_node, b_fh, 0, PAGE, READ, PAGE)
+    assert bytes(fe.window_view(PAGE, PAGE)) == b"b" * PAGE
+    b_ino = os.stat(daemon.shared / "b").st_ino
+    assert [(off, mp.st_ino) for off, mp in fe.window_maps.items()] == [(PAGE, b_ino)]
+    assert not fe.window_readable(0)
+
+
+HOSTILE = {
+    "beyond the window": (0, PAGE, READ, WINDOW, errno.EINVAL),
+    "crossing the window end": (0, 2 * PAGE, READ, WINDOW - PAGE, errno.EINVAL),
+    "window offset unaligned": (0, PAGE, READ, 512, errno.EINVAL),
+    "file offset unaligned": (100, PAGE, READ, 0, errno.EINVAL),
+    "length unaligned": (0, 100, READ, 0, errno.EINVAL),
+    "length 0": (0, 0, READ, 0, errno.EINVAL),
+    "file range overflows": ((1 << 64) - PAGE, 2 * PAGE, READ, 0, errno.EINVAL),
+    "file range beyond off_t": ((1 << 63) - PAGE, 2 * PAGE, READ, 0, errno.EINVAL),
+    "window range overflows": (0, 2 * PAGE, READ, (1 << 64) - PAGE, errno.EINVAL),
+    "unknown flag": (0, PAGE, READ | 4, 0, errno.EINVAL),
+    "write mapping of a read-only open": (0, PAGE, READ | WRITE, 0, errno.EACCES),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_setupmapping_is_refused(dax, case):
+    client, fe, daemon = dax
+    foffset, length, flags, moffset, err = HOSTILE[case]
+    host_file(daemon, "h", b"h" * PAGE)
+    nodeid, fh = open_file(client, b"h")
+    expect_errno(err, setupmapping, client, nodeid, fh, foffset, length, flags, moffset)
+    assert fe.window_maps == {} and fe.backend_log == []
+
+
+def test_setupmapping_of_unknown_or_foreign_handles_is_refused(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "h", b"h" * PAGE)
+    host_file(daemon, "other", b"o" * PAGE)
+    nodeid, fh = open_file(client, b"h")
+    other, _ = open_file(client, b"other")
+    expect_errno(errno.EBADF, setupmapping, client, nodeid, fh + 100, 0, PAGE, READ, 0)
+    expect_errno(errno.EBADF, setupmapping, client, other, fh, 0, PAGE, READ, 0)
+    assert fe.window_maps == {}
+
+
+def test_hostile_removemapping_is_refused(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "h", b"h" * PAGE)
+    nodeid, fh = open_file(client, b"h")
+    setupmapping(client, nodeid, fh, 0, PAGE, READ, 0)
+    expect_errno(errno.EINVAL, removemapping, client, [(0, PAGE)], 2)  # claims more than it carries
+    expect_errno(errno.EINVAL, removemapping, client, [], 0)
+    expect_errno(errno.EINVAL, removemapping, client, [(0, 0)])
+    expect_errno(errno.EINVAL, removemapping, client, [(WINDOW, PAGE)])
+    expect_errno(errno.EINVAL, removemapping, client, [(0, PAGE), ((1 << 64) - PAGE, 2 * PAGE)])
+    assert list(fe.window_maps) == [0]
+
+
+def test_a_front_end_that_refuses_the_map_fails_the_request(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "n", b"n" * PAGE)
+    nodeid, fh = open_file(client, b"n")
+    fe.refuse_maps = True
+    expect_errno(errno.EIO, setupmapping, client, nodeid, fh, 0, PAGE, READ, 0)
+    assert fe.window_maps == {}
+    fe.refuse_maps = False
+    setupmapping(client, nodeid, fh, 0, PAGE, READ, 0)
+    assert bytes(fe.window_view(0, 4)) == b"nnnn"
+
+
+def _setattr_size(client: FuseClient, nodeid: int, size: int) -> None:
+    body = abi.SETATTR_IN.pack(abi.FATTR_SIZE, 0, size, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    client.call(abi.FUSE_SETATTR, nodeid, body, reply_size=256)
+
+
+def test_truncate_removes_the_mappings_beyond_the_new_end(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "t", b"t" * (4 * PAGE))
+    nodeid, fh = open_file(client, b"t", os.O_RDWR)
+    setupmapping(client, nodeid, fh, 0, PAGE, READ, 0)
+    setupmapping(client, nodeid, fh, 3 * PAGE, PAGE, READ, PAGE)
+    _setattr_size(client, nodeid, PAGE)
+    assert list(fe.window_maps) == [0]
+    assert not fe.window_readable(PAGE)
+    assert os.path.getsize(daemon.shared / "t") == PAGE
+
+
+def test_unlink_and_release_remove_mappings_of_unreachable_files(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "u", b"u" * PAGE)
+    nodeid, fh = open_file(client, b"u")
+    setupmapping(client, nodeid, fh, 0, PAGE, READ, 0)
+    client.unlink(ROOT, b"u")
+    assert list(fe.window_maps) == [0]  # still open: the guest may still use it
+    client.release(nodeid, fh)
+    assert fe.window_maps == {}
+
+    # A file that is only closed keeps its mappings (the guest driver reuses them); losing its last
+    # name then removes them.
+    host_file(daemon, "c", b"c" * PAGE)
+    nodeid, fh = open_file(client, b"c")
+    setupmapping(client, nodeid, fh, 0, PAGE, READ, 0)
+    client.release(nodeid, fh)
+    assert list(fe.window_maps) == [0]
+    client.unlink(ROOT, b"c")
+    assert fe.window_maps == {}
+
+
+def test_destroy_unmaps_everything(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "d", b"d" * (2 * PAGE))
+    nodeid, fh = open_file(client, b"d")
+    setupmapping(client, nodeid, fh, 0, PAGE, READ, 0)
+    setupmapping(client, nodeid, fh, PAGE, PAGE, READ, 8 * PAGE)
+    client.call(abi.FUSE_DESTROY, 0)
+    assert fe.window_maps == {}
+
+
+def test_reset_forgets_mappings_the_front_end_dropped(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "s", b"s" * PAGE)
+    nodeid, fh = open_file(client, b"s")
+    setupmapping(client, nodeid, fh, 0, PAGE, READ, 0)
+    assert fe.ack(m.Request.VHOST_USER_RESET_DEVICE) == 0
+    unmaps = [e for e in fe.backend_log if e[0] == m.BackendRequest.VHOST_USER_BACKEND_SHMEM_UNMAP]
+    # The daemon sends no unmap on reset: the VMM drops the window's mappings itself.
+    assert unmaps == []
+
+
+def test_disconnect_with_live_mappings_ends_cleanly(tmp_path):
+    daemon = start_daemon(tmp_path, "--dax-window-size", "1M")
+    try:
+        (daemon.shared / "f").write_bytes(b"f" * PAGE)
+        with daemon.connect() as fe:
+            fe.reserve_window(1 << 20)
+            fe.negotiate()
+            assert fe.set_mem_table() == 0
+            assert fe.start_backend_channel() == 0
+            for i in range(2):
+                fe.add_ring(i)
+            client = FuseClient(fe)
+            client.init()
+            nodeid, fh = open_file(client, b"f")
+            setupmapping(client, nodeid, fh, 0, PAGE, READ, 0)
+            assert list(fe.window_maps) == [0]
+        assert daemon.wait() == 0
+    finally:
+        stop_daemon(daemon)
+    assert "Traceback" not in daemon.log_text(), daemon.log_text()
+
+
+def test_without_the_option_there_is_no_window(session):
+    client, daemon = session
+    assert not client.fe.protocol_features & 1 << m.VHOST_USER_PROTOCOL_F_SHMEM
+    (daemon.shared / "f").write_bytes(b"f" * PAGE)
+    nodeid, fh = open_file(client, b"f")
+    expect_errno(errno.ENOSYS, setupmapping, client, nodeid, fh, 0, PAGE, READ, 0)
+    expect_errno(errno.ENOSYS, removemapping, client, [(0, PAGE)])
