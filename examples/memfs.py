@@ -470,3 +470,13 @@ class MemFS(Filesystem):
         with self.lock:
             if self._node(nodeid).xattrs.pop(name, None) is None:
                 raise _err(errno.ENODATA)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from vhostfs.fuse.fusedev import serve_filesystem
+
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: {sys.argv[0]} MOUNTPOINT   (as root; vhostfs importable, e.g. PYTHONPATH=.)")
+    serve_filesystem(MemFS(), sys.argv[1])

@@ -1,0 +1,106 @@
+"""`vhostfs mount`: serves a host directory on the host itself, through the kernel's FUSE client.
+
+    vhostfs mount --shared-dir SRC MOUNTPOINT [--cache MODE] [--threads N] [--readonly] [--xattr]
+                  [-o allow_other,default_permissions,...]
+
+The passthrough file system that virtio-fs guests get, mounted over /dev/fuse: useful to try the
+file server without a VM, and as a bind mount that applies its policies (read-only, caching).
+It serves in the foreground until unmounted (umount, or SIGTERM/SIGINT, which unmount), as a
+service manager expects. Also runnable as `python -m vhostfs.mount_cli ...`.
+
+Command-line wiring like vhostfs/cli.py, which routes `vhostfs mount` here: it joins the FUSE
+transport and the passthrough, which know nothing of each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from vhostfs.fs.passthrough import CACHE_POLICIES, Passthrough
+from vhostfs.fuse.fusedev import serve_filesystem
+
+log = logging.getLogger("vhostfs")
+
+_LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `vhostfs mount` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="vhostfs mount",
+        description="Mount a host directory through the host kernel's FUSE client (/dev/fuse).")
+    p.add_argument("mountpoint", help="directory to mount on")
+    p.add_argument("--shared-dir", required=True, help="the host directory to serve")
+    p.add_argument("--cache", default="auto", choices=tuple(CACHE_POLICIES),
+                   help="kernel caching (default: auto)")
+    p.add_argument("--threads", type=_positive, default=4, help="worker threads (default: 4)")
+    p.add_argument("--readonly", action="store_true", help="refuse every change to the shared directory")
+    p.add_argument("--xattr", action="store_true", help="enable extended attributes")
+    p.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]",
+                   help="mount options: allow_other, default_permissions (both on by default for root; "
+                        "no_allow_other, no_default_permissions turn them off), fsname=NAME, subtype=NAME, "
+                        "ro (implies --readonly), and mount flags such as noexec or noatime")
+    p.add_argument("--log-level", default="info", choices=tuple(_LOG_LEVELS))
+    return p
+
+
+def _mount_options(items: list[str], args: argparse.Namespace) -> dict:
+    """Turns the -o items into serve_filesystem's mount keywords (and sets args.readonly for "ro")."""
+    opts: dict = {}
+    rest = []
+    for group in items:
+        for item in group.split(","):
+            if not item:
+                continue
+            key, _, value = item.partition("=")
+            if key in ("allow_other", "default_permissions"):
+                opts[key] = True
+            elif key in ("no_allow_other", "no_default_permissions"):
+                opts[key.removeprefix("no_")] = False
+            elif key in ("fsname", "subtype"):
+                opts[key] = value
+            else:
+                if key == "ro":
+                    args.readonly = True
+                rest.append(item)
+    opts["options"] = ",".join(rest)
+    return opts
+
+
+def main(argv: list[str]) -> int:
+    """Runs `vhostfs mount` with `argv` (the arguments after "mount"); returns the exit status.
+
+    Returns 0 after the file system was unmounted (by umount, or on SIGTERM/SIGINT, which unmount it),
+    1 if it could not be mounted or serving failed. Argument errors exit with status 2, as argparse does.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    mount_opts = _mount_options(args.o, args)
+    logging.basicConfig(level=_LOG_LEVELS[args.log_level],
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not os.path.isdir(args.shared_dir):
+        parser.error(f"shared directory {args.shared_dir!r} is not a directory")
+    fs = Passthrough(args.shared_dir, cache=args.cache, readonly=args.readonly, xattr=args.xattr)
+    try:
+        log.info("mounting %s at %s", args.shared_dir, args.mountpoint)
+        serve_filesystem(fs, args.mountpoint, threads=args.threads, **mount_opts)
+    except (OSError, ValueError) as exc:
+        log.error("%s: %s", args.mountpoint, exc)
+        return 1
+    finally:
+        fs.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
