@@ -1,0 +1,197 @@
+"""Fuzzing the FUSE server against the passthrough file system in a scratch directory.
+
+After a valid INIT, each example sends a random sequence of requests: any opcode (and unknown ones),
+argument structs filled with edge values and with the node ids and file handles earlier replies gave
+out, names that try to climb out of the share ("..", "a/b", absolute symlink targets, the canary's
+name), truncated and oversized bodies, reply rooms from none to plenty. A canary directory sits next
+to the share. The server must never raise, every reply must be a well-formed fuse_out_header with
+a negated errno and the request's unique (or nothing at all, leaving the reply room untouched), the
+canary must be untouched, nothing may appear beside the share, and closing the file system must
+release every fd it opened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vhostfs.fs.passthrough import Passthrough
+from vhostfs.fuse import abi
+from vhostfs.fuse.server import FuseServer
+from vhostfs.iov import Reader, Writer
+
+# Argument struct and number of NUL-terminated names after it, per opcode.
+ARGS: dict[int, tuple[object, int]] = {
+    abi.FUSE_LOOKUP: (None, 1), abi.FUSE_FORGET: (abi.FORGET_IN, 0),
+    abi.FUSE_GETATTR: (abi.GETATTR_IN, 0), abi.FUSE_SETATTR: (abi.SETATTR_IN, 0),
+    abi.FUSE_READLINK: (None, 0), abi.FUSE_SYMLINK: (None, 2), abi.FUSE_MKNOD: (abi.MKNOD_IN, 1),
+    abi.FUSE_MKDIR: (abi.MKDIR_IN, 1), abi.FUSE_UNLINK: (None, 1), abi.FUSE_RMDIR: (None, 1),
+    abi.FUSE_RENAME: (abi.RENAME_IN, 2), abi.FUSE_RENAME2: (abi.RENAME2_IN, 2),
+    abi.FUSE_LINK: (abi.LINK_IN, 1), abi.FUSE_OPEN: (abi.OPEN_IN, 0), abi.FUSE_READ: (abi.READ_IN, 0),
+    abi.FUSE_WRITE: (abi.WRITE_IN, 0), abi.FUSE_STATFS: (None, 0), abi.FUSE_RELEASE: (abi.RELEASE_IN, 0),
+    abi.FUSE_FSYNC: (abi.FSYNC_IN, 0), abi.FUSE_SETXATTR: (abi.SETXATTR_IN, 2),
+    abi.FUSE_GETXATTR: (abi.GETXATTR_IN, 1), abi.FUSE_LISTXATTR: (abi.GETXATTR_IN, 0),
+    abi.FUSE_REMOVEXATTR: (None, 1), abi.FUSE_FLUSH: (abi.FLUSH_IN, 0), abi.FUSE_INIT: (abi.INIT_IN, 0),
+    abi.FUSE_OPENDIR: (abi.OPEN_IN, 0), abi.FUSE_READDIR: (abi.READ_IN, 0),
+    abi.FUSE_RELEASEDIR: (abi.RELEASE_IN, 0), abi.FUSE_FSYNCDIR: (abi.FSYNC_IN, 0),
+    abi.FUSE_GETLK: (abi.LK_IN, 0), abi.FUSE_SETLK: (abi.LK_IN, 0), abi.FUSE_SETLKW: (abi.LK_IN, 0),
+    abi.FUSE_ACCESS: (abi.ACCESS_IN, 0), abi.FUSE_CREATE: (abi.CREATE_IN, 1),
+    abi.FUSE_INTERRUPT: (abi.INTERRUPT_IN, 0), abi.FUSE_BMAP: (abi.BMAP_IN, 0),
+    abi.FUSE_DESTROY: (None, 0), abi.FUSE_IOCTL: (abi.IOCTL_IN, 0), abi.FUSE_POLL: (abi.POLL_IN, 0),
+    abi.FUSE_BATCH_FORGET: (abi.BATCH_FORGET_IN, 0), abi.FUSE_FALLOCATE: (abi.FALLOCATE_IN, 0),
+    abi.FUSE_READDIRPLUS: (abi.READ_IN, 0), abi.FUSE_LSEEK: (abi.LSEEK_IN, 0),
+    abi.FUSE_COPY_FILE_RANGE: (abi.COPY_FILE_RANGE_IN, 0), abi.FUSE_SETUPMAPPING: (abi.SETUPMAPPING_IN, 0),
+    abi.FUSE_REMOVEMAPPING: (abi.REMOVEMAPPING_IN, 0), abi.FUSE_SYNCFS: (abi.SYNCFS_IN, 0),
+    abi.FUSE_TMPFILE: (abi.CREATE_IN, 0), abi.FUSE_STATX: (abi.STATX_IN, 0),
+}
+#: Replies whose body starts with a fuse_entry_out (a node id to reuse).
+ENTRY_REPLIES = {abi.FUSE_LOOKUP, abi.FUSE_MKDIR, abi.FUSE_MKNOD, abi.FUSE_SYMLINK, abi.FUSE_LINK,
+                 abi.FUSE_CREATE, abi.FUSE_TMPFILE}
+#: Replies that hand out a file handle, and where it sits in the body.
+HANDLE_AT = {abi.FUSE_OPEN: 0, abi.FUSE_OPENDIR: 0, abi.FUSE_CREATE: abi.ENTRY_OUT.size,
+             abi.FUSE_TMPFILE: abi.ENTRY_OUT.size}
+NO_REPLY = {abi.FUSE_FORGET, abi.FUSE_BATCH_FORGET, abi.FUSE_INTERRUPT, abi.FUSE_NOTIFY_REPLY}
+CANARY = "canary"
+
+_FIELD = re.compile(r"(\d*)([a-zA-Z])")
+_WIDTH = {"B": 8, "H": 16, "I": 32, "Q": 64, "i": 32, "q": 64, "h": 16, "b": 8}
+
+NAMES = [b"a", b"b", b"dir", b".", b"..", b"", b"../" + CANARY.encode(), CANARY.encode(), b"a/b", b"/",
+         b"x" * 256, b"\xff\xfe", b"a\0b"]
+MODES = [stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755, stat.S_IFIFO | 0o600, stat.S_IFCHR | 0o600,
+         stat.S_IFSOCK | 0o600, stat.S_IFLNK | 0o777, 0o4777, 0]
+FLAGS = [os.O_RDONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC, os.O_RDWR | os.O_CREAT | os.O_EXCL,
+         os.O_RDONLY | os.O_DIRECTORY, os.O_PATH, os.O_RDWR | os.O_APPEND, os.O_WRONLY | os.O_NOFOLLOW]
+
+
+def fields(st_struct) -> list[str]:
+    """The value format characters of a struct, one per packed value (padding skipped)."""
+    out = []
+    for count, code in _FIELD.findall(st_struct.format[1:]):
+        if code != "x":
+            out.extend([code] * int(count or 1))
+    return out
+
+
+def value(draw, code: str, known: list[int]) -> int:
+    bits = _WIDTH[code]
+    choice = draw(st.one_of(
+        st.sampled_from([0, 1, 2, 3, 7, 4096, 1 << 20, (1 << bits) - 1, 1 << (bits - 1)]),
+        st.sampled_from(MODES + FLAGS),
+        st.sampled_from(known),
+        st.integers(0, (1 << bits) - 1),
+    ))
+    choice &= (1 << bits) - 1
+    if code.islower() and choice >= 1 << (bits - 1):
+        choice -= 1 << bits
+    return choice
+
+
+@st.composite
+def request(draw, known: list[int]) -> tuple[int, int, bytes, int]:
+    """(opcode, nodeid, body, reply room)."""
+    opcode = draw(st.one_of(st.sampled_from(sorted(ARGS)), st.integers(0, 0xFFFFFFFF)))
+    nodeid = draw(st.one_of(st.sampled_from(known), st.integers(0, (1 << 64) - 1)))
+    struct_, nnames = ARGS.get(opcode, (None, draw(st.integers(0, 2))))
+    body = b""
+    if struct_ is not None:
+        body = struct_.pack(*(value(draw, c, known) for c in fields(struct_)))
+    for _ in range(nnames):
+        name = draw(st.one_of(st.sampled_from(NAMES), st.binary(max_size=20)))
+        body += name + (b"\0" if draw(st.integers(0, 9)) else b"")
+    if opcode == abi.FUSE_WRITE or draw(st.integers(0, 9)) == 0:
+        body += draw(st.binary(max_size=64))
+    cut = draw(st.integers(0, 9))
+    if cut == 0:
+        body = body[:draw(st.integers(0, len(body)))]
+    room = draw(st.sampled_from([0, 8, 16, 24, 100, 4096, 1 << 16]))
+    return opcode, nodeid, body, room
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Everything about a tree that a write through a path bug would change."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames + [""]:
+            path = os.path.join(dirpath, name)
+            st_ = os.lstat(path)
+            content = Path(path).read_bytes() if stat.S_ISREG(st_.st_mode) else b""
+            out[os.path.relpath(path, root)] = (st_.st_mode, st_.st_uid, st_.st_gid, st_.st_size,
+                                                st_.st_mtime_ns, st_.st_nlink, content)
+    return out
+
+
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def send(server: FuseServer, opcode: int, nodeid: int, body: bytes, room: int, unique: int,
+         split: bool) -> tuple[int, int, bytes]:
+    """Hands one request to the server; returns (reply length, negated errno, reply body)."""
+    data = abi.IN_HEADER.pack(abi.IN_HEADER.size + len(body), opcode, unique, nodeid, 0, 0, 1, 0, 0) + body
+    out = bytearray(b"\xaa" * room)
+    if split and room > 32:
+        # Scattered buffers, as a guest's descriptor chain has them.
+        segs = [memoryview(out)[:24], memoryview(out)[24:]]
+        reader = Reader([memoryview(bytearray(data[:30])), memoryview(bytearray(data[30:]))])
+    else:
+        segs = [memoryview(out)]
+        reader = Reader([memoryview(bytearray(data))])
+    n = server.handle(reader, Writer(segs))
+    if n == 0:
+        assert out == b"\xaa" * room, "bytes written without a reply"
+        return 0, 0, b""
+    assert abi.OUT_HEADER.size <= n <= room
+    length, error, got_unique = abi.OUT_HEADER.unpack_from(out)
+    assert length == n and got_unique == unique
+    assert -4095 <= error <= 0
+    assert error == 0 or n == abi.OUT_HEADER.size, "an error reply carries no body"
+    return n, error, bytes(out[abi.OUT_HEADER.size:n])
+
+
+@given(st.data())
+def test_fuse_server_over_passthrough_survives_any_requests(tmp_path, data):
+    base = Path(tempfile.mkdtemp(dir=tmp_path))
+    share, canary = base / "share", base / CANARY
+    share.mkdir()
+    (share / "a").write_bytes(b"hello")
+    (share / "dir").mkdir()
+    os.symlink("/" + str(canary.relative_to("/")), share / "escape")
+    canary.mkdir()
+    (canary / "secret").write_bytes(b"do not touch")
+    (canary / "sub").mkdir()
+    before_canary = snapshot(canary)
+    before_fds = _open_fds()
+
+    fs = Passthrough(str(share), xattr=data.draw(st.booleans()), readonly=data.draw(st.booleans()),
+                     lock_wait=0.05)
+    server = FuseServer(fs)
+    try:
+        init = abi.INIT_IN.pack(abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION, 1 << 20,
+                                abi.FUSE_INIT_EXT | abi.FUSE_POSIX_LOCKS | abi.FUSE_FLOCK_LOCKS, 0)
+        _, error, _ = send(server, abi.FUSE_INIT, 0, init, 4096, 1, False)
+        assert error == 0
+        known = [abi.ROOT_ID]
+        for unique in range(2, 2 + data.draw(st.integers(1, 25))):
+            opcode, nodeid, body, room = data.draw(request(known))
+            n, error, reply = send(server, opcode, nodeid, body, room, unique, data.draw(st.booleans()))
+            if n == 0:
+                # Nothing but the no-reply opcodes, a reply room below a header, or an unreadable
+                # request may go unanswered.
+                assert opcode in NO_REPLY or room < abi.OUT_HEADER.size
+                continue
+            if error == 0 and opcode in ENTRY_REPLIES and len(reply) >= 8:
+                known.append(abi.ENTRY_OUT.unpack_from(reply)[0])
+            if error == 0 and opcode in HANDLE_AT and len(reply) >= HANDLE_AT[opcode] + 8:
+                known.append(abi.OPEN_OUT.unpack_from(reply, HANDLE_AT[opcode])[0])
+    finally:
+        fs.close()
+    assert snapshot(canary) == before_canary
+    assert sorted(os.listdir(base)) == [CANARY, "share"]
+    assert _open_fds() <= before_fds, "the file system leaked fds"
