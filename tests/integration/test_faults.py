@@ -95,9 +95,7 @@ def _restart(fe: Frontend, how: str) -> None:
 @pytest.mark.parametrize("how", [
     "reset_owner",
     "reset_device",
-    pytest.param("rings_stopped", marks=pytest.mark.xfail(
-        strict=True, reason="FuseServer answers a second INIT on a running session with EIO (as libfuse "
-                            "does), and nothing but that INIT tells a reboot from a pause")),
+    "rings_stopped",
 ])
 def test_guest_reboot_resets_and_serves_again(daemon, how):
     (daemon.shared / "kept").write_bytes(b"still here")

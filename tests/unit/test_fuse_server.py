@@ -220,8 +220,20 @@ def test_forget_before_init_gets_no_reply() -> None:
     assert sess.call(abi.FUSE_FORGET, abi.FORGET_IN.pack(1), nodeid=5).length == 0
 
 
-def test_second_init_is_eio(s: Session) -> None:
-    assert s.call(abi.FUSE_INIT, init_body()).error == errno.EIO
+def test_second_init_starts_a_new_session() -> None:
+    ended: list[bool] = []
+
+    class Recording(MemFS):
+        def destroy(self) -> None:
+            ended.append(True)
+
+    sess = Session(Recording())
+    sess.init()
+    sess.mkdir(b"d")
+    # A rebooted guest's driver starts over with INIT: the old session ends, the new one serves.
+    assert sess.call(abi.FUSE_INIT, init_body()).error == 0
+    assert ended == [True]
+    assert sess.entry(abi.FUSE_LOOKUP, b"d\0")[0] > 0
 
 
 def test_truncated_init_is_einval() -> None:

@@ -340,7 +340,10 @@ class FuseServer:
     def _init(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
               writer: Writer) -> int:
         if self._initialized:
-            raise OSError(errno.EIO, "INIT on a running session")
+            # The client started over: a rebooted guest whose VMM only stopped and restarted the
+            # rings (QEMU does no device reset for vhost-user-fs), so this INIT is the only sign.
+            log.info("INIT on a running session: the client restarted, starting a new session")
+            self.reset()
         if body_len < abi.INIT_OUT_VERSION.size:
             raise _invalid()
         body = reader.read(body_len)
