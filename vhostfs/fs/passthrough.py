@@ -140,6 +140,12 @@ def _dtype(entry: os.DirEntry) -> int:
         return 0  # DT_UNKNOWN: the guest stats it if it cares
 
 
+
+def _fd_name(fd: int) -> str:
+    """The name of our `fd` relative to /proc: its magic link, which reaches the file even when
+    the path it was opened by is gone or was never reachable (O_PATH fds)."""
+    return f"self/fd/{fd}"
+
 class Passthrough(Filesystem):
     """Serves the host directory `root` (the shared dir).
 
@@ -186,7 +192,9 @@ class Passthrough(Filesystem):
         self._open_flags = (_OPEN_FLAGS | (os.O_DIRECT if allow_direct_io else 0)
                             | (os.O_NOATIME if preserve_noatime else 0))
         # Held open so that reopening works after the sandbox hides /proc's path (pivot_root, chroot).
-        self._proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # /proc itself, not /proc/self/fd: "self" is then resolved at each use, so the names stay right
+        # in a process forked after the constructor (serve_filesystem's background mode).
+        self._proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
@@ -229,11 +237,11 @@ class Passthrough(Filesystem):
         Callers have checked that the inode is a regular file or a directory. O_NOFOLLOW cannot be
         added here: the last component is the /proc magic link itself.
         """
-        return os.open(str(inode.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        return os.open(_fd_name(inode.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
 
     def _reopen_fd(self, fd: int, flags: int) -> int:
         """A new open file description of the regular file open as `fd` (for lock owners)."""
-        return os.open(str(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        return os.open(_fd_name(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
 
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
         return Entry(inode.nodeid, st, entry_timeout=self._timeout, attr_timeout=self._timeout)
@@ -253,7 +261,7 @@ class Passthrough(Filesystem):
 
     def _add_fd(self, fd: int) -> Entry:
         """Counts a lookup of the file open as `fd` (any open mode) and returns its Entry."""
-        path_fd = os.open(str(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        path_fd = os.open(_fd_name(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd)
         try:
             st = os.stat(path_fd)
         except BaseException:
@@ -345,7 +353,7 @@ class Passthrough(Filesystem):
             return os.stat(inode.fd), self._timeout
 
     def _setattr(self, inode: Inode, fd: int | None, ch: SetAttr) -> None:
-        name = str(inode.fd)
+        name = _fd_name(inode.fd)
         proc = self._proc_fd
         if ch.uid is not None or ch.gid is not None:
             uid = -1 if ch.uid is None else ch.uid
@@ -387,7 +395,7 @@ class Passthrough(Filesystem):
 
     def _utimes(self, inode: Inode, fd: int | None, atime: int | None, mtime: int | None) -> None:
         # os.utime has no UTIME_OMIT/UTIME_NOW: "now" is read here and an unchanged time is re-set.
-        target: int | str = fd if fd is not None else str(inode.fd)
+        target: int | str = fd if fd is not None else _fd_name(inode.fd)
         dir_fd = None if fd is not None else self._proc_fd
         if atime == TIME_NOW and mtime == TIME_NOW:
             os.utime(target, dir_fd=dir_fd)
@@ -472,7 +480,7 @@ class Passthrough(Filesystem):
         self._check_writable()
         _check_name(newname)
         with self._inodes.use(nodeid) as inode, self._dir(newparent) as dir_inode:
-            os.link(str(inode.fd), newname, src_dir_fd=self._proc_fd, dst_dir_fd=dir_inode.fd,
+            os.link(_fd_name(inode.fd), newname, src_dir_fd=self._proc_fd, dst_dir_fd=dir_inode.fd,
                     follow_symlinks=True)
             return self._lookup_at(dir_inode.fd, newname)
 
