@@ -34,13 +34,15 @@ LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.I
 #: C virtiofsd `-o` options accepted without effect: the guest sees the same file system either way
 #: (locking and write-back are the guest kernel's choices through FUSE_INIT flags, timeouts are
 #: covered by cache=, the rest select optional protocol extensions the kernel may ask for).
-_O_IGNORED = frozenset({
-    "writeback", "no_writeback", "flock", "no_flock", "posix_lock", "no_posix_lock", "allow_direct_io",
-    "no_allow_direct_io", "announce_submounts", "killpriv_v2", "no_killpriv_v2", "timeout", "norace",
-    "no_posix_acl", "modcaps", "allow_root",
-})
+_O_IGNORED = frozenset({"timeout", "norace", "no_posix_acl", "modcaps", "allow_root"})
 #: C virtiofsd `-o` options that change what the guest sees and that vhostfs does not implement.
-_O_UNSUPPORTED = frozenset({"posix_acl", "xattrmap", "security_label", "writeback_cache"})
+_O_UNSUPPORTED = frozenset({"posix_acl", "security_label", "writeback_cache"})
+#: C virtiofsd `-o` switches, each with a `no_` form, and the argument they set.
+_O_SWITCHES = {
+    "xattr": "xattr", "readdirplus": "readdirplus", "writeback": "writeback", "flock": "flock",
+    "posix_lock": "posix_lock", "allow_direct_io": "allow_direct_io",
+    "announce_submounts": "announce_submounts", "killpriv_v2": "killpriv_v2",
+}
 
 
 def _apply_o_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -61,10 +63,10 @@ def _apply_o_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                 args.cache = _CACHE_ALIASES.get(value, value)
                 if args.cache not in CACHE_MODES:
                     parser.error(f"-o cache={value}: expected one of {', '.join(CACHE_MODES)}")
-            elif key in ("xattr", "no_xattr"):
-                args.xattr = key == "xattr"
-            elif key in ("readdirplus", "no_readdirplus"):
-                args.no_readdirplus = key == "no_readdirplus"
+            elif key.removeprefix("no_") in _O_SWITCHES and not value:
+                setattr(args, _O_SWITCHES[key.removeprefix("no_")], not key.startswith("no_"))
+            elif key == "xattrmap":
+                args.xattrmap = value
             elif key == "log_level":
                 if value not in LOG_LEVELS:
                     parser.error(f"-o log_level={value}: expected one of {', '.join(LOG_LEVELS)}")
@@ -95,7 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="auto", choices=CACHE_MODES, help="guest caching (default: auto)")
     p.add_argument("--xattr", action="store_true", help="enable extended attributes")
     p.add_argument("--readonly", action="store_true", help="refuse every change to the shared directory")
-    p.add_argument("--no-readdirplus", action="store_true", help="answer READDIR only, no READDIRPLUS")
+    p.add_argument("--no-readdirplus", dest="readdirplus", action="store_false",
+                   help="answer READDIR only, no READDIRPLUS")
+    p.add_argument("--writeback", action="store_true",
+                   help="let the guest cache writes (FUSE_WRITEBACK_CACHE)")
+    p.add_argument("--allow-direct-io", action="store_true",
+                   help="honour the guest's O_DIRECT on the host (default: dropped)")
+    p.add_argument("--allow-mmap", action="store_true",
+                   help="allow shared mmap in the guest even with --cache=never")
+    p.add_argument("--announce-submounts", action="store_true",
+                   help="show host mount points inside the share as submounts with their own st_dev")
+    p.add_argument("--preserve-noatime", action="store_true", help="honour the guest's O_NOATIME")
+    p.add_argument("--xattrmap", metavar="RULES",
+                   help="rename, hide or refuse extended attributes, in virtiofsd's rule syntax")
+    p.add_argument("--no-posix-lock", dest="posix_lock", action="store_false",
+                   help="do not serve POSIX record locks (the guest keeps them local)")
+    p.add_argument("--no-flock", dest="flock", action="store_false",
+                   help="do not serve flock(2) locks (the guest keeps them local)")
+    p.add_argument("--killpriv-v2", action="store_true",
+                   help="clear set-user/group-ID bits as the guest asks (FUSE_HANDLE_KILLPRIV_V2)")
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
@@ -262,7 +282,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sandbox.SandboxError as e:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
-    fs = Passthrough(args.shared_dir, cache=args.cache, readonly=args.readonly, xattr=args.xattr)
+    try:
+        fs = Passthrough(args.shared_dir, cache=args.cache, readonly=args.readonly, xattr=args.xattr,
+                         readdirplus=args.readdirplus, writeback=args.writeback,
+                         allow_direct_io=args.allow_direct_io, allow_mmap=args.allow_mmap,
+                         announce_submounts=args.announce_submounts,
+                         preserve_noatime=args.preserve_noatime, xattrmap=args.xattrmap,
+                         posix_lock=args.posix_lock, flock=args.flock, killpriv_v2=args.killpriv_v2)
+    except ValueError as e:
+        remove_socket()
+        raise SystemExit(f"vhostfs: {e}") from None
     window = None
     if args.dax_window_size:
         from vhostfs.dax import DaxFilesystem, DaxWindow
