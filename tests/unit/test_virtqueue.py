@@ -287,3 +287,31 @@ def test_bad_queue_sizes(num):
     view = memoryview(bytearray(1 << 20))
     with pytest.raises(ValueError):
         SplitQueue(FlatMemory([(0, view)]), num, view, view, view)
+
+
+def test_contiguous_buffers_merge_into_one_view(ring):
+    # Three device-writable pages back to back, then a gap: two views, the first covering three.
+    for i, addr in enumerate((0x20000, 0x21000, 0x22000, 0x30000)):
+        ring.desc(i, addr, 0x1000, W | (N if i < 3 else 0), i + 1)
+    ring.offer(0)
+    chain = ring.pop()
+    views = chain.writer.views(0x4000)
+    assert [len(v) for v in views] == [0x3000, 0x1000]
+    views[0][0x2FFF:0x3000] = b"!"
+    assert ring.view[0x22FFF:0x23000] == b"!"
+
+
+def test_readable_and_writable_never_merge(ring):
+    ring.desc(0, 0x20000, 0x100, R | N, 1)
+    ring.desc(1, 0x20100, 0x100, W)
+    ring.offer(0)
+    chain = ring.pop()
+    assert chain.reader.remaining == 0x100 and chain.writer.available == 0x100
+
+
+def test_buffers_adjacent_across_a_region_boundary_stay_apart(ring):
+    half = MEM_SIZE // 2
+    ring.desc(0, half - 0x100, 0x100, R | N, 1)
+    ring.desc(1, half, 0x100, R)
+    ring.offer(0)
+    assert [len(v) for v in ring.pop().reader.views(0x200)] == [0x100, 0x100]

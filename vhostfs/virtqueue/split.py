@@ -97,6 +97,9 @@ def walk_chain(memory, desc_table: memoryview, num: int, head: int, indirect_ok:
     # The region of the previous buffer: consecutive buffers almost always share one, so most
     # lookups are two comparisons instead of a call.
     base, end, rview = 0, 0, None
+    # Buffers that continue the previous one in guest memory (a guest's large I/O is often
+    # physically contiguous) are merged into one view: fewer objects here, fewer iovecs for preadv.
+    run_end, run_start, run_bufs = -1, 0, None
     total = 0
     count = 0
     limit = num
@@ -136,18 +139,27 @@ def walk_chain(memory, desc_table: memoryview, num: int, head: int, indirect_ok:
         else:
             bufs = readable
         if length:
-            if base <= addr and addr + length <= end:
-                bufs.append(rview[addr - base:addr - base + length])
-            else:
+            if not base <= addr < end:
                 try:
                     base, rview = memory.region(addr)
-                    end = base + len(rview)
-                    if addr + length <= end:
-                        bufs.append(rview[addr - base:addr - base + length])
-                    else:
-                        bufs.extend(memory.views(addr, length))
                 except Exception as e:
                     raise ChainError(f"buffer outside guest memory: {e}") from None
+                end = base + len(rview)
+                run_end = -1  # never merge across regions: they are different mappings
+            if addr + length <= end:
+                off = addr - base
+                if addr == run_end and bufs is run_bufs:
+                    bufs[-1] = rview[run_start:off + length]
+                else:
+                    bufs.append(rview[off:off + length])
+                    run_start, run_bufs = off, bufs
+                run_end = addr + length
+            else:
+                try:
+                    bufs.extend(memory.views(addr, length))
+                except Exception as e:
+                    raise ChainError(f"buffer outside guest memory: {e}") from None
+                run_end = -1
         if not flags & VIRTQ_DESC_F_NEXT:
             return DescriptorChain(head, readable, writable, writable_ranges)
         idx = nxt
