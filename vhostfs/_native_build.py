@@ -4,6 +4,8 @@ Python has no memory barriers, and the virtio ring protocol needs them (virtio 1
 these helpers compile to single fence instructions.
 """
 
+import hashlib
+
 from cffi import FFI
 
 CDEF = """
@@ -26,6 +28,15 @@ int vhostfs_msync(void *addr, size_t length, int flags);
 int vhostfs_mount(const char *source, const char *target, const char *fstype, unsigned long flags,
                   const char *data);
 int vhostfs_umount2(const char *target, int flags);
+int vhostfs_capget(uint32_t data[6]);
+int vhostfs_capset(const uint32_t data[6]);
+int vhostfs_prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
+                  unsigned long arg5);
+int vhostfs_seccomp_filter(unsigned int flags, const void *filter, unsigned short count);
+int vhostfs_mount_id(int fd, unsigned long long *mnt_id);
+int vhostfs_name_to_handle(int fd, unsigned char *buf, unsigned int size, int *handle_type, int *mount_id);
+int vhostfs_open_by_handle(int mount_fd, const unsigned char *buf, unsigned int size, int handle_type,
+                           int flags);
 """
 
 SOURCE = r"""
@@ -35,12 +46,19 @@ SOURCE = r"""
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <linux/stat.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/fsuid.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stdint.h>
+#include <sys/prctl.h>
 
 /* Full fence: orders earlier stores before later loads (needed around EVENT_IDX checks). */
 void vhostfs_mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
@@ -90,11 +108,96 @@ int vhostfs_mount(const char *source, const char *target, const char *fstype, un
     return mount(source, target, fstype, flags, data);
 }
 int vhostfs_umount2(const char *target, int flags) { return umount2(target, flags); }
+/* capget(2)/capset(2) of the calling thread, _LINUX_CAPABILITY_VERSION_3: data holds the two
+ * 32-bit halves of each set as {effective, permitted, inheritable} for capabilities 0-31, then 32-63. */
+int vhostfs_capget(uint32_t data[6])
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct caps[2];
+    if (syscall(SYS_capget, &header, caps) < 0)
+        return -1;
+    for (int i = 0; i < 2; i++) {
+        data[3 * i] = caps[i].effective;
+        data[3 * i + 1] = caps[i].permitted;
+        data[3 * i + 2] = caps[i].inheritable;
+    }
+    return 0;
+}
+int vhostfs_capset(const uint32_t data[6])
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct caps[2];
+    for (int i = 0; i < 2; i++) {
+        caps[i].effective = data[3 * i];
+        caps[i].permitted = data[3 * i + 1];
+        caps[i].inheritable = data[3 * i + 2];
+    }
+    return syscall(SYS_capset, &header, caps);
+}
+int vhostfs_prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
+                  unsigned long arg5)
+{
+    return prctl(option, arg2, arg3, arg4, arg5);
+}
+/* seccomp(SECCOMP_SET_MODE_FILTER, flags, prog) with a classic BPF program of `count` struct
+ * sock_filter entries (8 bytes each) at `filter`. */
+int vhostfs_seccomp_filter(unsigned int flags, const void *filter, unsigned short count)
+{
+    struct sock_fprog prog = {count, (struct sock_filter *)filter};
+    return syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &prog);
+}
+/* The mount id of fd (statx(2) STATX_MNT_ID, Linux 5.8): 0 with *mnt_id set, 1 when the kernel does not
+ * report it (the caller falls back to /proc/self/fdinfo), -1 with errno on failure. */
+int vhostfs_mount_id(int fd, unsigned long long *mnt_id)
+{
+    struct statx stx;
+    if (syscall(SYS_statx, fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_MNT_ID, &stx) < 0)
+        return -1;
+    if (!(stx.stx_mask & STATX_MNT_ID))
+        return 1;
+    *mnt_id = stx.stx_mnt_id;
+    return 0;
+}
+/* name_to_handle_at(2) of the file fd itself (AT_EMPTY_PATH, so an O_PATH fd of a symlink names the
+ * symlink): copies the opaque handle into buf and returns its length, -1 with errno on failure. */
+int vhostfs_name_to_handle(int fd, unsigned char *buf, unsigned int size, int *handle_type, int *mount_id)
+{
+    union { struct file_handle fh; unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ]; } h;
+    h.fh.handle_bytes = MAX_HANDLE_SZ;
+    if (name_to_handle_at(fd, "", &h.fh, mount_id, AT_EMPTY_PATH) < 0)
+        return -1;
+    if (h.fh.handle_bytes > size) {
+        errno = EOVERFLOW;
+        return -1;
+    }
+    memcpy(buf, h.fh.f_handle, h.fh.handle_bytes);
+    *handle_type = h.fh.handle_type;
+    return (int)h.fh.handle_bytes;
+}
+/* open_by_handle_at(2) of a handle from vhostfs_name_to_handle; mount_fd is an fd (not O_PATH) on the
+ * file's mount. Needs CAP_DAC_READ_SEARCH. */
+int vhostfs_open_by_handle(int mount_fd, const unsigned char *buf, unsigned int size, int handle_type,
+                           int flags)
+{
+    union { struct file_handle fh; unsigned char raw[sizeof(struct file_handle) + MAX_HANDLE_SZ]; } h;
+    if (size > MAX_HANDLE_SZ) {
+        errno = EINVAL;
+        return -1;
+    }
+    h.fh.handle_bytes = size;
+    h.fh.handle_type = handle_type;
+    memcpy(h.fh.f_handle, buf, size);
+    return open_by_handle_at(mount_fd, &h.fh, flags);
+}
 """
 
+#: Names this version of the helper: a library built from other source is never used (see native.py).
+BUILD_ID = hashlib.sha256((CDEF + SOURCE).encode()).hexdigest()[:16]
+
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source("vhostfs._native", SOURCE)
+ffibuilder.cdef(CDEF + "const char *vhostfs_build_id(void);\n")
+ffibuilder.set_source("vhostfs._native",
+                      SOURCE + f'const char *vhostfs_build_id(void) {{ return "{BUILD_ID}"; }}\n')
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

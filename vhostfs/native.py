@@ -6,7 +6,6 @@ The extension is normally built by `pip install`; when the package is used strai
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -16,17 +15,19 @@ from types import ModuleType
 
 
 def _load() -> ModuleType:
+    from vhostfs._native_build import BUILD_ID, ffibuilder
+
     try:
         from vhostfs import _native
-        return _native
-    except ImportError:
-        pass
-    from vhostfs import _native_build
-    from vhostfs._native_build import ffibuilder
 
+        # An extension built by an older install of a checkout lacks what the source now declares.
+        if _native.ffi.string(_native.lib.vhostfs_build_id()).decode() == BUILD_ID:
+            return _native
+    except (ImportError, AttributeError):
+        pass
     # One build per version of the helper's source, compiled in a private directory and renamed into
     # place: processes importing at the same time never load a half-written or replaced library.
-    digest = hashlib.sha256((_native_build.CDEF + _native_build.SOURCE).encode()).hexdigest()[:16]
+    digest = BUILD_ID
     tag = f"{sys.implementation.cache_tag}-{os.uname().machine}"
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vhostfs", tag)
     os.makedirs(cache, exist_ok=True)
@@ -131,3 +132,62 @@ def unshare(flags: int) -> None:
 def pivot_root(new_root: bytes, put_old: bytes) -> None:
     """pivot_root(2); raises OSError."""
     _check(lib.vhostfs_pivot_root(new_root, put_old))
+
+
+def capget() -> tuple[int, int, int]:
+    """capget(2) of the calling thread: its (effective, permitted, inheritable) sets as bit masks."""
+    data = ffi.new("uint32_t[6]")
+    _check(lib.vhostfs_capget(data))
+    return tuple(data[i] | data[i + 3] << 32 for i in range(3))  # type: ignore[return-value]
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """capset(2) of the calling thread (bit masks, capability n = bit n); raises OSError."""
+    data = ffi.new("uint32_t[6]")
+    for i, mask in enumerate((effective, permitted, inheritable)):
+        data[i] = mask & 0xFFFFFFFF
+        data[i + 3] = mask >> 32 & 0xFFFFFFFF
+    _check(lib.vhostfs_capset(data))
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """prctl(2); returns its result, raises OSError."""
+    return _check(lib.vhostfs_prctl(option, arg2, arg3, arg4, arg5))
+
+
+def seccomp_filter(flags: int, program: bytes) -> int:
+    """seccomp(SECCOMP_SET_MODE_FILTER, flags) with `program`, packed struct sock_filter entries.
+
+    Returns the syscall's result (with SECCOMP_FILTER_FLAG_TSYNC, 0); raises OSError.
+    """
+    if len(program) % 8:
+        raise ValueError("a classic BPF program is a whole number of 8-byte instructions")
+    return _check(lib.vhostfs_seccomp_filter(flags, program, len(program) // 8))
+
+
+#: The largest file handle the kernel makes (MAX_HANDLE_SZ in <fcntl.h>).
+MAX_HANDLE_SZ = 128
+
+
+def mount_id(fd: int) -> int | None:
+    """The mount id of `fd` from statx(2) STATX_MNT_ID; None when the kernel does not report it."""
+    out = ffi.new("unsigned long long *")
+    if _check(lib.vhostfs_mount_id(fd, out)) == 1:
+        return None
+    return int(out[0])
+
+
+def name_to_handle_at(fd: int) -> tuple[int, bytes, int]:
+    """name_to_handle_at(2) of the file open as `fd` (AT_EMPTY_PATH): (handle type, handle bytes,
+    mount id); raises OSError (EOPNOTSUPP where the file system has no file handles)."""
+    buf = ffi.new("unsigned char[]", MAX_HANDLE_SZ)
+    handle_type = ffi.new("int *")
+    mnt = ffi.new("int *")
+    size = _check(lib.vhostfs_name_to_handle(fd, buf, MAX_HANDLE_SZ, handle_type, mnt))
+    return int(handle_type[0]), bytes(ffi.buffer(buf, size)), int(mnt[0])
+
+
+def open_by_handle_at(mount_fd: int, handle_type: int, handle: bytes, flags: int) -> int:
+    """open_by_handle_at(2): a new fd of the file `handle` names on the mount of `mount_fd`; raises
+    OSError (EPERM without CAP_DAC_READ_SEARCH, ESTALE when the file is gone)."""
+    return _check(lib.vhostfs_open_by_handle(mount_fd, handle, len(handle), handle_type, flags))
