@@ -25,7 +25,6 @@ from vhostfs import native
 from vhostfs.vhost_user import messages as m
 from vhostfs.virtqueue.split import (
     DESC,
-    U16,
     USED_ELEM,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -87,6 +86,9 @@ class Frontend:
         os.ftruncate(self.mem_fd, mem_size)
         self.mem = mmap.mmap(self.mem_fd, mem_size)
         self.view = memoryview(self.mem)
+        # The rings' 16-bit fields, each read and written with one 2-byte access while the back end
+        # runs (struct.pack_into clears the bytes first: the back end could read 0).
+        self.view16 = self.view.cast("H")
         self._brk = PAGE  # bump allocator for rings and buffers (guest address 0 left unused)
         self._alloc_lock = threading.Lock()
         self.rings: dict[int, Ring] = {}
@@ -124,6 +126,7 @@ class Frontend:
             os.close(ring.kick)
             os.close(ring.call)
         self.rings.clear()
+        self.view16.release()
         self.view.release()
         self.mem.close()
         os.close(self.mem_fd)
@@ -273,15 +276,15 @@ class Frontend:
         (a system call) orders both before whatever the device does next.
         """
         if self.features & 1 << m.VIRTIO_RING_F_EVENT_IDX:
-            U16.pack_into(self.view, ring.avail + 4 + 2 * ring.num, ring.last_used)
-        U16.pack_into(self.view, ring.avail + 4 + 2 * (ring.next_avail % ring.num), head)
+            self.view16[(ring.avail >> 1) + 2 + ring.num] = ring.last_used
+        self.view16[(ring.avail >> 1) + 2 + ring.next_avail % ring.num] = head
         ring.next_avail = (ring.next_avail + 1) & 0xFFFF
-        U16.pack_into(self.view, ring.avail + 2, ring.next_avail)
+        self.view16[(ring.avail >> 1) + 1] = ring.next_avail
         if kick:
             os.eventfd_write(ring.kick, 1)
 
     def used_idx(self, ring: Ring) -> int:
-        return U16.unpack_from(self.view, ring.used + 2)[0]
+        return self.view16[(ring.used >> 1) + 1]
 
     def wait_used(self, ring: Ring, timeout: float = 10.0) -> tuple[int, int]:
         """Waits for the call eventfd and the next used element; returns (head, len).
@@ -292,7 +295,7 @@ class Frontend:
         is a device bug).
         """
         if self.features & 1 << m.VIRTIO_RING_F_EVENT_IDX:
-            U16.pack_into(self.view, ring.avail + 4 + 2 * ring.num, ring.last_used)
+            self.view16[(ring.avail >> 1) + 2 + ring.num] = ring.last_used
             native.mb()
         while self.used_idx(ring) == ring.last_used:
             r, _, _ = select.select([ring.call], [], [], timeout)

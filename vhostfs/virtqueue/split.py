@@ -15,6 +15,7 @@ address.
 from __future__ import annotations
 
 import struct
+import sys
 
 from vhostfs import native
 from vhostfs.iov import Reader, Writer
@@ -26,6 +27,12 @@ VIRTQ_DESC_F_INDIRECT = 4
 # Ring flags (2.7.6, 2.7.8).
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
+
+# The ring's 16-bit fields are shared with a driver running at the same time, so each is read and
+# written with one 2-byte access through a memoryview cast to "H" (a single load or store), never
+# with struct.pack_into, which clears the bytes before it writes them (a driver could read 0). The
+# cast is native-endian; virtio 1.x rings are little-endian.
+assert sys.byteorder == "little", "vhostfs's virtqueues assume a little-endian host"
 
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 assert DESC.size == 16
@@ -187,7 +194,7 @@ class SplitQueue:
         self.indirect = indirect
         self.last_avail_idx = last_avail_idx & 0xFFFF
         self.remap(memory, desc, avail, used)
-        self.used_idx = U16.unpack_from(self.used, 2)[0]
+        self.used_idx = self._used16[1]
         # Used index when the driver was last notified (EVENT_IDX needs the old value).
         self.signalled_used = self.used_idx
         self.signalled_valid = False
@@ -202,12 +209,15 @@ class SplitQueue:
         self.desc = desc
         self.avail = avail
         self.used = used
-        self._used_event_off = 4 + 2 * num
-        self._avail_event_off = 4 + USED_ELEM.size * num
+        self._avail16 = avail[:avail_ring_size(num)].cast("H")  # flags, idx, ring[num], used_event
+        self._used16 = used[:used_ring_size(num)].cast("H")  # flags, idx, ring[2 * num], avail_event
+        self._used_event = 2 + num
+        self._avail_event = 2 + 4 * num
+        self._avail_event_off = 2 * self._avail_event
 
     def avail_idx(self) -> int:
         """The driver's avail index, read before (and ordered before) the ring entries it covers."""
-        idx = U16.unpack_from(self.avail, 2)[0]
+        idx = self._avail16[1]
         native.rmb()
         return idx
 
@@ -225,7 +235,7 @@ class SplitQueue:
     def pop_head(self) -> int:
         """Takes the next available head index (call only when `pending()` > 0)."""
         slot = self.last_avail_idx % self.num
-        head = U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+        head = self._avail16[2 + slot]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return head
 
@@ -245,7 +255,7 @@ class SplitQueue:
         USED_ELEM.pack_into(self.used, 4 + USED_ELEM.size * slot, head, length)
         native.wmb()
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        U16.pack_into(self.used, 2, self.used_idx)
+        self._used16[1] = self.used_idx
         if self.log is not None:
             self.log.mark_used(4 + USED_ELEM.size * slot, USED_ELEM.size)
             self.log.mark_used(2, 2)
@@ -255,21 +265,21 @@ class SplitQueue:
         # Full fence: the used.idx store must be visible before used_event / flags are read.
         native.mb()
         if not self.event_idx:
-            return not U16.unpack_from(self.avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            return not self._avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
         old, new = self.signalled_used, self.used_idx
         valid = self.signalled_valid
         self.signalled_used = new
         self.signalled_valid = True
         if not valid:
             return True
-        event = U16.unpack_from(self.avail, self._used_event_off)[0]
+        event = self._avail16[self._used_event]
         # vring_need_event: notify if used_event lies in [old, new).
         return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
     def disable_kicks(self) -> None:
         """Asks the driver not to kick while the device is draining the ring anyway."""
         if not self.event_idx:
-            U16.pack_into(self.used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._used16[0] = VIRTQ_USED_F_NO_NOTIFY
             if self.log is not None:
                 self.log.mark_used(0, 2)
 
@@ -280,11 +290,11 @@ class SplitQueue:
         until some later kick (a lost wake-up).
         """
         if self.event_idx:
-            U16.pack_into(self.used, self._avail_event_off, self.last_avail_idx)
+            self._used16[self._avail_event] = self.last_avail_idx
             if self.log is not None:
                 self.log.mark_used(self._avail_event_off, 2)
         else:
-            U16.pack_into(self.used, 0, 0)
+            self._used16[0] = 0
             if self.log is not None:
                 self.log.mark_used(0, 2)
         native.mb()
