@@ -254,6 +254,7 @@ class FuseDevSession:
         self._reply_size = abi.OUT_HEADER.size + max(pages * _PAGE, _XATTR_SIZE_MAX)
         self._lock = threading.Lock()
         self._stopping = False
+        self._stopped = threading.Event()
         self._error: OSError | None = None
 
     def serve(self) -> None:
@@ -277,6 +278,11 @@ class FuseDevSession:
                 self.stop()
                 for worker in workers:
                     worker.join()
+            if self._stopping:
+                # A stop() on another thread (a signal's) may have ended the workers before it was
+                # done: aborting a busy mount fails their reads at once, and the detach comes after.
+                # Returning then would let the process exit with the file system still mounted.
+                self._stopped.wait()
             for fd in set(fds) - {self.fd}:
                 os.close(fd)
             self.server.reset()
@@ -285,14 +291,20 @@ class FuseDevSession:
 
     def stop(self) -> None:
         """Makes the workers exit: unmounts `mountpoint` (if the session has one) so that their reads
-        fail with ENODEV. Idempotent, callable from any thread, but not from a signal handler that
+        fail with ENODEV, and returns once it is unmounted (or detached). Idempotent: a second call
+        waits for the first to finish. Callable from any thread, but not from a signal handler that
         may interrupt `stop` itself."""
         with self._lock:
-            if self._stopping:
-                return
+            first = not self._stopping
             self._stopping = True
-        if self.mountpoint is not None:
-            _detach(self.mountpoint)
+        if not first:
+            self._stopped.wait()
+            return
+        try:
+            if self.mountpoint is not None:
+                _detach(self.mountpoint)
+        finally:
+            self._stopped.set()
 
     def _clone(self) -> int:
         """A new /dev/fuse fd attached to the session's connection, or the session fd if cloning fails.
