@@ -4,6 +4,10 @@ Queue 0 is the high-priority queue (FORGET, INTERRUPT), queues 1.. are request q
 5.11.2). Each running queue has its own worker thread that waits on the kick eventfd, drains the
 available ring through the FUSE server, returns the chains on the used ring and signals the call
 eventfd when the driver wants it.
+
+A request that may wait without bound (FUSE_SETLKW: a lock another owner holds, perhaps one whose
+unlock is queued behind it) is served on a thread of its own, so that the queue goes on; this is the
+one place where the device looks into a request, at the opcode and unique of its fuse_in_header.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ import queue
 import select
 import struct
 import threading
+from collections import deque
+from collections.abc import Callable
 
 from vhostfs.dax import DaxWindow
+from vhostfs.fuse import abi
 from vhostfs.vhost_user import messages as vu
 from vhostfs.vhost_user.backend_channel import BackendChannel
 from vhostfs.vhost_user.dirty_log import QueueLog
@@ -40,12 +47,44 @@ VIRTIO_FS_TAG_MAX = 36
 #: Request queues a front end may set up (GET_QUEUE_NUM reports one more, for the hiprio queue).
 MAX_REQUEST_QUEUES = 16
 
+#: fuse_in_header's opcode and unique (fuse.h), after its u32 len.
+_FUSE_OPCODE = struct.Struct("<I")
+_FUSE_UNIQUE = struct.Struct("<Q")
+_FUSE_OPCODE_OFFSET = 4
+_FUSE_UNIQUE_OFFSET = 8
+_FUSE_HEADER_PREFIX = _FUSE_UNIQUE_OFFSET + _FUSE_UNIQUE.size
+assert _FUSE_HEADER_PREFIX <= abi.IN_HEADER.size
+#: Requests of one queue waiting on threads of their own at a time; later ones queue for a thread.
+MAX_WAITING = 64
+
 DEVICE_FEATURES = (
     1 << vu.VIRTIO_F_VERSION_1
     | 1 << vu.VIRTIO_RING_F_INDIRECT_DESC
     | 1 << vu.VIRTIO_RING_F_EVENT_IDX
     | 1 << vu.VHOST_F_LOG_ALL
 )
+
+
+def _header_prefix(chain) -> bytes:
+    """The first bytes of the request in `chain` up to fuse_in_header's unique (fewer if it is shorter)."""
+    out = b""
+    # The device's one look into the FUSE request: the Reader's views, without consuming them.
+    for seg in chain.reader._segs:
+        out += bytes(seg[:_FUSE_HEADER_PREFIX - len(out)])
+        if len(out) == _FUSE_HEADER_PREFIX:
+            break
+    return out
+
+
+def _may_wait(chain) -> bool:
+    """Whether the request in `chain` may wait without bound (FUSE_SETLKW)."""
+    segs = chain.reader._segs
+    if segs and len(segs[0]) >= _FUSE_HEADER_PREFIX:
+        return _FUSE_OPCODE.unpack_from(segs[0], _FUSE_OPCODE_OFFSET)[0] == abi.FUSE_SETLKW
+    # A header split across descriptors (unusual, but allowed): gathered the slow way.
+    prefix = _header_prefix(chain)
+    return (len(prefix) == _FUSE_HEADER_PREFIX
+            and _FUSE_OPCODE.unpack_from(prefix, _FUSE_OPCODE_OFFSET)[0] == abi.FUSE_SETLKW)
 
 
 def ring_views(memory: GuestMemory, vring: Vring) -> tuple[memoryview, memoryview, memoryview]:
@@ -66,9 +105,17 @@ class QueueWorker:
     them, so a request that blocks (a lock, a slow host file system) does not hold up the others and
     system calls of several requests overlap. The used ring is then shared: `used_lock` orders the
     completions, and a head already in flight is never taken (nor completed) a second time.
+
+    In either mode a request that may wait without bound (`_may_wait`) is served on a thread of its
+    own (up to MAX_WAITING at a time, then in turn), and completes under `used_lock` like the pool's;
+    the inline path takes the lock only while such a request is out (`waiting`, head -> unique), since
+    no other thread touches the used ring then. `stop` ends those waits with `interrupt(unique)`
+    (the server's FuseServer.interrupt: the request answers EINTR) rather than waiting for a lock
+    that may never come, and returns once they have completed.
     """
 
-    def __init__(self, index: int, vq: SplitQueue, vring: Vring, handle, pool_size: int = 0) -> None:
+    def __init__(self, index: int, vq: SplitQueue, vring: Vring, handle, pool_size: int = 0,
+                 interrupt: Callable[[int], object] | None = None) -> None:
         self.index = index
         self.queue = vq
         self.vring = vring
@@ -86,6 +133,11 @@ class QueueWorker:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.pool = [threading.Thread(target=self._serve_jobs, name=f"vhostfs-queue{index}-{i}", daemon=True)
                      for i in range(pool_size)]
+        self.interrupt = interrupt
+        self.waiting: dict[int, int] = {}
+        self._backlog: deque = deque()
+        self._waiters = 0
+        self._waiter_done = threading.Condition(self.used_lock)
 
     def start(self) -> None:
         for t in self.pool:
@@ -97,6 +149,14 @@ class QueueWorker:
         self.stopping = True
         os.eventfd_write(self.stop_fd, 1)
         self.thread.join()
+        with self._waiter_done:
+            # Interrupted again after each completion: a request taken from the backlog meanwhile
+            # may have missed the interrupt (see _serve_waiting).
+            while self._waiters:
+                if self.interrupt is not None:
+                    for unique in self.waiting.values():
+                        self.interrupt(unique)
+                self._waiter_done.wait()
         for _ in self.pool:
             self.jobs.put(None)
         for t in self.pool:
@@ -153,19 +213,26 @@ class QueueWorker:
                     if self.pool:
                         self._dispatch(head)
                         continue
+                    if self.waiting and head in self.waiting:
+                        log.error("queue %d: descriptor chain %d offered again while in flight", self.index,
+                                  head)
+                        continue
                     try:
                         chain = q.chain(head)
                     except ChainError as e:
                         log.error("queue %d: bad descriptor chain %d: %s", self.index, head, e)
-                        q.push(head, 0)
+                        self._push(head, 0)
                         served += 1
+                        continue
+                    if _may_wait(chain):
+                        self._serve_apart(chain)
                         continue
                     length = handle(chain.reader, chain.writer)
                     if q.log is not None:
                         q.log.mark_written(chain.writable_ranges, length)
-                    q.push(head, length)
+                    self._push(head, length)
                     served += 1
-                if served and q.notify_needed():
+                if served and self._notify_needed():
                     self._signal()
                 if self.stopping or not q.enable_kicks():
                     return
@@ -175,11 +242,59 @@ class QueueWorker:
             self.broken = True
 
 
+    def _push(self, head: int, length: int) -> None:
+        """q.push from the worker's own thread (inline mode)."""
+        if self.waiting:
+            with self.used_lock:
+                self.queue.push(head, length)
+        else:
+            self.queue.push(head, length)
+
+    def _notify_needed(self) -> bool:
+        if self.waiting:
+            with self.used_lock:
+                return self.queue.notify_needed()
+        return self.queue.notify_needed()
+
+    def _serve_apart(self, chain) -> None:
+        """Serves a request that may wait without bound on a thread of its own (both modes)."""
+        unique = _FUSE_UNIQUE.unpack_from(_header_prefix(chain), _FUSE_UNIQUE_OFFSET)[0]
+        with self.used_lock:
+            self.waiting[chain.head] = unique
+            if self._waiters >= MAX_WAITING:
+                self._backlog.append(chain)
+                return
+            self._waiters += 1
+        threading.Thread(target=self._serve_waiting, args=(chain,), name=f"vhostfs-queue{self.index}-wait",
+                         daemon=True).start()
+
+    def _serve_waiting(self, chain) -> None:
+        q = self.queue
+        handle = self.handle
+        while chain is not None:
+            length = handle(chain.reader, chain.writer)
+            if q.log is not None:
+                q.log.mark_written(chain.writable_ranges, length)
+            with self.used_lock:
+                q.push(chain.head, length)
+                notify = q.notify_needed()
+                # Last: while `waiting` is not empty the inline path pushes under the lock.
+                del self.waiting[chain.head]
+                chain = self._backlog.popleft() if self._backlog else None
+                if chain is None:
+                    self._waiters -= 1
+                elif self.stopping and self.interrupt is not None:
+                    # stop() may have interrupted it before it was taken: once more, now.
+                    self.interrupt(self.waiting[chain.head])
+                self._waiter_done.notify_all()
+            if notify:
+                self._signal()
+
     def _dispatch(self, head: int) -> None:
         """Hands chain `head` to the pool (pool mode)."""
         q = self.queue
         with self.used_lock:
-            if head in self.in_flight:
+            if head in self.in_flight or head in self.waiting:
                 # The driver offered a head it has not got back yet (virtio 1.2, 2.7.13.2 forbids
                 # it); serving it twice would complete it twice.
                 log.error("queue %d: descriptor chain %d offered again while in flight", self.index, head)
@@ -192,8 +307,11 @@ class QueueWorker:
                 if q.notify_needed():
                     self._signal()
                 return
-            self.in_flight.add(head)
-        self.jobs.put(chain)
+            if not _may_wait(chain):
+                self.in_flight.add(head)
+                self.jobs.put(chain)
+                return
+        self._serve_apart(chain)
 
     def _serve_jobs(self) -> None:
         q = self.queue
@@ -253,7 +371,8 @@ class VirtioFsDevice:
         # Fixed for the queue's life: the session restarts the queue to change it.
         vq.log = log
         # The hiprio queue only carries FORGET and INTERRUPT, which never block.
-        worker = QueueWorker(index, vq, vring, self._handle, self.thread_pool_size if index else 0)
+        worker = QueueWorker(index, vq, vring, self._handle, self.thread_pool_size if index else 0,
+                             self.server.interrupt)
         self.workers[index] = worker
         worker.start()
 

@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -608,7 +609,82 @@ def test_readdirplus_from_a_list_forgets_every_unsent_entry(s: Session) -> None:
 # -- replies, dispatch, errors --------------------------------------------------------------------
 def test_interrupt_and_notify_reply_get_no_reply(s: Session) -> None:
     assert s.call(abi.FUSE_INTERRUPT, abi.INTERRUPT_IN.pack(5)).length == 0
+    assert s.call(abi.FUSE_INTERRUPT, b"\1").length == 0  # truncated: dropped
     assert s.call(abi.FUSE_NOTIFY_REPLY, bytes(40)).length == 0
+
+
+class WaitingLocks:
+    """setlk/flock that, asked to wait, wait until the request is interrupted, as a lock never freed."""
+
+    def __init__(self, s: Session) -> None:
+        self.contexts: list[Context] = []
+        self.waiting = threading.Event()
+        s.fs.setlk = lambda ctx, nodeid, fh, owner, lock, wait: self.lock(ctx, wait)
+        s.fs.flock = lambda ctx, nodeid, fh, owner, kind, wait: self.lock(ctx, wait)
+
+    def lock(self, ctx: Context, wait: bool) -> None:
+        self.contexts.append(ctx)
+        if not wait:
+            raise OSError(errno.EAGAIN, "held")
+        self.waiting.set()
+        ctx.interrupt.wait()
+        raise OSError(errno.EINTR, "interrupted")
+
+
+def lk_request(opcode: int, unique: int, flags: int = 0) -> bytes:
+    return request(opcode, abi.LK_IN.pack(3, 9, 0, 100, 1, 42, flags), 2, unique)
+
+
+def setlkw_in_thread(s: Session, unique: int, flags: int = 0) -> tuple[threading.Thread, list[Reply]]:
+    replies: list[Reply] = []
+    t = threading.Thread(target=lambda: replies.append(s.send(lk_request(abi.FUSE_SETLKW, unique, flags))))
+    t.start()
+    return t, replies
+
+
+@pytest.mark.parametrize("flags", [0, abi.FUSE_LK_FLOCK])
+def test_interrupt_ends_a_waiting_setlkw_with_eintr(s: Session, flags: int) -> None:
+    locks = WaitingLocks(s)
+    t, replies = setlkw_in_thread(s, 500, flags)
+    locks.waiting.wait()
+    # Other requests go on meanwhile, and an interrupt naming another request changes nothing.
+    assert s.send(lk_request(abi.FUSE_SETLK, 501, flags)).error == errno.EAGAIN
+    assert s.send(request(abi.FUSE_INTERRUPT, abi.INTERRUPT_IN.pack(499), unique=502)).length == 0
+    assert not locks.contexts[0].interrupt.is_set()
+    assert s.send(request(abi.FUSE_INTERRUPT, abi.INTERRUPT_IN.pack(500), unique=503)).length == 0
+    t.join()
+    assert [(r.unique, r.error) for r in replies] == [(500, errno.EINTR)]
+    # Only the waiting request carries an interrupt event.
+    assert locks.contexts[1].interrupt is None
+    assert (locks.contexts[0].uid, locks.contexts[0].pid) == (1000, 42)
+
+
+def test_interrupt_that_overtakes_its_setlkw_still_counts(s: Session) -> None:
+    locks = WaitingLocks(s)
+    assert s.server.interrupt(600) is False
+    assert s.send(lk_request(abi.FUSE_SETLKW, 600)).error == errno.EINTR
+    assert locks.contexts[0].interrupt.is_set()
+    # Remembered once: a later request with that unique waits again.
+    t, replies = setlkw_in_thread(s, 600)
+    locks.waiting.wait()
+    assert s.server.interrupt(600) is True
+    t.join()
+    assert replies[0].error == errno.EINTR
+
+
+@pytest.mark.parametrize("how", ["reset", "destroy", "init"])
+def test_the_end_of_the_session_ends_waiting_setlkws(s: Session, how: str) -> None:
+    locks = WaitingLocks(s)
+    t, replies = setlkw_in_thread(s, 700)
+    locks.waiting.wait()
+    if how == "reset":
+        s.server.reset()
+    elif how == "destroy":
+        assert s.call(abi.FUSE_DESTROY).error == 0
+    else:
+        s.init()
+    t.join()
+    assert replies[0].error == errno.EINTR
 
 
 @pytest.mark.parametrize("opcode", [abi.FUSE_GETLK, abi.FUSE_SETLKW, abi.FUSE_BMAP, abi.FUSE_IOCTL,

@@ -11,12 +11,13 @@ import errno
 import fcntl
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.unit.test_passthrough import _tree, raises_errno
-from vhostfs.fs.locks import OFFSET_MAX
+from vhostfs.fs.locks import F_OFD_SETLK, FLOCK, OFFSET_MAX
 from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse import abi
 from vhostfs.fuse.filesystem import ROOT_ID, ConnectionInfo, Context, Lock
@@ -164,8 +165,27 @@ def test_read_only_handle_takes_read_locks(fs, share):
     raises_errno(errno.EAGAIN, fs.setlk, CTX, node, fh, OWNER_B, whole(WR), False)
 
 
-def test_setlkw_waits_for_the_holder_without_holding_other_calls(make):
-    fs = make(lock_wait=60.0)
+def in_thread(call, *args) -> tuple[threading.Thread, list[object]]:
+    """Runs call(*args) on a thread of its own: its result ("done") or OSError lands in the list."""
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            call(*args)
+            result.append("done")
+        except OSError as exc:
+            result.append(exc.errno)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, result
+
+
+def waiting_ctx() -> Context:
+    return Context(CTX.uid, CTX.gid, CTX.pid, threading.Event())
+
+
+def test_setlkw_waits_for_the_holder_without_holding_other_calls(fs):
     node, fh = opened(fs)
     fs.setlk(CTX, node, fh, OWNER_A, whole(WR), False)
     waiting = threading.Event()
@@ -190,7 +210,44 @@ def test_setlkw_waits_for_the_holder_without_holding_other_calls(make):
     raises_errno(errno.EAGAIN, fs.setlk, CTX, node, fh, OWNER_A, whole(RD), False)
 
 
-def test_setlkw_gives_up_with_edeadlk_instead_of_blocking_forever(make):
+def test_interrupted_setlkw_answers_eintr_and_takes_nothing(fs, share):
+    node, fh = opened(fs)
+    fs.setlk(CTX, node, fh, OWNER_A, whole(WR), False)
+    ctx = waiting_ctx()
+    ctx.interrupt.set()
+    raises_errno(errno.EINTR, fs.setlk, ctx, node, fh, OWNER_B, whole(RD), True)
+    # Interrupted while it waits, from another thread.
+    ctx = waiting_ctx()
+    t, result = in_thread(fs.setlk, ctx, node, fh, OWNER_B, whole(RD), True)
+    assert fs.getattr(CTX, node, None)[0].st_size == 0
+    ctx.interrupt.set()
+    t.join()
+    assert result == [errno.EINTR]
+    fs.setlk(CTX, node, fh, OWNER_A, whole(UN), False)
+    with open(share / "f", "rb+") as host:  # B holds nothing
+        fcntl.fcntl(host, F_OFD_SETLK, FLOCK.pack(WR, os.SEEK_SET, 0, 0, 0))
+
+
+@pytest.mark.parametrize("how", ["flush", "release", "destroy"])
+def test_dropping_the_owner_ends_its_wait_with_ebadf(fs, how):
+    node, fh = opened(fs)
+    _, fh_b = opened(fs)
+    fs.setlk(CTX, node, fh, OWNER_A, whole(WR), False)
+    t, result = in_thread(fs.setlk, waiting_ctx(), node, fh_b, OWNER_B, whole(WR), True)
+    # The owner's description exists once its request is under way; it is then dropped from under it.
+    while len(fs._locks) < 2:
+        time.sleep(0.001)
+    if how == "flush":
+        fs.flush(CTX, node, fh_b, OWNER_B)
+    elif how == "release":
+        fs.release(CTX, node, fh_b, 0)
+    else:
+        fs.destroy()
+    t.join()
+    assert result == [errno.EBADF]
+
+
+def test_lock_wait_caps_a_blocking_request_with_edeadlk(make):
     fs = make(lock_wait=0.02)
     node, fh = opened(fs)
     fs.setlk(CTX, node, fh, OWNER_A, whole(WR), False)
@@ -225,12 +282,25 @@ def test_flock_belongs_to_the_open_file(fs, share):
         fcntl.flock(host, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_flock_wait_is_bounded(make):
-    fs = make(lock_wait=0.02)
+def test_flock_wait_ends_on_unlock_interrupt_or_release(fs):
     node, fh1 = opened(fs)
     _, fh2 = opened(fs)
     fs.flock(CTX, node, fh1, 1, WR, False)
-    raises_errno(errno.EDEADLK, fs.flock, CTX, node, fh2, 2, WR, True)
+    t, result = in_thread(fs.flock, waiting_ctx(), node, fh2, 2, WR, True)
+    fs.flock(CTX, node, fh1, 1, UN, False)
+    t.join()
+    assert result == ["done"]
+    ctx = waiting_ctx()
+    t, result = in_thread(fs.flock, ctx, node, fh1, 1, RD, True)
+    ctx.interrupt.set()
+    t.join()
+    assert result == [errno.EINTR]
+    t, result = in_thread(fs.flock, waiting_ctx(), node, fh1, 1, RD, True)
+    while not fs._locks._flock_waits:
+        time.sleep(0.001)
+    fs.release(CTX, node, fh1, 0)
+    t.join()
+    assert result == [errno.EBADF]
 
 
 # -- O_TMPFILE -------------------------------------------------------------------------------------------

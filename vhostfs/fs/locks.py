@@ -16,10 +16,16 @@ Lifetime, as the guest kernel expects (FUSE protocol, fuse_flush/fuse_release in
 flock(2) locks belong to a guest open file, which is exactly one FUSE handle, so they are taken with
 flock(2) on the handle's own host fd and go away with it.
 
-A blocking request (SETLKW) must not hold the daemon: a queue is served by one thread, and the owner
-that would release the lock may well be waiting behind it on the same queue. It is served by retrying
-the non-blocking call with growing sleeps for at most `wait_limit` seconds, and then answered EDEADLK,
-the error fcntl(2) gives when waiting could never end.
+A blocking request (SETLKW, and flock without LOCK_NB) waits as long as the lock is held, on the
+thread the transport gave it (vhostfs.device serves such requests apart from the queue's worker, so
+the request that releases the lock still gets through). The wait retries the non-blocking call with
+growing pauses rather than sleeping in F_OFD_SETLKW, because a thread blocked in the kernel cannot be
+woken from Python, and the wait must end on demand:
+- EINTR when the request's interrupt event (`Context.interrupt`) is set: FUSE_INTERRUPT, the session
+  ending, the queue stopping;
+- EBADF when the description it waits on is dropped (FLUSH of its owner, RELEASE of its handle, the
+  session's `clear`), as fcntl(2) answers a lock request that raced with close(2);
+- EDEADLK after `wait_limit` seconds when a limit is set (by default there is none).
 """
 
 from __future__ import annotations
@@ -62,25 +68,49 @@ def _end(start: int, length: int) -> int:
     return OFFSET_MAX if length == 0 else start + length - 1
 
 
-def wait_until(attempt, wait_limit: float) -> None:
-    """Calls `attempt()` until it stops raising EAGAIN/EACCES, for at most `wait_limit` seconds.
+def wait_until(attempt, interrupt: threading.Event | None, gone, wait_limit: float | None) -> None:
+    """Calls `attempt()` until it stops raising EAGAIN/EACCES (see the module doc).
 
-    Raises EDEADLK when the time is up (see the module doc for why a blocking lock cannot block).
+    Raises EINTR once `interrupt` is set, EBADF once `gone()` is true (checked after a successful
+    attempt too: a lock taken on a dropped description is not held), EDEADLK after `wait_limit`
+    seconds unless it is None.
     """
-    deadline = time.monotonic() + wait_limit
+    deadline = None if wait_limit is None else time.monotonic() + wait_limit
     pause = _SLEEP_FIRST
     while True:
+        if interrupt is not None and interrupt.is_set():
+            raise _err(errno.EINTR)
         try:
             attempt()
-            return
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _err(errno.EDEADLK)
-        time.sleep(min(pause, left))
+        else:
+            if gone():
+                raise _err(errno.EBADF)
+            return
+        if gone():
+            raise _err(errno.EBADF)
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _err(errno.EDEADLK)
+            pause = min(pause, left)
+        if interrupt is not None:
+            interrupt.wait(pause)
+        else:
+            time.sleep(pause)
         pause = min(pause * 2, _SLEEP_MAX)
+
+
+class _FlockWait:
+    """A flock request waiting on handle `fh`; `gone` once the handle is released."""
+
+    __slots__ = ("fh", "gone")
+
+    def __init__(self, fh: int) -> None:
+        self.fh = fh
+        self.gone = False
 
 
 class _OwnerFile:
@@ -100,14 +130,16 @@ class LockTable:
     """(nodeid, owner) -> host open file description with that owner's OFD locks. Thread-safe.
 
     `reopen(fd, flags)` opens a new description of the file open as `fd` (the passthrough reopens
-    through /proc/self/fd). `wait_limit` bounds a blocking request, in seconds.
+    through /proc/self/fd). `wait_limit`, if not None, bounds a blocking request, in seconds.
+    Also serves flock(2) on a handle's own fd (`flock`), so that RELEASE ends its waits too.
     """
 
-    def __init__(self, reopen, wait_limit: float = 1.0) -> None:
+    def __init__(self, reopen, wait_limit: float | None = None) -> None:
         self._reopen = reopen
         self.wait_limit = wait_limit
         self._lock = threading.Lock()
         self._owners: dict[tuple[int, int], _OwnerFile] = {}
+        self._flock_waits: set[_FlockWait] = set()
 
     def __len__(self) -> int:
         with self._lock:
@@ -201,8 +233,9 @@ class LockTable:
         return pid
 
     def setlk(self, nodeid: int, owner: int, fh: int, fd: int, start: int, end: int, kind: int,
-              pid: int, wait: bool) -> None:
-        """F_OFD_SETLK of [start, end] for `owner` (EAGAIN on conflict); `wait` retries (see module doc)."""
+              pid: int, wait: bool, interrupt: threading.Event | None = None) -> None:
+        """F_OFD_SETLK of [start, end] for `owner` (EAGAIN on conflict); `wait` waits until the lock
+        is free, ended by `interrupt` or by the owner's description being dropped (see module doc)."""
         if kind not in LOCK_TYPES:
             raise _err(errno.EINVAL)
         l_start, l_len = _range(start, end)
@@ -214,13 +247,30 @@ class LockTable:
         arg = FLOCK.pack(kind, os.SEEK_SET, l_start, l_len, 0)
         try:
             if wait:
-                wait_until(lambda: fcntl.fcntl(entry.fd, F_OFD_SETLK, arg), self.wait_limit)
+                wait_until(lambda: fcntl.fcntl(entry.fd, F_OFD_SETLK, arg), interrupt,
+                           lambda: entry.closed, self.wait_limit)
             else:
                 fcntl.fcntl(entry.fd, F_OFD_SETLK, arg)
             if kind != fcntl.F_UNLCK:
                 entry.pid = pid
         finally:
             self._unuse(entry)
+
+    def flock(self, fh: int, fd: int, op: int, wait: bool, interrupt: threading.Event | None = None) -> None:
+        """flock(2) `op` (LOCK_SH, LOCK_EX, LOCK_UN) on `fd`, handle `fh`'s own; EAGAIN on conflict
+        unless `wait`, which waits as `setlk` does and ends with EBADF when `fh` is released."""
+        if not wait:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        waiter = _FlockWait(fh)
+        with self._lock:
+            self._flock_waits.add(waiter)
+        try:
+            wait_until(lambda: fcntl.flock(fd, op | fcntl.LOCK_NB), interrupt, lambda: waiter.gone,
+                       self.wait_limit)
+        finally:
+            with self._lock:
+                self._flock_waits.discard(waiter)
 
     def flush(self, nodeid: int, owner: int) -> None:
         """Drops every POSIX lock of `owner` on `nodeid` (a close(2) by that guest process)."""
@@ -234,6 +284,9 @@ class LockTable:
         with self._lock:
             keys = [k for k, e in self._owners.items() if fh in e.fhs]
             entries = [self._owners.pop(k) for k in keys]
+            for waiter in self._flock_waits:
+                if waiter.fh == fh:
+                    waiter.gone = True
         self._drop(entries)
 
     def clear(self) -> None:
@@ -241,4 +294,6 @@ class LockTable:
         with self._lock:
             entries = list(self._owners.values())
             self._owners.clear()
+            for waiter in self._flock_waits:
+                waiter.gone = True
         self._drop(entries)

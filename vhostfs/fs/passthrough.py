@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 from vhostfs import native
 from vhostfs.fs.handles import Handle, HandleTable
 from vhostfs.fs.inodes import Inode, InodeTable
-from vhostfs.fs.locks import LockTable, wait_until
+from vhostfs.fs.locks import LockTable
 from vhostfs.fs.xattrmap import XattrMap
 from vhostfs.fuse.filesystem import (
     ROOT_ID,
@@ -156,7 +156,8 @@ class Passthrough(Filesystem):
     The other options follow virtiofsd's of the same names:
 
     - `posix_lock`, `flock`: serve the guest's POSIX record locks and flock(2) locks on the host
-      (locks.py); `lock_wait` bounds, in seconds, how long a blocking lock request is retried.
+      (locks.py); a blocking lock request waits until the lock is free or `ctx.interrupt` is set,
+      for at most `lock_wait` seconds if that is not None (then EDEADLK).
     - `readdirplus`: let the guest use READDIRPLUS (off: plain READDIR only).
     - `writeback`: the guest caches writes (FUSE_WRITEBACK_CACHE); files are then opened read-write
       and without O_APPEND on the host, since the guest may read to fill pages and appends itself.
@@ -169,14 +170,19 @@ class Passthrough(Filesystem):
       on write, truncate and chown to the daemon (FUSE_WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, and an
       O_TRUNC open by a guest user other than root).
     - `xattrmap`: virtiofsd's --xattrmap rules (xattrmap.py), applied to every extended attribute name.
+    - `inode_file_handles`: "never", "prefer" or "mandatory": hold the nodes the guest knows by file
+      handles rather than fds (inodes.py); "mandatory" raises ValueError when the share cannot.
+    - `fd_budget`: how many fds the daemon may hold for the guest (default: RLIMIT_NOFILE less a
+      reserve, see inodes.py); past it, requests that would open one more fail with EMFILE.
     """
 
     def __init__(self, root: str, *, cache: str = "auto", readonly: bool = False,
                  xattr: bool = False, posix_lock: bool = True, flock: bool = True,
-                 lock_wait: float = 1.0, readdirplus: bool = True, writeback: bool = False,
+                 lock_wait: float | None = None, readdirplus: bool = True, writeback: bool = False,
                  allow_direct_io: bool = False, allow_mmap: bool = False, announce_submounts: bool = False,
                  preserve_noatime: bool = False, killpriv_v2: bool = False,
-                 xattrmap: str | None = None) -> None:
+                 xattrmap: str | None = None, inode_file_handles: str = "never",
+                 fd_budget: int | None = None) -> None:
         if cache not in CACHE_POLICIES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
         self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
@@ -200,7 +206,17 @@ class Passthrough(Filesystem):
         except OSError:
             os.close(self._proc_fd)
             raise
-        self._inodes = InodeTable(root_fd, os.stat(root_fd))
+        try:
+            self._inodes = InodeTable(root_fd, os.stat(root_fd), file_handles=inode_file_handles,
+                                      fd_budget=fd_budget, proc_fd=self._proc_fd)
+        except OSError as e:
+            os.close(root_fd)
+            os.close(self._proc_fd)
+            raise ValueError(f"inode file handles {inode_file_handles!r} on {root}: {e.strerror}") from None
+        except BaseException:
+            os.close(root_fd)
+            os.close(self._proc_fd)
+            raise
         self._handles = HandleTable()
         self._posix_lock = posix_lock
         self._flock = flock
@@ -215,7 +231,7 @@ class Passthrough(Filesystem):
     def close(self) -> None:
         """Releases every node and handle and closes the root; the object is unusable afterwards."""
         self.destroy()
-        os.close(self._inodes.root.fd)
+        self._inodes.close()
         os.close(self._proc_fd)
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -237,18 +253,19 @@ class Passthrough(Filesystem):
         Callers have checked that the inode is a regular file or a directory. O_NOFOLLOW cannot be
         added here: the last component is the /proc magic link itself.
         """
-        return os.open(_fd_name(inode.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        name = _fd_name(inode.fd)
+        return self._inodes.open_fd(lambda: os.open(name, flags | os.O_CLOEXEC, dir_fd=self._proc_fd))
 
     def _reopen_fd(self, fd: int, flags: int) -> int:
         """A new open file description of the regular file open as `fd` (for lock owners)."""
-        return os.open(_fd_name(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        return self._inodes.open_fd(lambda: os.open(_fd_name(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd))
 
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
         return Entry(inode.nodeid, st, entry_timeout=self._timeout, attr_timeout=self._timeout)
 
     def _lookup_at(self, dir_fd: int, name: bytes) -> Entry:
         """Looks up one component `name` (not following it) in host directory `dir_fd`; counts a lookup."""
-        fd = os.open(name, _O_PATH, dir_fd=dir_fd)
+        fd = self._inodes.open_fd(lambda: os.open(name, _O_PATH, dir_fd=dir_fd))
         try:
             st = os.stat(fd)
         except BaseException:
@@ -261,7 +278,8 @@ class Passthrough(Filesystem):
 
     def _add_fd(self, fd: int) -> Entry:
         """Counts a lookup of the file open as `fd` (any open mode) and returns its Entry."""
-        path_fd = os.open(_fd_name(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        path_fd = self._inodes.open_fd(
+            lambda: os.open(_fd_name(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd))
         try:
             st = os.stat(path_fd)
         except BaseException:
@@ -533,8 +551,10 @@ class Passthrough(Filesystem):
         with self._dir(parent) as dir_inode:
             try:
                 with self._as_caller(ctx):
-                    fd = os.open(name, host_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 stat.S_IMODE(mode) & ~umask, dir_fd=dir_inode.fd)
+                    # keep: an exclusive create cannot be repeated once it has made the file.
+                    fd = self._inodes.open_fd(lambda: os.open(
+                        name, host_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        stat.S_IMODE(mode) & ~umask, dir_fd=dir_inode.fd), keep=True)
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
@@ -641,11 +661,11 @@ class Passthrough(Filesystem):
         return Lock(start, end, kind, pid)
 
     def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: Lock, wait: bool) -> None:
-        """F_OFD_SETLK on `owner`'s host description; `wait` retries for at most lock_wait seconds,
-        then fails with EDEADLK (see locks.py: a blocked request must not hold its queue)."""
+        """F_OFD_SETLK on `owner`'s host description; `wait` waits until the lock is free, EINTR once
+        `ctx.interrupt` is set, EBADF when FLUSH or RELEASE drop the description (see locks.py)."""
         with self._lock_handle(fh, self._posix_lock) as handle:
             self._locks.setlk(handle.nodeid, owner, fh, handle.fd, lock.start, lock.end, lock.type,
-                              lock.pid, wait)
+                              lock.pid, wait, ctx.interrupt)
 
     def flock(self, ctx: Context, nodeid: int, fh: int, owner: int, kind: int, wait: bool) -> None:
         """flock(2) on the handle's own host fd, which is the guest's open file (ENOSYS unless flock)."""
@@ -653,10 +673,7 @@ class Passthrough(Filesystem):
         with self._lock_handle(fh, self._flock) as handle:
             if op is None:
                 raise _err(errno.EINVAL)
-            if wait:
-                wait_until(lambda: fcntl.flock(handle.fd, op | fcntl.LOCK_NB), self._locks.wait_limit)
-            else:
-                fcntl.flock(handle.fd, op | fcntl.LOCK_NB)
+            self._locks.flock(fh, handle.fd, op, wait, ctx.interrupt)
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int, umask: int) -> tuple[Entry, Open]:
         """openat(2) with O_TMPFILE in directory `parent`: an unnamed file the guest may link later."""
@@ -664,8 +681,9 @@ class Passthrough(Filesystem):
         host_flags = (self._host_flags(flags) & ~os.O_TRUNC) | (flags & os.O_EXCL)
         with self._dir(parent) as dir_inode:
             with self._as_caller(ctx):
-                fd = os.open(".", host_flags | os.O_TMPFILE | os.O_CLOEXEC, stat.S_IMODE(mode) & ~umask,
-                             dir_fd=dir_inode.fd)
+                fd = self._inodes.open_fd(lambda: os.open(
+                    ".", host_flags | os.O_TMPFILE | os.O_CLOEXEC, stat.S_IMODE(mode) & ~umask,
+                    dir_fd=dir_inode.fd))
             try:
                 entry = self._add_fd(fd)
             except BaseException:

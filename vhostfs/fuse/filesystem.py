@@ -15,13 +15,16 @@ The FUSE server calls these methods with already-validated arguments:
   system: the server logs it and answers EIO.
 - `ctx` carries the caller's uid, gid and pid (as the guest kernel reports them).
 
-Methods may be called concurrently from several threads (one per queue or worker).
+Methods may be called concurrently from several threads (one per queue or worker). A blocking lock
+request (`setlk`/`flock` with `wait`) may wait as long as the lock is held, on a thread of its own, as
+long as it gives up with EINTR once `ctx.interrupt` is set (see `Context`).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -35,11 +38,20 @@ ROOT_ID = 1
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    """Who is asking: the credentials the guest kernel sent with the request."""
+    """Who is asking: the credentials the guest kernel sent with the request.
+
+    `interrupt` is set only for a request that may wait without bound (a blocking lock: `setlk` or
+    `flock` with `wait`): an event the server sets when the request must stop waiting, because the
+    client interrupted it (FUSE_INTERRUPT), the session ended (reset, DESTROY, a new INIT) or the
+    transport is stopping. A file system that waits polls it or sleeps in `interrupt.wait(timeout)`,
+    and once it is set gives up and raises EINTR. It is None for every other request, which the
+    server does not track and which must not wait without bound.
+    """
 
     uid: int
     gid: int
     pid: int
+    interrupt: threading.Event | None = None
 
 
 class Attr(Protocol):
@@ -325,7 +337,8 @@ class Filesystem:
     def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: Lock, wait: bool) -> None:
         """F_SETLK (F_SETLKW when `wait`) for lock `owner`: takes or drops (F_UNLCK) a record lock.
 
-        Raises EAGAIN when another owner's lock conflicts and `wait` is false. Every lock of an owner on
+        Raises EAGAIN when another owner's lock conflicts and `wait` is false. With `wait`, waits until
+        the lock can be taken, or raises EINTR once `ctx.interrupt` is set. Every lock of an owner on
         a node goes when `flush` is called with that owner.
         """
         raise _nosys()
@@ -334,8 +347,9 @@ class Filesystem:
         """flock(2) on handle `fh`, `kind` being F_RDLCK (shared), F_WRLCK (exclusive) or F_UNLCK.
 
         Called only when `init` adds FUSE_FLOCK_LOCKS to `conn.want`. Raises EAGAIN on conflict unless
-        `wait`. The lock belongs to the handle and goes with it, and is dropped before `release` when
-        the guest asks for it (FUSE_RELEASE_FLOCK_UNLOCK).
+        `wait`, which waits as `setlk` does (EINTR once `ctx.interrupt` is set). The lock belongs to
+        the handle and goes with it, and is dropped before `release` when the guest asks for it
+        (FUSE_RELEASE_FLOCK_UNLOCK).
         """
         raise _nosys()
 

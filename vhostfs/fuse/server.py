@@ -7,8 +7,10 @@ server fills in `fuse_out_header` plus the reply body and says how many bytes it
 The guest is untrusted. Every length, count and name is checked before use, a malformed request
 gets an error reply (or none, when not even the `unique` can be read or the opcode never takes a
 reply), and no size field in a request can make the server allocate beyond the request itself
-and the reply room the transport gave it. The server keeps no per-request state beyond the call,
-so one instance may serve several queues from several threads.
+and the reply room the transport gave it. One instance may serve several queues from several
+threads. The only state kept about requests in flight is for those that may wait without bound
+(SETLKW): each gets an event the file system watches (`Context.interrupt`), set by a FUSE_INTERRUPT
+naming the request, by `interrupt`, and by the end of the session.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -75,6 +78,9 @@ _U64_LIMIT = 1 << 64
 _ZERO_ENTRY = (0,) * len(abi.ENTRY_OUT.unpack(bytes(abi.ENTRY_OUT.size)))
 # Opcodes the kernel never waits an answer for: a reply would name a unique nobody owns.
 _NO_REPLY = frozenset({abi.FUSE_FORGET, abi.FUSE_BATCH_FORGET, abi.FUSE_INTERRUPT, abi.FUSE_NOTIFY_REPLY})
+# INTERRUPTs remembered for requests not (yet) waiting: the interrupt may overtake its request (another
+# virtqueue, another /dev/fuse reader). The kernel's uniques only grow, so the oldest are dropped.
+_EARLY_INTERRUPTS_MAX = 64
 
 
 def _with_header(body: struct.Struct) -> struct.Struct:
@@ -249,6 +255,10 @@ class FuseServer:
         self._initialized = False
         self._write_limit = max_write
         self._setxattr_ext = False
+        # unique -> the event of a request waiting in the file system; INTERRUPTs that came first.
+        self._wait_lock = threading.Lock()
+        self._waits: dict[int, threading.Event] = {}
+        self._early_interrupts: dict[int, None] = {}
         table: list[_Handler | None] = [None] * (abi.FUSE_STATX + 1)
         for opcode, method in (
             (abi.FUSE_INIT, self._init), (abi.FUSE_DESTROY, self._destroy),
@@ -266,7 +276,7 @@ class FuseServer:
             (abi.FUSE_READDIRPLUS, self._readdirplus), (abi.FUSE_RELEASEDIR, self._releasedir),
             (abi.FUSE_FSYNCDIR, self._fsyncdir), (abi.FUSE_ACCESS, self._access),
             (abi.FUSE_CREATE, self._create), (abi.FUSE_INTERRUPT, self._interrupt),
-            (abi.FUSE_NOTIFY_REPLY, self._interrupt), (abi.FUSE_FALLOCATE, self._fallocate),
+            (abi.FUSE_NOTIFY_REPLY, self._notify_reply), (abi.FUSE_FALLOCATE, self._fallocate),
             (abi.FUSE_LSEEK, self._lseek), (abi.FUSE_COPY_FILE_RANGE, self._copy_file_range),
             (abi.FUSE_SYNCFS, self._syncfs),
             (abi.FUSE_GETLK, self._getlk), (abi.FUSE_SETLK, self._setlk), (abi.FUSE_SETLKW, self._setlkw),
@@ -288,12 +298,53 @@ class FuseServer:
         return self._initialized
 
     def reset(self) -> None:
-        """Ends the session without a DESTROY request (device reset, transport gone): calls
-        `fs.destroy()` if a session was running, and expects a new INIT."""
-        if self._initialized:
-            self._initialized = False
+        """Ends the session without a DESTROY request (device reset, transport gone): interrupts the
+        requests waiting in the file system, calls `fs.destroy()` if a session was running, and
+        expects a new INIT."""
+        initialized, self._initialized = self._initialized, False
+        with self._wait_lock:
+            # A wait registered after this sees `_initialized` false and is interrupted at once.
+            for event in self._waits.values():
+                event.set()
+            self._early_interrupts.clear()
+        if initialized:
             self.conn = None
             self.fs.destroy()
+
+    def interrupt(self, unique: int) -> bool:
+        """Makes request `unique` stop waiting (it then answers EINTR), as FUSE_INTERRUPT does.
+
+        For transports that must end a request themselves (a queue being stopped). Returns whether
+        the request was waiting; if not, the interrupt is remembered for a while, in case the
+        request is still on its way to the file system.
+        """
+        with self._wait_lock:
+            event = self._waits.get(unique)
+            if event is not None:
+                event.set()
+                return True
+            early = self._early_interrupts
+            early[unique] = None
+            if len(early) > _EARLY_INTERRUPTS_MAX:
+                del early[next(iter(early))]
+            return False
+
+    def _begin_wait(self, unique: int) -> threading.Event:
+        event = threading.Event()
+        with self._wait_lock:
+            self._waits[unique] = event
+            early = unique in self._early_interrupts
+            if early:
+                del self._early_interrupts[unique]
+            if early or not self._initialized:
+                event.set()
+        return event
+
+    def _end_wait(self, unique: int, event: threading.Event) -> None:
+        with self._wait_lock:
+            # A client reusing a unique may have replaced the entry; only ours goes.
+            if self._waits.get(unique) is event:
+                del self._waits[unique]
 
     def handle(self, reader: Reader, writer: Writer) -> int:
         """Parses one request from `reader`, serves it and writes the reply into `writer`.
@@ -401,8 +452,19 @@ class FuseServer:
 
     def _interrupt(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                    writer: Writer) -> int:
-        # Requests are served to completion synchronously, so there is never anything to interrupt;
-        # NOTIFY_REPLY answers a RETRIEVE notification this server never sends. Neither is answered.
+        # fuse.h: fuse_interrupt_in.unique names the request. Only a waiting SETLKW can be cut short;
+        # every other request runs to completion, and the interrupt is never answered (an EAGAIN
+        # reply would make the kernel resend it at once for as long as the request runs).
+        if body_len < abi.INTERRUPT_IN.size:
+            log.debug("dropping a truncated INTERRUPT")
+            return 0
+        (target,) = abi.INTERRUPT_IN.unpack(reader.read(abi.INTERRUPT_IN.size))
+        self.interrupt(target)
+        return 0
+
+    def _notify_reply(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+                      writer: Writer) -> int:
+        # The answer to a RETRIEVE notification, which this server never sends; it takes no reply.
         return 0
 
     # -- names ----------------------------------------------------------------------------------
@@ -655,7 +717,12 @@ class FuseServer:
 
     def _setlkw(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                 writer: Writer) -> int:
-        return self._do_setlk(unique, nodeid, ctx, body_len, reader, writer, True)
+        event = self._begin_wait(unique)
+        try:
+            return self._do_setlk(unique, nodeid, Context(ctx.uid, ctx.gid, ctx.pid, event), body_len,
+                                  reader, writer, True)
+        finally:
+            self._end_wait(unique, event)
 
     def _do_setlk(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                   writer: Writer, wait: bool) -> int:
