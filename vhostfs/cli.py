@@ -14,6 +14,7 @@ import json
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import socket
 import stat
@@ -34,7 +35,7 @@ LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.I
 #: C virtiofsd `-o` options accepted without effect: the guest sees the same file system either way
 #: (locking and write-back are the guest kernel's choices through FUSE_INIT flags, timeouts are
 #: covered by cache=, the rest select optional protocol extensions the kernel may ask for).
-_O_IGNORED = frozenset({"timeout", "norace", "no_posix_acl", "modcaps", "allow_root"})
+_O_IGNORED = frozenset({"timeout", "norace", "no_posix_acl", "allow_root"})
 #: C virtiofsd `-o` options that change what the guest sees and that vhostfs does not implement.
 _O_UNSUPPORTED = frozenset({"posix_acl", "security_label", "writeback_cache"})
 #: C virtiofsd `-o` switches, each with a `no_` form, and the argument they set.
@@ -73,6 +74,8 @@ def _apply_o_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                 args.log_level = value
             elif key == "sandbox":
                 args.sandbox = value
+            elif key == "modcaps":
+                args.modcaps = value
             elif key in _O_IGNORED:
                 # Tuning the guest would not notice: warned about once logging is set up.
                 args.ignored_o.append(item)
@@ -119,12 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
+    p.add_argument("--inode-file-handles", choices=("never", "prefer", "mandatory"), default="never",
+                   help="hold the files the guest knows by file handles instead of open fds, so that "
+                        "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
+                        "can, mandatory: refuse to start otherwise (default: never)")
+    p.add_argument("--rlimit-nofile", type=int, metavar="N",
+                   help="set RLIMIT_NOFILE to N at start (0: leave it; default: raise it to "
+                        "min(hard limit, 1000000))")
     p.add_argument("--thread-pool-size", type=int, default=0, metavar="N",
                    help="threads serving each request queue (default 0: the queue's own thread)")
     p.add_argument("--sandbox", choices=("namespace", "chroot", "none"), default="none",
                    help="confine the daemon to the shared directory: namespace (new mount, pid and net "
                         "namespaces, pivot_root into it; needs root), chroot (for containers), or none "
                         "(default)")
+    p.add_argument("--modcaps", metavar="+CAP:-CAP",
+                   help="adjust the capabilities the daemon keeps, e.g. +sys_admin:-mknod (names with or "
+                        "without CAP_, colon-separated, each with + to keep or - to drop)")
+    p.add_argument("--seccomp", choices=("none", "kill", "log", "trap"), default="none",
+                   help="system calls outside the daemon's list: none (no filter, default), kill the "
+                        "daemon, log them (kernel audit log) or trap (SIGSYS)")
     p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
     p.add_argument("--syslog", action="store_true", help="log to syslog instead of stderr")
     p.add_argument("--print-capabilities", action="store_true",
@@ -209,6 +225,44 @@ def _size(text: str) -> int:
     return size
 
 
+#: virtiofsd's default for --rlimit-nofile.
+DEFAULT_RLIMIT_NOFILE = 1_000_000
+
+
+def set_rlimit_nofile(requested: int | None) -> int:
+    """Sets the soft RLIMIT_NOFILE as --rlimit-nofile asks and returns it.
+
+    None (the default) raises the soft limit to min(hard limit, DEFAULT_RLIMIT_NOFILE) and never lowers
+    it; 0 leaves it; N sets it to N, raising the hard limit too where the daemon may
+    (CAP_SYS_RESOURCE), and the hard limit otherwise, with a warning. /proc/sys/fs/nr_open caps both.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if requested == 0:
+        return soft
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            nr_open = int(f.read())
+    except (OSError, ValueError):
+        nr_open = DEFAULT_RLIMIT_NOFILE
+    if hard == resource.RLIM_INFINITY:
+        hard = nr_open
+    if requested is None:
+        target = min(hard, DEFAULT_RLIMIT_NOFILE, nr_open)
+        if target <= soft:
+            return soft
+    else:
+        target = min(requested, nr_open)
+    if target > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target
+        except (OSError, ValueError):
+            log.warning("--rlimit-nofile %d: the hard limit is %d and cannot be raised", target, hard)
+            target = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
@@ -244,13 +298,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyError:
             parser.error(f"--socket-group: no group named {args.socket_group!r}")
 
-    from vhostfs import sandbox
+    if args.rlimit_nofile is not None and args.rlimit_nofile < 0:
+        parser.error("--rlimit-nofile must not be negative")
+    set_rlimit_nofile(args.rlimit_nofile)
+
+    from vhostfs import caps, sandbox, seccomp
     from vhostfs.device import VirtioFsDevice
     from vhostfs.fs.passthrough import Passthrough
     from vhostfs.fuse.server import FuseServer
     from vhostfs.vhost_user.connection import Connection
     from vhostfs.vhost_user.handler import Session
 
+    try:
+        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles).
+        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never")
+    except caps.CapabilityError as e:
+        parser.error(str(e))
+    if args.seccomp != "none" and not seccomp.supported():
+        parser.error(f"--seccomp={args.seccomp}: {seccomp.UNSUPPORTED}")
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     lock_fd = -1
@@ -288,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          allow_direct_io=args.allow_direct_io, allow_mmap=args.allow_mmap,
                          announce_submounts=args.announce_submounts,
                          preserve_noatime=args.preserve_noatime, xattrmap=args.xattrmap,
-                         posix_lock=args.posix_lock, flock=args.flock, killpriv_v2=args.killpriv_v2)
+                         posix_lock=args.posix_lock, flock=args.flock, killpriv_v2=args.killpriv_v2,
+                         inode_file_handles=args.inode_file_handles)
     except ValueError as e:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
@@ -307,6 +373,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         jail.lock_down()
     except sandbox.SandboxError as e:
+        if args.sandbox != "namespace":
+            remove_socket()
+        raise SystemExit(f"vhostfs: {e}") from None
+    # Last, with everything set up and before the first worker thread starts (threads inherit the
+    # capabilities and the filter of the thread that creates them): see caps.py and seccomp.py.
+    try:
+        caps.drop(*keep_caps)
+        if args.seccomp != "none":
+            seccomp.install(args.seccomp, syslog=args.syslog)
+    except (caps.CapabilityError, seccomp.SeccompError) as e:
         if args.sandbox != "namespace":
             remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
