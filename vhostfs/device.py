@@ -47,13 +47,9 @@ VIRTIO_FS_TAG_MAX = 36
 #: Request queues a front end may set up (GET_QUEUE_NUM reports one more, for the hiprio queue).
 MAX_REQUEST_QUEUES = 16
 
-#: fuse_in_header's opcode and unique (fuse.h), after its u32 len.
-_FUSE_OPCODE = struct.Struct("<I")
-_FUSE_UNIQUE = struct.Struct("<Q")
+#: Offsets of fuse_in_header's u32 opcode and u64 unique (fuse.h), after its u32 len.
 _FUSE_OPCODE_OFFSET = 4
 _FUSE_UNIQUE_OFFSET = 8
-_FUSE_HEADER_PREFIX = _FUSE_UNIQUE_OFFSET + _FUSE_UNIQUE.size
-assert _FUSE_HEADER_PREFIX <= abi.IN_HEADER.size
 #: Requests of one queue waiting on threads of their own at a time; later ones queue for a thread.
 MAX_WAITING = 64
 
@@ -65,26 +61,9 @@ DEVICE_FEATURES = (
 )
 
 
-def _header_prefix(chain) -> bytes:
-    """The first bytes of the request in `chain` up to fuse_in_header's unique (fewer if it is shorter)."""
-    out = b""
-    # The device's one look into the FUSE request: the Reader's views, without consuming them.
-    for seg in chain.reader._segs:
-        out += bytes(seg[:_FUSE_HEADER_PREFIX - len(out)])
-        if len(out) == _FUSE_HEADER_PREFIX:
-            break
-    return out
-
-
 def _may_wait(chain) -> bool:
     """Whether the request in `chain` may wait without bound (FUSE_SETLKW)."""
-    segs = chain.reader._segs
-    if segs and len(segs[0]) >= _FUSE_HEADER_PREFIX:
-        return _FUSE_OPCODE.unpack_from(segs[0], _FUSE_OPCODE_OFFSET)[0] == abi.FUSE_SETLKW
-    # A header split across descriptors (unusual, but allowed): gathered the slow way.
-    prefix = _header_prefix(chain)
-    return (len(prefix) == _FUSE_HEADER_PREFIX
-            and _FUSE_OPCODE.unpack_from(prefix, _FUSE_OPCODE_OFFSET)[0] == abi.FUSE_SETLKW)
+    return chain.reader.peek_u32(_FUSE_OPCODE_OFFSET) == abi.FUSE_SETLKW
 
 
 def ring_views(memory: GuestMemory, vring: Vring) -> tuple[memoryview, memoryview, memoryview]:
@@ -258,7 +237,7 @@ class QueueWorker:
 
     def _serve_apart(self, chain) -> None:
         """Serves a request that may wait without bound on a thread of its own (both modes)."""
-        unique = _FUSE_UNIQUE.unpack_from(_header_prefix(chain), _FUSE_UNIQUE_OFFSET)[0]
+        unique = chain.reader.peek_u64(_FUSE_UNIQUE_OFFSET)
         with self.used_lock:
             self.waiting[chain.head] = unique
             if self._waiters >= MAX_WAITING:

@@ -12,9 +12,13 @@ about each other.
 from __future__ import annotations
 
 import os
+import struct
 
 #: Linux limit on the iovecs one preadv/pwritev call takes.
 IOV_MAX = 1024
+
+_U32 = struct.Struct("<I")
+assert _U32.size == 4
 
 
 def _take(segs: list[memoryview], idx: int, off: int, size: int) -> tuple[list[memoryview], int, int]:
@@ -85,6 +89,26 @@ class Reader:
         views, self._idx, self._off = _take(self._segs, self._idx, off, size)
         self.remaining -= size
         return b"".join(views)
+
+    def peek_u32(self, offset: int) -> int | None:
+        """The little-endian u32 at `offset` bytes ahead, without consuming anything; None if short.
+
+        For a look at a header field (the device routes requests by their FUSE opcode) that costs
+        no copy when, as usual, the field lies in the first view.
+        """
+        seg = self._segs[self._idx] if self._idx < len(self._segs) else b""
+        start = self._off + offset
+        if start + 4 <= len(seg):
+            return _U32.unpack_from(seg, start)[0]
+        if offset + 4 > self.remaining:
+            return None
+        views, _, _ = _take(self._segs, self._idx, self._off, offset + 4)
+        return _U32.unpack_from(b"".join(views), offset)[0]
+
+    def peek_u64(self, offset: int) -> int | None:
+        """The little-endian u64 at `offset` bytes ahead, without consuming anything; None if short."""
+        low, high = self.peek_u32(offset), self.peek_u32(offset + 4)
+        return None if low is None or high is None else low | high << 32
 
     def skip(self, size: int) -> int:
         """Consumes up to `size` bytes without copying them; returns how many were skipped."""

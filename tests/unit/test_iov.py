@@ -87,3 +87,13 @@ def test_read_from_fd_stops_at_eof(tmp_path):
         w.write(b"!")
     finally:
         os.close(fd)
+
+
+def test_peek_reads_ahead_without_consuming():
+    r = Reader([memoryview(b"\x01\x00\x00\x00\x02\x00"), memoryview(b"\x00\x00\x03\x00\x00\x00\x00\x00")])
+    assert r.peek_u32(0) == 1
+    assert r.peek_u32(4) == 2  # across the two views
+    assert r.peek_u64(4) == 2 | 3 << 32
+    assert r.peek_u32(12) is None
+    assert r.remaining == 14 and r.read(4) == b"\x01\x00\x00\x00"
+    assert r.peek_u32(0) == 2
