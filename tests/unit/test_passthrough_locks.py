@@ -12,11 +12,10 @@ import fcntl
 import os
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.unit.test_passthrough import _tree, raises_errno
+from tests.unit.test_passthrough import raises_errno
 from vhostfs.fs.locks import F_OFD_SETLK, FLOCK, OFFSET_MAX
 from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse import abi
@@ -27,34 +26,6 @@ from vhostfs.iov import Reader, Writer
 CTX = Context(0, 0, 4242)
 RD, WR, UN = fcntl.F_RDLCK, fcntl.F_WRLCK, fcntl.F_UNLCK
 OWNER_A, OWNER_B = 0xA0A0, 0xB0B0
-
-
-@pytest.fixture
-def share(tmp_path: Path):
-    share, canary = tmp_path / "share", tmp_path / "canary"
-    share.mkdir()
-    canary.mkdir()
-    (canary / "secret").write_bytes(b"do not touch")
-    before = _tree(canary)
-    yield share
-    assert _tree(canary) == before, "the canary directory outside the share changed"
-
-
-@pytest.fixture
-def make(share):
-    made: list[Passthrough] = []
-    umask = os.umask(0)
-    os.umask(umask)
-
-    def factory(**kw) -> Passthrough:
-        fs = Passthrough(str(share), **kw)
-        made.append(fs)
-        return fs
-
-    yield factory
-    for fs in made:
-        fs.close()
-    os.umask(umask)
 
 
 @pytest.fixture

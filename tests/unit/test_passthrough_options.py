@@ -7,11 +7,9 @@ import fcntl
 import os
 import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.unit.test_passthrough import _tree
 from tests.unit.test_passthrough_locks import Server
 from vhostfs.fs.passthrough import FUSE_WRITE_KILL_SUIDGID, Passthrough
 from vhostfs.fuse import abi
@@ -21,34 +19,6 @@ from vhostfs.fuse.server import DEFAULT_WANT
 CTX = Context(0, 0, 1)
 USER = Context(1000, 1000, 2)
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, setfsuid, mount)")
-
-
-@pytest.fixture
-def share(tmp_path: Path):
-    share, canary = tmp_path / "share", tmp_path / "canary"
-    share.mkdir()
-    canary.mkdir()
-    (canary / "secret").write_bytes(b"do not touch")
-    before = _tree(canary)
-    yield share
-    assert _tree(canary) == before, "the canary directory outside the share changed"
-
-
-@pytest.fixture
-def make(share):
-    made: list[Passthrough] = []
-    umask = os.umask(0)
-    os.umask(umask)
-
-    def factory(**kw) -> Passthrough:
-        fs = Passthrough(str(share), **kw)
-        made.append(fs)
-        return fs
-
-    yield factory
-    for fs in made:
-        fs.close()
-    os.umask(umask)
 
 
 def want(fs: Passthrough, capable: int) -> int:
