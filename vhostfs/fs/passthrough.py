@@ -276,6 +276,15 @@ class Passthrough(Filesystem):
             entry.attr_flags = FUSE_ATTR_SUBMOUNT
         return entry
 
+    def _open_new(self, fd: int) -> tuple[Entry, Open]:
+        """The Entry and file handle of a file just created and open as `fd` (which they then own)."""
+        try:
+            entry = self._add_fd(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return entry, Open(self._handles.add(fd, entry.nodeid, False), self._fopen_file)
+
     def _add_fd(self, fd: int) -> Entry:
         """Counts a lookup of the file open as `fd` (any open mode) and returns its Entry."""
         path_fd = self._inodes.open_fd(
@@ -566,12 +575,7 @@ class Passthrough(Filesystem):
                     self._inodes.forget(entry.nodeid, 1)
                     raise
                 return entry, Open(fh, self._fopen_file)
-            try:
-                entry = self._add_fd(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            return entry, Open(self._handles.add(fd, entry.nodeid, False), self._fopen_file)
+            return self._open_new(fd)
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         """pread(2) on `fh` (the copying path; the server uses read_into)."""
@@ -684,12 +688,7 @@ class Passthrough(Filesystem):
                 fd = self._inodes.open_fd(lambda: os.open(
                     ".", host_flags | os.O_TMPFILE | os.O_CLOEXEC, stat.S_IMODE(mode) & ~umask,
                     dir_fd=dir_inode.fd))
-            try:
-                entry = self._add_fd(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            return entry, Open(self._handles.add(fd, entry.nodeid, False), self._fopen_file)
+            return self._open_new(fd)
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         """fdatasync(2) or fsync(2) on `fh`."""
