@@ -402,6 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit:
         log.info("terminated by signal")
     finally:
+        # Already on the way out: a SIGTERM now (a launcher stopping a daemon that is exiting by
+        # itself) must not kill it halfway, nor during interpreter shutdown, which restores the
+        # default action for the handlers set above but keeps SIG_IGN.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if args.sandbox != "namespace":
             remove_socket()
         if lock_fd >= 0:
