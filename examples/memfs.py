@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import select
 import stat
 import threading
 import time
@@ -402,6 +403,13 @@ class MemFS(Filesystem):
         with self.lock:
             data = bytes(self._file(fh_in).data[off_in:off_in + length])
             return self.write(ctx, nodeid_out, fh_out, off_out, data, 0)
+
+    def poll(self, ctx: Context, nodeid: int, fh: int, kh: int, flags: int, events: int) -> int:
+        # Memory is always ready to be read and written; nothing ever changes that, so no readiness
+        # notification would be due even if the server could send one.
+        with self.lock:
+            self._file(fh)
+        return events & (select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM)
 
     # -- directories ----------------------------------------------------------------------------
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> Open:

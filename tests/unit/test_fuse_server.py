@@ -6,6 +6,7 @@ import errno
 import importlib.util
 import logging
 import os
+import select
 import stat
 import struct
 import threading
@@ -16,7 +17,18 @@ from pathlib import Path
 import pytest
 
 from vhostfs.fuse import abi
-from vhostfs.fuse.filesystem import TIME_NOW, ConnectionInfo, Context, DirEntry, Entry, SetAttr, Stat
+from vhostfs.fuse.filesystem import (
+    STATX_BASIC_STATS,
+    STATX_BTIME,
+    TIME_NOW,
+    ConnectionInfo,
+    Context,
+    DirEntry,
+    Entry,
+    SetAttr,
+    Stat,
+    Statx,
+)
 from vhostfs.fuse.server import DEFAULT_WANT, FuseServer
 from vhostfs.iov import Reader, Writer
 
@@ -687,9 +699,8 @@ def test_the_end_of_the_session_ends_waiting_setlkws(s: Session, how: str) -> No
     assert replies[0].error == errno.EINTR
 
 
-@pytest.mark.parametrize("opcode", [abi.FUSE_GETLK, abi.FUSE_SETLKW, abi.FUSE_BMAP, abi.FUSE_IOCTL,
-                                    abi.FUSE_SETUPMAPPING, abi.FUSE_TMPFILE, abi.FUSE_STATX, 7, 99,
-                                    abi.CUSE_INIT, 0xFFFFFFFF])
+@pytest.mark.parametrize("opcode", [abi.FUSE_GETLK, abi.FUSE_SETLKW, abi.FUSE_SETUPMAPPING, abi.FUSE_TMPFILE,
+                                    abi.FUSE_STATX, 7, 99, abi.CUSE_INIT, 0xFFFFFFFF])
 def test_unsupported_opcodes_are_enosys(s: Session, opcode: int) -> None:
     reply = s.call(opcode, bytes(64))
     assert reply.error == errno.ENOSYS and reply.length == 16
@@ -872,3 +883,155 @@ def test_negative_lookup_entry_is_cached_with_nodeid_0(s: Session) -> None:
     entry = s.entry(abi.FUSE_LOOKUP, b"ghost\0")
     assert entry[:6] == (0, 0, 5, 0, 500_000_000, 0)
     assert set(entry[6:]) == {0}
+
+
+# -- BMAP, IOCTL, POLL, STATX -----------------------------------------------------------------------
+class Recorder(MemFS):
+    """MemFS plus bmap, ioctl and statx that record their arguments and answer what a test sets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+        self.ioctl_answer: tuple[int, bytes] = (0, b"")
+
+    def bmap(self, ctx: Context, nodeid: int, block: int, blocksize: int) -> int:
+        self.calls.append(("bmap", nodeid, block, blocksize))
+        return block * 8 + 3
+
+    def ioctl(self, ctx: Context, nodeid: int, fh: int, flags: int, cmd: int, arg: int, in_data: bytes,
+              out_size: int) -> tuple[int, bytes]:
+        self.calls.append(("ioctl", nodeid, fh, flags, cmd, arg, in_data, out_size))
+        return self.ioctl_answer
+
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, flags: int, mask: int) -> tuple[Statx, float]:
+        self.calls.append(("statx", nodeid, fh, flags, mask))
+        attr, _ = self.getattr(ctx, nodeid, fh)
+        sx = Statx.from_attr(attr)
+        sx.mask |= STATX_BTIME
+        sx.btime_ns = 1_500_000_000_123
+        return sx, 2.25
+
+
+@pytest.fixture
+def r() -> Session:
+    session = Session(Recorder())
+    session.init(minor=39)
+    return session
+
+
+def ioctl_body(fh: int = 5, flags: int = 0, cmd: int = 0x80046601, arg: int = 0xDEAD, data: bytes = b"",
+               in_size: int | None = None, out_size: int = 4) -> bytes:
+    return abi.IOCTL_IN.pack(fh, flags, cmd, arg, len(data) if in_size is None else in_size, out_size) + data
+
+
+def test_init_speaks_7_39_to_a_newer_client() -> None:
+    reply = Session().call(abi.FUSE_INIT, init_body(minor=45))
+    assert abi.INIT_OUT.unpack(reply.body)[:2] == (7, 39)
+
+
+@pytest.mark.parametrize(("opcode", "body"), [
+    (abi.FUSE_BMAP, abi.BMAP_IN.pack(0, 4096)),
+    (abi.FUSE_IOCTL, abi.IOCTL_IN.pack(0, 0, 0x80046601, 0, 0, 4)),
+    (abi.FUSE_STATX, abi.STATX_IN.pack(0, 0, 0, 0)),
+])
+def test_bmap_ioctl_statx_default_to_enosys(opcode: int, body: bytes) -> None:
+    sess = Session()
+    sess.init(minor=39)
+    assert sess.call(opcode, body).error == errno.ENOSYS
+
+
+def test_bmap_round_trip(r: Session) -> None:
+    nodeid, _ = r.create(b"f")
+    reply = r.call(abi.FUSE_BMAP, abi.BMAP_IN.pack(7, 4096), nodeid, fill=0xFF)
+    assert reply.error == 0 and abi.BMAP_OUT.unpack(reply.body) == (59,)
+    assert r.fs.calls == [("bmap", nodeid, 7, 4096)]
+
+
+def test_ioctl_round_trip(r: Session) -> None:
+    r.fs.ioctl_answer = (3, b"\x01\x02\x03\x04")
+    flags = abi.FUSE_IOCTL_DIR | abi.FUSE_IOCTL_32BIT | abi.FUSE_IOCTL_COMPAT
+    reply = r.call(abi.FUSE_IOCTL, ioctl_body(9, flags, 0x40046602, 0x1234, b"\xaa\xbb\xcc\xdd", out_size=4),
+                   nodeid=2, fill=0xFF)
+    assert reply.error == 0 and reply.length == 16 + 16 + 4
+    assert abi.IOCTL_OUT.unpack_from(reply.body) == (3, 0, 0, 0)
+    assert reply.body[16:] == b"\x01\x02\x03\x04"
+    assert r.fs.calls == [("ioctl", 2, 9, flags, 0x40046602, 0x1234, b"\xaa\xbb\xcc\xdd", 4)]
+
+
+def test_ioctl_unrestricted_is_enosys_without_asking_the_filesystem(r: Session) -> None:
+    assert r.call(abi.FUSE_IOCTL, ioctl_body(flags=abi.FUSE_IOCTL_UNRESTRICTED)).error == errno.ENOSYS
+    assert r.fs.calls == []
+
+
+@pytest.mark.parametrize("in_size", [0, 3, 5, 0xFFFFFFFF])
+def test_ioctl_in_size_must_equal_the_payload(r: Session, in_size: int) -> None:
+    assert r.call(abi.FUSE_IOCTL, ioctl_body(data=b"four", in_size=in_size)).error == errno.EINVAL
+    assert r.fs.calls == []
+
+
+def test_ioctl_huge_out_size_is_bounded(r: Session) -> None:
+    r.call(abi.FUSE_IOCTL, ioctl_body(out_size=0xFFFFFFFF), room=1 << 17)
+    r.call(abi.FUSE_IOCTL, ioctl_body(out_size=0xFFFFFFFF), room=4 << 20)
+    assert [c[-1] for c in r.fs.calls] == [(1 << 17) - 32, 1 << 20]
+
+
+def test_ioctl_out_size_is_cut_to_the_reply_room(r: Session) -> None:
+    r.fs.ioctl_answer = (0, b"12345678")
+    reply = r.call(abi.FUSE_IOCTL, ioctl_body(out_size=100), room=32 + 8)
+    assert reply.error == 0 and reply.body[16:] == b"12345678"
+    assert r.fs.calls[-1][-1] == 8
+    assert r.call(abi.FUSE_IOCTL, ioctl_body(out_size=100), room=20).error == errno.ERANGE
+
+
+@pytest.mark.parametrize("answer", [(0, b"12345"), (1 << 31, b""), (-(1 << 31) - 1, b"")])
+def test_ioctl_answer_beyond_the_limits_is_eio(r: Session, answer: tuple[int, bytes]) -> None:
+    r.fs.ioctl_answer = answer
+    assert r.call(abi.FUSE_IOCTL, ioctl_body(out_size=4)).error == errno.EIO
+
+
+def test_poll_reports_readiness_of_an_open_file(s: Session) -> None:
+    nodeid, fh = s.create(b"f")
+    events = select.POLLIN | select.POLLPRI
+    reply = s.call(abi.FUSE_POLL, abi.POLL_IN.pack(fh, 77, abi.FUSE_POLL_SCHEDULE_NOTIFY, events), nodeid,
+                   fill=0xFF)
+    assert reply.error == 0 and reply.length == 24
+    assert abi.POLL_OUT.unpack(reply.body) == (select.POLLIN,)
+    assert reply.body[4:] == bytes(4), "fuse_poll_out.padding"
+    assert s.call(abi.FUSE_POLL, abi.POLL_IN.pack(fh + 100, 0, 0, events), nodeid).error == errno.EBADF
+
+
+def test_statx_round_trip(r: Session) -> None:
+    nodeid, fh = r.create(b"f")
+    r.write(nodeid, fh, 0, b"hello")
+    reply = r.call(abi.FUSE_STATX, abi.STATX_IN.pack(abi.FUSE_GETATTR_FH, fh, 0x2000, STATX_BTIME), nodeid,
+                   fill=0xFF)
+    assert reply.error == 0 and reply.length == 16 + 288
+    values = abi.STATX_OUT.unpack(reply.body)
+    assert values[:3] == (2, 250_000_000, 0)
+    mask, _blksize, _attributes, nlink, uid, gid, mode, ino, size = values[3:12]
+    assert mask == STATX_BASIC_STATS | STATX_BTIME
+    assert (nlink, uid, gid, stat.S_IFMT(mode), ino, size) == (1, 1000, 1000, stat.S_IFREG, nodeid, 5)
+    assert values[17:20] == (1500, 123, 0), "btime"
+    assert reply.body[16:32] == bytes(16), "fuse_statx_out.spare"
+    assert reply.body[32 + 30:32 + 32] == bytes(2), "fuse_statx.__spare0"
+    assert reply.body[32 + 144:] == bytes(112), "fuse_statx.__spare2"
+    r.call(abi.FUSE_STATX, abi.STATX_IN.pack(0, fh, 0, 0), nodeid)
+    assert r.fs.calls == [("statx", nodeid, fh, 0x2000, STATX_BTIME), ("statx", nodeid, None, 0, 0)]
+
+
+def test_statx_needs_a_7_39_client() -> None:
+    sess = Session(Recorder())
+    sess.init(minor=38)
+    assert sess.call(abi.FUSE_STATX, abi.STATX_IN.pack(0, 0, 0, 0)).error == errno.ENOSYS
+    assert sess.fs.calls == []
+
+
+@pytest.mark.parametrize(("opcode", "body"), [
+    (abi.FUSE_BMAP, b"\0" * 15),
+    (abi.FUSE_IOCTL, b"\0" * 31),
+    (abi.FUSE_POLL, b"\0" * 23),
+    (abi.FUSE_STATX, b"\0" * 23),
+])
+def test_truncated_bmap_ioctl_poll_statx(r: Session, opcode: int, body: bytes) -> None:
+    assert r.call(opcode, body).error == errno.EINVAL
+    assert r.fs.calls == []

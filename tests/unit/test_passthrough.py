@@ -7,7 +7,9 @@ nothing in it changed, so any escape from the share shows up as a failure of whi
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import select
 import socket
 import stat
 import threading
@@ -18,7 +20,7 @@ import pytest
 from vhostfs import native
 from vhostfs.fs.inodes import InodeTable
 from vhostfs.fs.passthrough import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, Passthrough
-from vhostfs.fuse.filesystem import ROOT_ID, TIME_NOW, Context, SetAttr
+from vhostfs.fuse.filesystem import ROOT_ID, STATX_BASIC_STATS, TIME_NOW, Context, SetAttr
 from vhostfs.iov import Reader, Writer
 
 CTX = Context(0, 0, 0)
@@ -773,3 +775,77 @@ def test_concurrent_lookups_and_forgets(fs, share):
         t.join()
     assert not errors
     assert len(fs._inodes) == 1  # only the root is left
+
+
+# -- statx, poll, ioctl, bmap ---------------------------------------------------------------------
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_NOATIME_FL = 0x80
+
+
+def test_statx_reports_the_basic_stats(fs, share):
+    (share / "f").write_bytes(b"12345")
+    nodeid = lookup(fs, "f")
+    sx, timeout = fs.statx(CTX, nodeid, None, 0, 0xFFF)
+    st = os.lstat(share / "f")
+    assert sx.mask == STATX_BASIC_STATS and timeout == 1.0
+    assert (sx.ino, sx.size, sx.mode, sx.nlink, sx.uid, sx.mtime_ns) == (
+        st.st_ino, 5, st.st_mode, 1, st.st_uid, st.st_mtime_ns)
+
+
+def test_poll_says_files_and_directories_are_ready(fs, share):
+    entry, opened = fs.create(CTX, ROOT_ID, b"f", stat.S_IFREG | 0o644, os.O_RDWR, 0)
+    dir_fh = fs.opendir(CTX, ROOT_ID, os.O_RDONLY).fh
+    events = select.POLLIN | select.POLLOUT | select.POLLPRI
+    assert fs.poll(CTX, entry.nodeid, opened.fh, 0, 0, events) == select.POLLIN | select.POLLOUT
+    assert fs.poll(CTX, ROOT_ID, dir_fh, 0, 0, select.POLLIN) == select.POLLIN
+    fs.release(CTX, entry.nodeid, opened.fh, 0)
+    raises_errno(errno.EBADF, fs.poll, CTX, entry.nodeid, opened.fh, 0, 0, events)
+
+
+def test_bmap_is_not_supported(fs, share):
+    (share / "f").write_bytes(b"x")
+    raises_errno(errno.ENOSYS, fs.bmap, CTX, lookup(fs, "f"), 0, 4096)
+
+
+def test_ioctl_other_than_inode_flags_is_enotty(fs, share):
+    entry, opened = fs.create(CTX, ROOT_ID, b"f", stat.S_IFREG | 0o644, os.O_RDWR, 0)
+    # FIONREAD and FS_IOC_GETVERSION: real ioctls of the host, refused all the same.
+    for cmd in (0x541B, 0x80087601):
+        raises_errno(errno.ENOTTY, fs.ioctl, CTX, entry.nodeid, opened.fh, 0, cmd, 0, b"", 8)
+
+
+def test_ioctl_inode_flags_round_trip(fs, share):
+    entry, opened = fs.create(CTX, ROOT_ID, b"f", stat.S_IFREG | 0o644, os.O_RDWR, 0)
+    try:
+        result, data = fs.ioctl(CTX, entry.nodeid, opened.fh, 0, _FS_IOC_GETFLAGS, 0, b"", 4)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            pytest.skip(f"the file system under {share} has no inode flags ({exc.strerror})")
+        raise
+    assert result == 0 and len(data) == 4
+    flags = int.from_bytes(data, "little")
+    try:
+        fs.ioctl(CTX, entry.nodeid, opened.fh, 0, _FS_IOC_SETFLAGS, 0,
+                 (flags | _FS_NOATIME_FL).to_bytes(4, "little"), 4)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EPERM):
+            pytest.skip(f"the file system under {share} refuses FS_NOATIME_FL here ({exc.strerror})")
+        raise
+    _, data = fs.ioctl(CTX, entry.nodeid, opened.fh, 0, _FS_IOC_GETFLAGS, 0, b"", 4)
+    assert int.from_bytes(data, "little") & _FS_NOATIME_FL
+    fd = os.open(share / "f", os.O_RDONLY)
+    try:
+        host = bytearray(8)
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, host)
+    finally:
+        os.close(fd)
+    assert int.from_bytes(host[:4], "little") & _FS_NOATIME_FL, "the flag is set on the host file"
+
+
+def test_ioctl_setflags_on_a_readonly_share_is_erofs(fs_factory, share):
+    (share / "f").write_bytes(b"x")
+    fs = fs_factory(readonly=True)
+    nodeid = lookup(fs, "f")
+    fh = fs.open(CTX, nodeid, os.O_RDONLY).fh
+    raises_errno(errno.EROFS, fs.ioctl, CTX, nodeid, fh, 0, _FS_IOC_SETFLAGS, 0, bytes(4), 4)

@@ -42,7 +42,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import select
 import stat
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,6 +68,7 @@ from vhostfs.fuse.filesystem import (
     Open,
     SetAttr,
     StatVfs,
+    Statx,
 )
 
 if TYPE_CHECKING:
@@ -111,6 +114,17 @@ _DT_DIR = stat.S_IFDIR >> 12
 _DT_REG = stat.S_IFREG >> 12
 _DT_LNK = stat.S_IFLNK >> 12
 _DOTS = (b".", b"..")
+# FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (<linux/fs.h>, chattr(1)'s inode flags), as _IOR/_IOW('f', n, long)
+# encodes them for 64-bit callers and for 32-bit ones (FS_IOC32_*). Whatever the encoding says, the
+# flags travel as a 4-byte unsigned int: the guest kernel sends them so (fuse_fileattr_get/set) and
+# the host kernel reads and writes that much.
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_IOC32_GETFLAGS = 0x80046601
+_FS_IOC32_SETFLAGS = 0x40046602
+_IOC_FLAGS = struct.Struct("<I")
+# A regular file or a directory on the host is always ready for reading and writing.
+_ALWAYS_READY = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
 _FLOCK_OPS = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}
 
 
@@ -363,6 +377,11 @@ class Passthrough(Filesystem):
         """fstat of the node's O_PATH fd (the same inode as any `fh` opened from it)."""
         with self._inodes.use(nodeid) as inode:
             return os.stat(inode.fd), self._timeout
+
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, flags: int, mask: int) -> tuple[Statx, float]:
+        """The basic stats of the node (fstat of its O_PATH fd); no birth time, so `mask` says so."""
+        with self._inodes.use(nodeid) as inode:
+            return Statx.from_attr(os.stat(inode.fd)), self._timeout
 
     def setattr(self, ctx: Context, nodeid: int, changes: SetAttr) -> tuple[Attr, float]:
         """Applies owner, mode, size and times, in that order (chown clears set-id bits; mode wins).
@@ -714,6 +733,36 @@ class Passthrough(Filesystem):
             raise _err(errno.EINVAL)
         with self._handles.use(fh_in) as src, self._handles.use(fh_out) as dst:
             return os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
+
+    def ioctl(self, ctx: Context, nodeid: int, fh: int, flags: int, cmd: int, arg: int, in_data: bytes,
+              out_size: int) -> tuple[int, bytes]:
+        """FS_IOC_GETFLAGS and FS_IOC_SETFLAGS (chattr/lsattr inode flags) on the host file or directory
+        of `fh`; ENOTTY for every other ioctl, which could reach host drivers or file systems in ways
+        the guest must not. The guest kernel has already checked that the caller owns the file (and
+        CAP_LINUX_IMMUTABLE for the immutable and append-only flags)."""
+        with self._handles.use(fh) as handle:
+            if handle.nodeid != nodeid:
+                raise _err(errno.EBADF)
+            buf = bytearray(8)
+            if cmd in (_FS_IOC_GETFLAGS, _FS_IOC32_GETFLAGS):
+                if out_size < _IOC_FLAGS.size:
+                    raise _err(errno.EINVAL)
+                fcntl.ioctl(handle.fd, _FS_IOC_GETFLAGS, buf)
+                return 0, bytes(buf[:_IOC_FLAGS.size])
+            if cmd in (_FS_IOC_SETFLAGS, _FS_IOC32_SETFLAGS):
+                self._check_writable()
+                if len(in_data) < _IOC_FLAGS.size:
+                    raise _err(errno.EINVAL)
+                buf[:_IOC_FLAGS.size] = in_data[:_IOC_FLAGS.size]
+                fcntl.ioctl(handle.fd, _FS_IOC_SETFLAGS, buf)
+                return 0, b""
+        raise _err(errno.ENOTTY)
+
+    def poll(self, ctx: Context, nodeid: int, fh: int, kh: int, flags: int, events: int) -> int:
+        """Only regular files and directories are ever opened, and those the host always reports
+        ready: the requested ones of POLLIN/POLLOUT (and their RDNORM/WRNORM twins)."""
+        with self._handles.use(fh):
+            return events & _ALWAYS_READY
 
     # -- directories --------------------------------------------------------------------------------
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> Open:

@@ -15,7 +15,10 @@ import struct
 
 #: Protocol version this server speaks (fuse.h FUSE_KERNEL_VERSION / FUSE_KERNEL_MINOR_VERSION).
 KERNEL_VERSION = 7
-KERNEL_MINOR_VERSION = 38
+#: 7.39 added FUSE_DIRECT_IO_ALLOW_MMAP (an INIT flag the server passes through) and FUSE_STATX.
+KERNEL_MINOR_VERSION = 39
+#: First minor whose clients know FUSE_STATX.
+STATX_MINOR_VERSION = 39
 #: Oldest client minor served. Older clients are refused with EPROTO rather than answered with the
 #: truncated compat layouts (e.g. the 24-byte fuse_init_out before 7.23) this server does not build.
 MIN_KERNEL_MINOR_VERSION = 27
@@ -166,6 +169,15 @@ FUSE_OPEN_KILL_SUIDGID = 1 << 0      # fuse_open_in/fuse_create_in.open_flags
 FUSE_SETXATTR_ACL_KILL_SGID = 1 << 0  # fuse_setxattr_in.setxattr_flags
 FUSE_SETUPMAPPING_FLAG_WRITE = 1 << 0
 FUSE_SETUPMAPPING_FLAG_READ = 1 << 1
+FUSE_POLL_SCHEDULE_NOTIFY = 1 << 0  # fuse_poll_in.flags
+
+# fuse_ioctl_in.flags / fuse_ioctl_out.flags
+FUSE_IOCTL_COMPAT = 1 << 0           # 32-bit compat ioctl on a 64-bit kernel
+FUSE_IOCTL_UNRESTRICTED = 1 << 1     # not restricted to well-formed ioctls (CUSE), retry allowed
+FUSE_IOCTL_RETRY = 1 << 2            # reply: retry with the in/out iovecs that follow
+FUSE_IOCTL_32BIT = 1 << 3            # 32-bit ioctl
+FUSE_IOCTL_DIR = 1 << 4              # on a directory
+FUSE_IOCTL_COMPAT_X32 = 1 << 5       # x32 compat ioctl on a 64-bit kernel
 
 # renameat2(2) flags carried in fuse_rename2_in.flags (linux/fs.h)
 RENAME_NOREPLACE = 1 << 0

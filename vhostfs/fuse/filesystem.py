@@ -201,6 +201,51 @@ class Lock:
     pid: int = 0
 
 
+#: statx(2) mask bits (<linux/stat.h>) a `Statx` reports in `mask`.
+STATX_BASIC_STATS = 0x7FF
+STATX_BTIME = 0x800
+
+
+@dataclass(slots=True)
+class Statx:
+    """The answer to statx: the fields of fuse_statx, which are those of statx(2)'s struct statx.
+
+    `mask` holds the STATX_* bits of the fields that are filled in; the guest kernel refreshes its
+    cached attributes only when all of STATX_BASIC_STATS are there. Times are nanoseconds since the
+    epoch; `attributes` and `attributes_mask` are STATX_ATTR_* bits. The guest kernel takes the
+    device of the node from its own mount, so `dev_major`/`dev_minor` are informative only.
+    """
+
+    mask: int = 0
+    blksize: int = 4096
+    attributes: int = 0
+    nlink: int = 1
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0
+    ino: int = 0
+    size: int = 0
+    blocks: int = 0
+    attributes_mask: int = 0
+    atime_ns: int = 0
+    btime_ns: int = 0
+    ctime_ns: int = 0
+    mtime_ns: int = 0
+    rdev_major: int = 0
+    rdev_minor: int = 0
+    dev_major: int = 0
+    dev_minor: int = 0
+
+    @classmethod
+    def from_attr(cls, a: Attr) -> Statx:
+        """The STATX_BASIC_STATS of `a` (an `os.stat_result` or `Stat`); no birth time."""
+        dev = getattr(a, "st_dev", 0)
+        return cls(mask=STATX_BASIC_STATS, blksize=a.st_blksize, nlink=a.st_nlink, uid=a.st_uid, gid=a.st_gid,
+                   mode=a.st_mode, ino=a.st_ino, size=a.st_size, blocks=a.st_blocks, atime_ns=a.st_atime_ns,
+                   ctime_ns=a.st_ctime_ns, mtime_ns=a.st_mtime_ns, rdev_major=os.major(a.st_rdev),
+                   rdev_minor=os.minor(a.st_rdev), dev_major=os.major(dev), dev_minor=os.minor(dev))
+
+
 @dataclass(slots=True)
 class Open:
     """The answer to open, opendir and create: the handle plus FOPEN_* flags for the guest."""
@@ -237,6 +282,17 @@ class Filesystem:
 
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
         """Returns (attributes, attr_timeout in seconds) of `nodeid`; `fh` if the caller has it open."""
+        raise _nosys()
+
+    def statx(self, ctx: Context, nodeid: int, fh: int | None, flags: int, mask: int) -> tuple[Statx, float]:
+        """statx(2) of `nodeid`: returns (attributes, attr_timeout in seconds); `fh` if the caller has it
+        open.
+
+        `mask` holds the STATX_* fields the caller asks for and `flags` its AT_STATX_SYNC_* bits; as
+        with statx(2) the answer may hold more or fewer fields, and says which in `Statx.mask`. The
+        guest kernel asks only for fields beyond STATX_BASIC_STATS (a birth time), and on ENOSYS
+        stops asking and uses `getattr` from then on. `Statx.from_attr` builds one from a stat result.
+        """
         raise _nosys()
 
     def setattr(self, ctx: Context, nodeid: int, changes: SetAttr) -> tuple[Attr, float]:
@@ -368,6 +424,43 @@ class Filesystem:
     def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int,
                         fh_out: int, off_out: int, length: int, flags: int) -> int:
         """Copies `length` bytes between two open files on the host side; returns bytes copied."""
+        raise _nosys()
+
+    def bmap(self, ctx: Context, nodeid: int, block: int, blocksize: int) -> int:
+        """The device block holding logical block `block` (of `blocksize` bytes) of file `nodeid`.
+
+        Meaningful only for a file system on a block device (the guest asks for FIBMAP and swap
+        files); others keep the default ENOSYS, which the guest remembers and stops asking.
+        """
+        raise _nosys()
+
+    def ioctl(self, ctx: Context, nodeid: int, fh: int, flags: int, cmd: int, arg: int, in_data: bytes,
+              out_size: int) -> tuple[int, bytes]:
+        """ioctl(2) `cmd` on open file (or, with FUSE_IOCTL_DIR in `flags`, directory) `fh`.
+
+        Only restricted ioctls reach a FUSE file system: the guest kernel derives the data from
+        `cmd`'s _IOC direction and size, sends what the caller passes in as `in_data`, and copies
+        back to the caller at most `out_size` bytes. `arg` is the caller's raw argument (an address
+        in guest memory, never to be dereferenced here). Returns (result, out data): `result` is
+        ioctl(2)'s non-negative return value (a signed 32-bit int) and the out data at most `out_size`
+        bytes. Raise ENOTTY for a `cmd` the file system does not know.
+
+        `flags` are FUSE_IOCTL_* bits: FUSE_IOCTL_COMPAT (the caller is a 32-bit process on a 64-bit
+        guest) and FUSE_IOCTL_32BIT (its structs use 32-bit layouts, which `cmd`'s size reflects), and
+        FUSE_IOCTL_DIR. The server answers unrestricted ioctls (FUSE_IOCTL_UNRESTRICTED, CUSE only)
+        with ENOSYS itself, and never asks the guest to retry (FUSE_IOCTL_RETRY) with other buffers.
+        """
+        raise _nosys()
+
+    def poll(self, ctx: Context, nodeid: int, fh: int, kh: int, flags: int, events: int) -> int:
+        """poll(2) on open file `fh`: returns the POLL* bits of `events` that are ready now.
+
+        `kh` is the guest kernel's handle of the poll and `flags` may hold FUSE_POLL_SCHEDULE_NOTIFY,
+        asking to be told (FUSE_NOTIFY_POLL) when readiness changes. This server sends no
+        notifications, so a file system answers with the current readiness only; a file that is
+        never ready would leave the caller waiting, which is why ordinary files report ready. The
+        default ENOSYS makes the guest treat every file as always readable and writable.
+        """
         raise _nosys()
 
     # -- directories ----------------------------------------------------------------------------

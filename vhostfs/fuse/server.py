@@ -34,6 +34,7 @@ from vhostfs.fuse.filesystem import (
     Lock,
     Open,
     SetAttr,
+    Statx,
 )
 
 if TYPE_CHECKING:
@@ -71,6 +72,10 @@ _MAX_TIMEOUT_SEC = 1 << 32
 # The COPY_FILE_RANGE reply carries a u32 count; the kernel itself caps len at UINT_MAX & PAGE_MASK.
 _COPY_MAX = 0xFFFFFFFF & ~(_PAGE - 1)
 _ZEROS = bytes(abi.DIRENT_ALIGN)
+# Data an IOCTL may carry out, whatever out_size the request claims. A restricted ioctl moves at most
+# _IOC_SIZE (14 bits: under 16 KiB) each way; the guest kernel's own (fs-verity) at most 256 pages.
+_IOCTL_MAX = 256 * _PAGE
+_I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1
 _MAPPING_FLAGS = abi.FUSE_SETUPMAPPING_FLAG_READ | abi.FUSE_SETUPMAPPING_FLAG_WRITE
 # A DAX range [offset, offset + length) must end within the 64 bits of the kernel's u64 fields.
 _U64_LIMIT = 1 << 64
@@ -97,6 +102,10 @@ _R_STATFS = _with_header(abi.STATFS_OUT)
 _R_XATTR_SIZE = _with_header(abi.GETXATTR_OUT)
 _R_LSEEK = _with_header(abi.LSEEK_OUT)
 _R_LK = _with_header(abi.LK_OUT)
+_R_BMAP = _with_header(abi.BMAP_OUT)
+_R_POLL = _with_header(abi.POLL_OUT)
+_R_IOCTL = _with_header(abi.IOCTL_OUT)
+_R_STATX = _with_header(abi.STATX_OUT)
 _R_INIT = _with_header(abi.INIT_OUT)
 _R_INIT_VERSION = _with_header(abi.INIT_OUT_VERSION)
 
@@ -129,6 +138,19 @@ def _attr_values(a: Attr, flags: int = 0) -> tuple[int, ...]:
     # low 32 bits for every major < 4096 and minor < 2**20.
     return (a.st_ino, a.st_size, a.st_blocks, at, mt, ct, atn, mtn, ctn, a.st_mode, a.st_nlink,
             a.st_uid, a.st_gid, a.st_rdev & 0xFFFFFFFF, a.st_blksize, flags)
+
+
+def _sx_time(ns: int) -> tuple[int, int, int]:
+    """A time in nanoseconds as fuse_sx_time (tv_sec, tv_nsec, reserved)."""
+    sec, nsec = divmod(ns, _NSEC)
+    return sec, nsec, 0
+
+
+def _statx_values(sx: Statx) -> tuple[int, ...]:
+    """The fuse_statx fields of `sx`, in wire order."""
+    return (sx.mask, sx.blksize, sx.attributes, sx.nlink, sx.uid, sx.gid, sx.mode, sx.ino, sx.size, sx.blocks,
+            sx.attributes_mask, *_sx_time(sx.atime_ns), *_sx_time(sx.btime_ns), *_sx_time(sx.ctime_ns),
+            *_sx_time(sx.mtime_ns), sx.rdev_major, sx.rdev_minor, sx.dev_major, sx.dev_minor)
 
 
 def _entry_values(e: Entry) -> tuple[int, ...]:
@@ -280,7 +302,8 @@ class FuseServer:
             (abi.FUSE_LSEEK, self._lseek), (abi.FUSE_COPY_FILE_RANGE, self._copy_file_range),
             (abi.FUSE_SYNCFS, self._syncfs),
             (abi.FUSE_GETLK, self._getlk), (abi.FUSE_SETLK, self._setlk), (abi.FUSE_SETLKW, self._setlkw),
-            (abi.FUSE_TMPFILE, self._tmpfile),
+            (abi.FUSE_TMPFILE, self._tmpfile), (abi.FUSE_BMAP, self._bmap), (abi.FUSE_IOCTL, self._ioctl),
+            (abi.FUSE_POLL, self._poll), (abi.FUSE_STATX, self._statx),
             (abi.FUSE_SETUPMAPPING, self._setupmapping), (abi.FUSE_REMOVEMAPPING, self._removemapping),
         ):
             table[opcode] = method
@@ -528,6 +551,18 @@ class FuseServer:
         av, avn = _timeout(timeout)
         return _send(writer, unique, _R_ATTR.pack(_R_ATTR.size, 0, unique, av, avn, *_attr_values(attr)))
 
+    def _statx(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+               writer: Writer) -> int:
+        conn = self.conn
+        if conn is None or conn.proto_minor < abi.STATX_MINOR_VERSION:
+            # fuse.h 7.39: a client that negotiated an older minor does not know this opcode.
+            raise OSError(errno.ENOSYS, "FUSE_STATX needs protocol 7.39")
+        getattr_flags, fh, sx_flags, sx_mask = _args(reader, body_len, abi.STATX_IN)
+        sx, timeout = self.fs.statx(ctx, nodeid, fh if getattr_flags & abi.FUSE_GETATTR_FH else None,
+                                    sx_flags, sx_mask)
+        av, avn = _timeout(timeout)
+        return _send(writer, unique, _R_STATX.pack(_R_STATX.size, 0, unique, av, avn, 0, *_statx_values(sx)))
+
     def _setattr(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                  writer: Writer) -> int:
         (valid, fh, size, _lock_owner, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode,
@@ -755,6 +790,45 @@ class FuseServer:
         if not 0 <= n <= length:
             raise RuntimeError(f"copy_file_range returned {n} for {length} bytes")
         return _send(writer, unique, _R_WRITE.pack(_R_WRITE.size, 0, unique, n))
+
+    def _bmap(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+              writer: Writer) -> int:
+        block, blocksize = _args(reader, body_len, abi.BMAP_IN)
+        result = self.fs.bmap(ctx, nodeid, block, blocksize)
+        if not 0 <= result < _U64_LIMIT:
+            raise RuntimeError(f"bmap returned {result}")
+        return _send(writer, unique, _R_BMAP.pack(_R_BMAP.size, 0, unique, result))
+
+    def _ioctl(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+               writer: Writer) -> int:
+        fh, flags, cmd, arg, in_size, out_size = _args(reader, body_len, abi.IOCTL_IN)
+        # The in data is exactly what follows fuse_ioctl_in; out_size is only the caller's wish, bounded
+        # by the reply room and _IOCTL_MAX so that no request sizes an allocation.
+        if in_size != body_len - abi.IOCTL_IN.size:
+            raise _invalid()
+        if flags & abi.FUSE_IOCTL_UNRESTRICTED:
+            # Unrestricted ioctls (CUSE) need the FUSE_IOCTL_RETRY exchange, which this server does not
+            # do; the guest kernel shows ENOSYS to the caller as ENOTTY.
+            raise OSError(errno.ENOSYS, "unrestricted ioctls are not supported")
+        room = writer.available - _R_IOCTL.size
+        if room < 0:
+            return _error(writer, unique, errno.ERANGE)
+        out_size = min(out_size, room, _IOCTL_MAX)
+        result, data = self.fs.ioctl(ctx, nodeid, fh, flags, cmd, arg, reader.read(in_size), out_size)
+        if not _I32_MIN <= result <= _I32_MAX or len(data) > out_size:
+            raise RuntimeError(f"ioctl returned {result} with {len(data)} bytes for at most {out_size}")
+        total = _R_IOCTL.size + len(data)
+        writer.write(_R_IOCTL.pack(total, 0, unique, result, 0, 0, 0))
+        writer.write(data)
+        return total
+
+    def _poll(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
+              writer: Writer) -> int:
+        fh, kh, flags, events = _args(reader, body_len, abi.POLL_IN)
+        revents = self.fs.poll(ctx, nodeid, fh, kh, flags, events)
+        if not 0 <= revents <= 0xFFFFFFFF:
+            raise RuntimeError(f"poll returned {revents}")
+        return _send(writer, unique, _R_POLL.pack(_R_POLL.size, 0, unique, revents))
 
     # -- directories ----------------------------------------------------------------------------
     def _opendir(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
