@@ -24,6 +24,9 @@ exec {lock_fd}>"$out/.lock"
 flock "$lock_fd"
 
 ensure_guest_tools || exit
+# fio drives the load test (tests/e2e/test_load.py); a guest without it still serves every other test,
+# so failing to install it is not fatal: that test then skips, saying fio is missing.
+command -v fio >/dev/null || apt_install fio || log "no fio on the host: the guest will not have it"
 
 # Prints the .deb file name (PACKAGE_VERSION_amd64.deb) of the kernel that linux-image-amd64
 # currently depends on, or nothing when the package lists do not know it.
@@ -69,7 +72,9 @@ if [ ! -f "$out/kernels/$deb" ] && ! download_kernel "$deb"; then
     fi
 fi
 
-stamp="$deb $(cat "${BASH_SOURCE[0]}" "$here/guest-init" | sha256sum | cut -d' ' -f1)"
+# The fio binary is part of the stamp too: installing or upgrading it on the host changes the guest.
+fio_id=$(command -v fio >/dev/null && sha256sum "$(command -v fio)" | cut -d' ' -f1 || echo none)
+stamp="$deb $(cat "${BASH_SOURCE[0]}" "$here/guest-init" | sha256sum | cut -d' ' -f1) fio=$fio_id"
 if [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "$out/vmlinuz $out/initrd.img"
     exit 0
@@ -88,6 +93,20 @@ mkdir -p "$root/bin" "$root/lib/vhostfs-modules"
 cp "$(command -v busybox)" "$root/bin/busybox"
 cp "$here/guest-init" "$root/init"
 chmod 755 "$root/init"
+
+# fio with every shared library it links against and the dynamic loader, each at the path ldd names
+# (symlinks resolved), so that the loader finds them in the guest as it does on the host: by its
+# default directories, and by RUNPATH for the ones outside them (e.g. ceph/).
+if fio=$(command -v fio); then
+    mkdir -p "$root/usr/bin"
+    cp -L "$fio" "$root/usr/bin/fio"
+    # Lines are "name => /path (addr)", or "/path (addr)" for the loader; the vDSO has no file.
+    ldd "$fio" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' |
+        while read -r lib; do
+            mkdir -p "$root$(dirname "$lib")"
+            cp -L "$lib" "$root$lib"
+        done
+fi
 
 # modprobe resolves the dependencies and prints them in load order (one "insmod PATH" line per
 # module, repeated when two modules share a dependency); busybox's insmod then loads them in that order.

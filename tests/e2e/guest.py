@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,8 +149,13 @@ def boot_guest(
     tag: str = "vhostfs",
     mount_opts: str | None = None,
     timeout: float = 600,
+    daemon_started: Callable[[int], None] | None = None,
 ) -> GuestResult:
-    """Serves shared_dir with daemon_cmd ({sock}, {dir} substituted) and runs script in a guest on it."""
+    """Serves shared_dir with daemon_cmd ({sock}, {dir} substituted) and runs script in a guest on it.
+
+    daemon_started, if given, is called with the daemon's pid once its socket exists, before QEMU
+    starts (e.g. to watch the daemon's resources from another thread while the guest runs).
+    """
     images = build_guest()
     with tempfile.TemporaryDirectory(prefix="vhostfs-e2e-") as tmp:
         run = Path(tmp)
@@ -166,6 +171,8 @@ def boot_guest(
             daemon = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
             _wait_for_socket(sock, daemon, log_path)
+            if daemon_started is not None:
+                daemon_started(daemon.pid)
             append = f"console=ttyS0 quiet panic=-1 vhostfs.tag={tag}"
             if mount_opts:
                 append += f" vhostfs.opts={mount_opts}"
