@@ -74,13 +74,7 @@ def main() -> None:
                     raise SystemExit("the daemon did not start")
                 time.sleep(0.05)
             with Frontend.connect(sock) as fe:
-                fe.reserve_window(window)
-                fe.negotiate()
-                assert fe.set_mem_table() == 0
-                assert fe.start_backend_channel() == 0
-                for i in range(2):
-                    fe.add_ring(i)
-                fe.sync()
+                fe.setup(dax_window=window)
                 client = FuseClient(fe)
                 client.init(flags=abi.FUSE_MAP_ALIGNMENT)
                 nodeid = client.lookup(abi.ROOT_ID, b"big")[0]

@@ -30,14 +30,8 @@ def dax(tmp_path):
     daemon = start_daemon(tmp_path, "--dax-window-size", "16M")
     try:
         with daemon.connect() as fe:
-            fe.reserve_window(WINDOW)
-            fe.negotiate()
+            fe.setup(dax_window=WINDOW)
             assert fe.protocol_features & 1 << m.VHOST_USER_PROTOCOL_F_SHMEM
-            assert fe.set_mem_table() == 0
-            assert fe.start_backend_channel() == 0
-            for i in range(2):
-                fe.add_ring(i)
-            fe.sync()
             client = FuseClient(fe)
             client.init(flags=abi.FUSE_MAP_ALIGNMENT)
             yield client, fe, daemon

@@ -227,10 +227,17 @@ class Frontend:
             self.send(R.VHOST_USER_SET_VRING_ENABLE, m.VRING_STATE.pack(index, 1))
         return ring
 
-    def setup(self, queues: int = 2, num: int = 256) -> None:
-        """Full set-up: negotiation, memory table, and `queues` rings, enabled."""
+    def setup(self, queues: int = 2, num: int = 256, dax_window: int = 0) -> None:
+        """Full set-up: negotiation, memory table, and `queues` rings, enabled.
+
+        With `dax_window` (bytes), a DAX window is reserved first and the back-end channel served.
+        """
+        if dax_window:
+            self.reserve_window(dax_window)
         self.negotiate()
         assert self.set_mem_table() == 0
+        if dax_window:
+            assert self.start_backend_channel() == 0
         for i in range(queues):
             self.add_ring(i, num)
         self.sync()
