@@ -35,14 +35,14 @@ LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.I
 #: C virtiofsd `-o` options accepted without effect: the guest sees the same file system either way
 #: (locking and write-back are the guest kernel's choices through FUSE_INIT flags, timeouts are
 #: covered by cache=, the rest select optional protocol extensions the kernel may ask for).
-_O_IGNORED = frozenset({"timeout", "norace", "no_posix_acl", "allow_root"})
+_O_IGNORED = frozenset({"timeout", "norace", "allow_root"})
 #: C virtiofsd `-o` options that change what the guest sees and that vhostfs does not implement.
-_O_UNSUPPORTED = frozenset({"posix_acl", "security_label", "writeback_cache"})
+_O_UNSUPPORTED = frozenset({"security_label", "writeback_cache"})
 #: C virtiofsd `-o` switches, each with a `no_` form, and the argument they set.
 _O_SWITCHES = {
     "xattr": "xattr", "readdirplus": "readdirplus", "writeback": "writeback", "flock": "flock",
     "posix_lock": "posix_lock", "allow_direct_io": "allow_direct_io",
-    "announce_submounts": "announce_submounts", "killpriv_v2": "killpriv_v2",
+    "announce_submounts": "announce_submounts", "killpriv_v2": "killpriv_v2", "posix_acl": "posix_acl",
 }
 
 
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not serve flock(2) locks (the guest keeps them local)")
     p.add_argument("--killpriv-v2", action="store_true",
                    help="clear set-user/group-ID bits as the guest asks (FUSE_HANDLE_KILLPRIV_V2)")
+    p.add_argument("--posix-acl", action="store_true",
+                   help="POSIX ACLs in the guest (FUSE_POSIX_ACL); implies --xattr")
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
@@ -354,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          announce_submounts=args.announce_submounts,
                          preserve_noatime=args.preserve_noatime, xattrmap=args.xattrmap,
                          posix_lock=args.posix_lock, flock=args.flock, killpriv_v2=args.killpriv_v2,
+                         posix_acl=args.posix_acl,
                          inode_file_handles=args.inode_file_handles)
     except ValueError as e:
         remove_socket()

@@ -78,7 +78,7 @@ def test_libvirt_style_invocation_on_an_inherited_socket(tmp_path):
 
 
 @pytest.mark.parametrize("option,message", [("bogus", "unknown -o option 'bogus'"),
-                                            ("posix_acl", "-o posix_acl is not supported"),
+                                            ("security_label", "-o security_label is not supported"),
                                             ("cache=sometimes", "-o cache=sometimes"),
                                             ("log_level=loud", "-o log_level=loud")])
 def test_bad_o_options_are_errors(tmp_path, option, message):
@@ -97,16 +97,20 @@ def test_harmless_o_options_are_accepted_with_a_warning(tmp_path):
     assert "is not a directory" in r.stderr
 
 
+ACL = abi.FUSE_POSIX_ACL | abi.FUSE_DONT_MASK | abi.FUSE_SETXATTR_EXT
 OFFERED = (abi.FUSE_DO_READDIRPLUS | abi.FUSE_WRITEBACK_CACHE | abi.FUSE_POSIX_LOCKS | abi.FUSE_FLOCK_LOCKS
-           | abi.FUSE_SUBMOUNTS)
+           | abi.FUSE_SUBMOUNTS | ACL)
 
 
 @pytest.mark.parametrize("args,granted,refused", [
-    ((), abi.FUSE_DO_READDIRPLUS | abi.FUSE_POSIX_LOCKS | abi.FUSE_FLOCK_LOCKS, abi.FUSE_WRITEBACK_CACHE),
+    ((), abi.FUSE_DO_READDIRPLUS | abi.FUSE_POSIX_LOCKS | abi.FUSE_FLOCK_LOCKS,
+     abi.FUSE_WRITEBACK_CACHE | ACL),
+    (("--posix-acl",), ACL, abi.FUSE_WRITEBACK_CACHE),
+    (("-o", "posix_acl,no_posix_acl"), 0, ACL),
     (("--no-readdirplus", "--writeback", "--no-posix-lock"), abi.FUSE_WRITEBACK_CACHE | abi.FUSE_FLOCK_LOCKS,
      abi.FUSE_DO_READDIRPLUS | abi.FUSE_POSIX_LOCKS),
-    (("-o", "no_readdirplus,writeback,no_flock,announce_submounts"),
-     abi.FUSE_WRITEBACK_CACHE | abi.FUSE_POSIX_LOCKS | abi.FUSE_SUBMOUNTS,
+    (("-o", "no_readdirplus,writeback,no_flock,announce_submounts,posix_acl"),
+     abi.FUSE_WRITEBACK_CACHE | abi.FUSE_POSIX_LOCKS | abi.FUSE_SUBMOUNTS | ACL,
      abi.FUSE_DO_READDIRPLUS | abi.FUSE_FLOCK_LOCKS),
 ])
 def test_switches_reach_the_init_negotiation(tmp_path, args, granted, refused):

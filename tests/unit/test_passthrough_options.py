@@ -3,9 +3,11 @@ temporary share next to a canary directory that must stay untouched."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
+import struct
 import subprocess
 
 import pytest
@@ -209,6 +211,88 @@ def test_remapped_capability_is_removed_on_write_and_chown(make, share):
     fs.setxattr(CTX, node, b"security.capability", cap, 0)
     fs.write(CTX, node, handle.fh, 0, b"again", FUSE_WRITE_KILL_SUIDGID)
     assert fs.listxattr(CTX, node) == [b"user.keep"]
+
+
+# -- POSIX ACLs ----------------------------------------------------------------------------------------------
+
+ACL_FLAGS = abi.FUSE_POSIX_ACL | abi.FUSE_DONT_MASK | abi.FUSE_SETXATTR_EXT
+_ACL_HEADER = struct.Struct("<I")  # posix_acl_xattr_header: a_version
+_ACL_ENTRY = struct.Struct("<HHI")  # posix_acl_xattr_entry: e_tag, e_perm, e_id
+assert (_ACL_HEADER.size, _ACL_ENTRY.size) == (4, 8)
+_NO_ID = 0xFFFFFFFF
+
+
+def acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_* value (version 2) of (tag, perm, id) entries, in the kernel's order."""
+    return _ACL_HEADER.pack(2) + b"".join(_ACL_ENTRY.pack(*e) for e in entries)
+
+
+# ACL_USER_OBJ 0x01, ACL_USER 0x02, ACL_GROUP_OBJ 0x04, ACL_MASK 0x10, ACL_OTHER 0x20
+USER_1000_READS = acl((0x01, 6, _NO_ID), (0x02, 4, 1000), (0x04, 4, _NO_ID), (0x10, 4, _NO_ID),
+                      (0x20, 0, _NO_ID))
+ALL_RWX = acl((0x01, 7, _NO_ID), (0x04, 7, _NO_ID), (0x20, 7, _NO_ID))
+
+
+def setxattr_request(name: bytes, value: bytes, setxattr_flags: int = 0) -> bytes:
+    return abi.SETXATTR_IN.pack(len(value), 0, setxattr_flags) + name + b"\0" + value
+
+
+@pytest.mark.parametrize("options, capable, granted", [
+    ({}, ACL_FLAGS, 0),
+    ({"posix_acl": True}, ACL_FLAGS, ACL_FLAGS),
+    # Without setxattr_flags the guest could not ask for set-group-ID bits to go: no ACLs then.
+    ({"posix_acl": True}, abi.FUSE_POSIX_ACL | abi.FUSE_DONT_MASK, 0),
+])
+def test_posix_acl_is_negotiated_only_with_the_option(make, options, capable, granted):
+    assert Server(make(**options)).init(DEFAULT_WANT | capable) & ACL_FLAGS == granted
+
+
+def test_acl_round_trip_through_the_server(make, share):
+    (share / "f").write_bytes(b"")
+    srv = Server(make(posix_acl=True))  # no xattr=True: posix_acl implies it
+    srv.init(DEFAULT_WANT | ACL_FLAGS)
+    err, body = srv.call(abi.FUSE_LOOKUP, b"f\0")
+    node = abi.ENTRY_OUT.unpack_from(body)[0]
+    assert srv.call(abi.FUSE_SETXATTR, setxattr_request(b"system.posix_acl_access", USER_1000_READS),
+                    node) == (0, b"")
+    assert os.getxattr(share / "f", "system.posix_acl_access") == USER_1000_READS
+    err, value = srv.call(abi.FUSE_GETXATTR, abi.GETXATTR_IN.pack(4096) + b"system.posix_acl_access\0", node)
+    assert (err, value) == (0, USER_1000_READS)
+    assert stat.S_IMODE(os.stat(share / "f").st_mode) == 0o640  # the mask entry is the group bits
+    assert srv.call(abi.FUSE_REMOVEXATTR, b"system.posix_acl_access\0", node) == (0, b"")
+    with pytest.raises(OSError) as exc:
+        os.getxattr(share / "f", "system.posix_acl_access")
+    assert exc.value.errno == errno.ENODATA
+
+
+@pytest.mark.parametrize("setxattr_flags, sgid_kept", [(0, True), (abi.FUSE_SETXATTR_ACL_KILL_SGID, False)])
+def test_acl_kill_sgid_clears_the_setgid_bit(make, share, setxattr_flags, sgid_kept):
+    (share / "f").write_bytes(b"")
+    os.chmod(share / "f", 0o2770)
+    srv = Server(make(posix_acl=True))
+    srv.init(DEFAULT_WANT | ACL_FLAGS)
+    node = abi.ENTRY_OUT.unpack_from(srv.call(abi.FUSE_LOOKUP, b"f\0")[1])[0]
+    request = setxattr_request(b"system.posix_acl_access", USER_1000_READS, setxattr_flags)
+    assert srv.call(abi.FUSE_SETXATTR, request, node) == (0, b"")
+    mode = os.stat(share / "f").st_mode
+    assert bool(mode & stat.S_ISGID) == sgid_kept and stat.S_IMODE(mode) & 0o777 == 0o640
+    assert os.getxattr(share / "f", "system.posix_acl_access") == USER_1000_READS
+
+
+def test_posix_acl_applies_the_umask_unless_a_default_acl_replaces_it(make, share):
+    (share / "plain").mkdir()
+    (share / "inherit").mkdir()
+    os.setxattr(share / "inherit", "system.posix_acl_default", ALL_RWX)
+    fs = make(posix_acl=True)
+    for dirname, expect in ((b"plain", 0o755), (b"inherit", 0o777)):
+        parent = fs.lookup(CTX, ROOT_ID, dirname).nodeid
+        assert stat.S_IMODE(fs.mkdir(CTX, parent, b"d", 0o777, 0o022).attr.st_mode) == expect
+        f, _ = fs.create(CTX, parent, b"f", 0o666, os.O_RDWR, 0o022)
+        assert stat.S_IMODE(f.attr.st_mode) == expect & 0o666
+    # Without the option the umask always applies (the guest kernel masked the mode already).
+    plain_fs = make()
+    parent = plain_fs.lookup(CTX, ROOT_ID, b"inherit").nodeid
+    assert stat.S_IMODE(plain_fs.mkdir(CTX, parent, b"e", 0o777, 0o022).attr.st_mode) == 0o755
 
 
 def test_malformed_xattrmap_is_refused_at_construction(share):

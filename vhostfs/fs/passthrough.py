@@ -83,6 +83,9 @@ FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_CACHE_DIR = 1 << 3
 FUSE_WRITE_KILL_SUIDGID = 1 << 2
 FUSE_POSIX_LOCKS = 1 << 1
+FUSE_DONT_MASK = 1 << 6
+FUSE_POSIX_ACL = 1 << 20
+FUSE_SETXATTR_EXT = 1 << 29
 FUSE_FLOCK_LOCKS = 1 << 10
 FUSE_DO_READDIRPLUS = 1 << 13
 FUSE_READDIRPLUS_AUTO = 1 << 14
@@ -125,6 +128,12 @@ _FS_IOC32_SETFLAGS = 0x40046602
 _IOC_FLAGS = struct.Struct("<I")
 # A regular file or a directory on the host is always ready for reading and writing.
 _ALWAYS_READY = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
+# What posix_acl negotiates, all or nothing: ACLs in the guest (FUSE_POSIX_ACL), the umask left to the
+# daemon so that a default ACL can override it (FUSE_DONT_MASK), and fuse_setxattr_in.setxattr_flags,
+# which carries FUSE_SETXATTR_ACL_KILL_SGID (FUSE_SETXATTR_EXT). Without the last, the guest could not
+# ask for the set-group-ID bit to be cleared on an ACL change, so ACLs are then not offered at all.
+_ACL_FLAGS = FUSE_POSIX_ACL | FUSE_DONT_MASK | FUSE_SETXATTR_EXT
+_ACL_DEFAULT = "system.posix_acl_default"
 _FLOCK_OPS = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}
 
 
@@ -183,6 +192,10 @@ class Passthrough(Filesystem):
     - `killpriv_v2`: FUSE_HANDLE_KILLPRIV_V2: the guest leaves clearing set-user-ID/set-group-ID bits
       on write, truncate and chown to the daemon (FUSE_WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, and an
       O_TRUNC open by a guest user other than root).
+    - `posix_acl`: POSIX ACLs in the guest (FUSE_POSIX_ACL; implies `xattr`). The system.posix_acl_*
+      attributes go to the host like any other; the guest's umask is applied here (FUSE_DONT_MASK)
+      except in a directory with a default ACL, which replaces it as on the host; and an access ACL
+      set with `kill_sgid` clears the set-group-ID bit.
     - `xattrmap`: virtiofsd's --xattrmap rules (xattrmap.py), applied to every extended attribute name.
     - `inode_file_handles`: "never", "prefer" or "mandatory": hold the nodes the guest knows by file
       handles rather than fds (inodes.py); "mandatory" raises ValueError when the share cannot.
@@ -194,14 +207,15 @@ class Passthrough(Filesystem):
                  xattr: bool = False, posix_lock: bool = True, flock: bool = True,
                  lock_wait: float | None = None, readdirplus: bool = True, writeback: bool = False,
                  allow_direct_io: bool = False, allow_mmap: bool = False, announce_submounts: bool = False,
-                 preserve_noatime: bool = False, killpriv_v2: bool = False,
+                 preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool = False,
                  xattrmap: str | None = None, inode_file_handles: str = "never",
                  fd_budget: int | None = None) -> None:
         if cache not in CACHE_POLICIES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
         self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
         self._readonly = readonly
-        self._xattr = xattr
+        self._xattr = xattr or posix_acl
+        self._posix_acl = posix_acl
         self._xattrmap = XattrMap.parse(xattrmap) if xattrmap is not None else None
         self._cap_name = self._xattrmap.capability_name if self._xattrmap is not None else None
         self._readdirplus = readdirplus
@@ -332,9 +346,26 @@ class Passthrough(Filesystem):
             native.setfsuid(old_uid)
             native.setfsgid(old_gid)
 
+    def _new_mode(self, dir_inode: Inode, mode: int, umask: int) -> int:
+        """The permission bits to create a node with in `dir_inode`: `mode & ~umask`, or, with posix_acl,
+        `mode` itself where the directory has a default ACL.
+
+        POSIX ACLs (and the host kernel, whose own umask for the daemon is 0) let a default ACL take the
+        umask's place. Without FUSE_DONT_MASK the guest sends `mode` already masked, and this changes
+        nothing.
+        """
+        if self._posix_acl:
+            try:
+                os.getxattr(f"/proc/self/fd/{dir_inode.fd}", _ACL_DEFAULT)
+                return stat.S_IMODE(mode)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                    raise
+        return stat.S_IMODE(mode) & ~umask
+
     # -- session ------------------------------------------------------------------------------------
     def init(self, conn: ConnectionInfo) -> None:
-        """Asks for the guest's POSIX record locks and flock locks when they are enabled."""
+        """Asks for the INIT flags the options enable (locks, ACLs, ...), and drops READDIRPLUS if off."""
         if self._posix_lock:
             conn.want |= FUSE_POSIX_LOCKS
         if self._flock:
@@ -349,6 +380,8 @@ class Passthrough(Filesystem):
             conn.want |= FUSE_SUBMOUNTS
         if self._killpriv_v2:
             conn.want |= FUSE_HANDLE_KILLPRIV_V2
+        if self._posix_acl and conn.capable & _ACL_FLAGS == _ACL_FLAGS:
+            conn.want |= _ACL_FLAGS
 
     def destroy(self) -> None:
         """Forgets every node but the root and closes every handle (a new session may follow)."""
@@ -480,17 +513,19 @@ class Passthrough(Filesystem):
         self._check_writable()
         _check_name(name)
         with self._dir(parent) as dir_inode:
+            perm = self._new_mode(dir_inode, mode, umask)
             with self._as_caller(ctx):
-                os.mknod(name, stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~umask), rdev, dir_fd=dir_inode.fd)
+                os.mknod(name, stat.S_IFMT(mode) | perm, rdev, dir_fd=dir_inode.fd)
             return self._lookup_at(dir_inode.fd, name)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
-        """mkdirat(2) with `mode & ~umask`."""
+        """mkdirat(2) with `mode & ~umask` (see _new_mode for posix_acl)."""
         self._check_writable()
         _check_name(name)
         with self._dir(parent) as dir_inode:
+            perm = self._new_mode(dir_inode, mode, umask)
             with self._as_caller(ctx):
-                os.mkdir(name, stat.S_IMODE(mode) & ~umask, dir_fd=dir_inode.fd)
+                os.mkdir(name, perm, dir_fd=dir_inode.fd)
             return self._lookup_at(dir_inode.fd, name)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
@@ -577,12 +612,13 @@ class Passthrough(Filesystem):
         _check_name(name)
         host_flags = self._host_flags(flags)
         with self._dir(parent) as dir_inode:
+            perm = self._new_mode(dir_inode, mode, umask)
             try:
                 with self._as_caller(ctx):
                     # keep: an exclusive create cannot be repeated once it has made the file.
                     fd = self._inodes.open_fd(lambda: os.open(
                         name, host_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                        stat.S_IMODE(mode) & ~umask, dir_fd=dir_inode.fd), keep=True)
+                        perm, dir_fd=dir_inode.fd), keep=True)
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
@@ -703,10 +739,10 @@ class Passthrough(Filesystem):
         self._check_writable()
         host_flags = (self._host_flags(flags) & ~os.O_TRUNC) | (flags & os.O_EXCL)
         with self._dir(parent) as dir_inode:
+            perm = self._new_mode(dir_inode, mode, umask)
             with self._as_caller(ctx):
                 fd = self._inodes.open_fd(lambda: os.open(
-                    ".", host_flags | os.O_TMPFILE | os.O_CLOEXEC, stat.S_IMODE(mode) & ~umask,
-                    dir_fd=dir_inode.fd))
+                    ".", host_flags | os.O_TMPFILE | os.O_CLOEXEC, perm, dir_fd=dir_inode.fd))
             return self._open_new(fd)
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
@@ -887,11 +923,22 @@ class Passthrough(Filesystem):
             raise _err(errno.EOPNOTSUPP)
         return f"/proc/self/fd/{inode.fd}"
 
-    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
-        """setxattr(2) with XATTR_CREATE/XATTR_REPLACE `flags` (ENOSYS unless xattr=True)."""
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, *,
+                 kill_sgid: bool = False) -> None:
+        """setxattr(2) with XATTR_CREATE/XATTR_REPLACE `flags` (ENOSYS unless xattr=True).
+
+        `kill_sgid` (FUSE_SETXATTR_ACL_KILL_SGID, sent with an access ACL) clears the set-group-ID bit
+        afterwards: the guest found its caller outside the file's group, where the host kernel would
+        clear it, but the daemon sets the ACL with CAP_FSETID, which keeps it.
+        """
         self._check_xattr(name, modify=True)
         with self._inodes.use(nodeid) as inode:
-            os.setxattr(self._xattr_path(inode), self._host_name(name), value, flags)
+            path = self._xattr_path(inode)
+            os.setxattr(path, self._host_name(name), value, flags)
+            if kill_sgid:
+                mode = os.stat(inode.fd).st_mode
+                if mode & stat.S_ISGID:
+                    os.chmod(path, stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:
         """getxattr(2): the value, or ENODATA (ENOSYS unless xattr=True)."""

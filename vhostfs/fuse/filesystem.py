@@ -498,8 +498,15 @@ class Filesystem:
         raise _nosys()
 
     # -- extended attributes --------------------------------------------------------------------
-    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int) -> None:
-        """Sets extended attribute `name` (XATTR_CREATE/XATTR_REPLACE in `flags`)."""
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, *,
+                 kill_sgid: bool = False) -> None:
+        """Sets extended attribute `name` (XATTR_CREATE/XATTR_REPLACE in `flags`).
+
+        `kill_sgid` is passed (as True) only to a file system whose `init` wants FUSE_POSIX_ACL and
+        FUSE_SETXATTR_EXT, when the client sets FUSE_SETXATTR_ACL_KILL_SGID: with system.posix_acl_access,
+        whose caller is neither in the file's group nor privileged, so the set-group-ID bit must be
+        cleared too.
+        """
         raise _nosys()
 
     def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:

@@ -277,6 +277,8 @@ class FuseServer:
         self._initialized = False
         self._write_limit = max_write
         self._setxattr_ext = False
+        # FUSE_SETXATTR_ACL_KILL_SGID reaches the file system only when it negotiated POSIX ACLs.
+        self._acl_kill_sgid = False
         # unique -> the event of a request waiting in the file system; INTERRUPTs that came first.
         self._wait_lock = threading.Lock()
         self._waits: dict[int, threading.Event] = {}
@@ -463,6 +465,7 @@ class FuseServer:
             return _error(writer, unique, errno.ERANGE)
         self._write_limit = max_write
         self._setxattr_ext = bool(out & abi.FUSE_SETXATTR_EXT)
+        self._acl_kill_sgid = self._setxattr_ext and bool(out & abi.FUSE_POSIX_ACL)
         self.conn = conn
         self._initialized = True
         writer.write(reply)
@@ -976,7 +979,12 @@ class FuseServer:
         name, pos = _xattr_name(body, st.size)
         if len(body) - pos != size:
             raise _invalid()
-        self.fs.setxattr(ctx, nodeid, name, body[pos:], flags)
+        if self._acl_kill_sgid and fields[2] & abi.FUSE_SETXATTR_ACL_KILL_SGID:
+            # Passed only when set and ACLs were negotiated, so file systems without ACLs need not
+            # know the keyword (the flag is about an ACL's effect on the mode).
+            self.fs.setxattr(ctx, nodeid, name, body[pos:], flags, kill_sgid=True)
+        else:
+            self.fs.setxattr(ctx, nodeid, name, body[pos:], flags)
         return _ok(writer, unique)
 
     def _getxattr(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
