@@ -56,26 +56,8 @@ def dirs(tmp_path: Path):
 
 
 @pytest.fixture
-def fs_factory(dirs):
-    share, _ = dirs
-    made = []
-    umask = os.umask(0)
-    os.umask(umask)
-
-    def make(**kw) -> Passthrough:
-        fs = Passthrough(str(share), **kw)
-        made.append(fs)
-        return fs
-
-    yield make
-    for fs in made:
-        fs.close()
-    os.umask(umask)
-
-
-@pytest.fixture
-def fs(fs_factory) -> Passthrough:
-    return fs_factory()
+def fs(make) -> Passthrough:
+    return make()
 
 
 @pytest.fixture
@@ -486,16 +468,16 @@ def test_statfs_access_syncfs(fs, share):
     fs.syncfs(CTX, ROOT_ID)
 
 
-def test_xattrs(fs_factory, share):
+def test_xattrs(make, share):
     (share / "f").write_bytes(b"")
     os.symlink("f", share / "l")
-    off = fs_factory()
+    off = make()
     f = lookup(off, "f")
     raises_errno(errno.ENOSYS, off.getxattr, CTX, f, b"user.a")
     raises_errno(errno.ENOSYS, off.setxattr, CTX, f, b"user.a", b"1", 0)
     raises_errno(errno.ENOSYS, off.listxattr, CTX, f)
     raises_errno(errno.ENOSYS, off.removexattr, CTX, f, b"user.a")
-    fs = fs_factory(xattr=True)
+    fs = make(xattr=True)
     f = lookup(fs, "f")
     try:
         fs.setxattr(CTX, f, b"user.a", b"value", 0)
@@ -513,10 +495,10 @@ def test_xattrs(fs_factory, share):
     raises_errno(errno.EINVAL, fs.getxattr, CTX, f, b"user.\0x")
 
 
-def test_readonly(fs_factory, share):
+def test_readonly(make, share):
     (share / "f").write_bytes(b"data")
     (share / "d").mkdir()
-    fs = fs_factory(readonly=True)
+    fs = make(readonly=True)
     f = lookup(fs, "f")
     fh = fs.open(CTX, f, os.O_RDONLY).fh
     assert fs.read(CTX, f, fh, 0, 10) == b"data"
@@ -549,9 +531,9 @@ def test_readonly(fs_factory, share):
     ("auto", 1.0, 0, 0),
     ("always", 86400.0, FOPEN_KEEP_CACHE, FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR),
 ])
-def test_cache_policies(fs_factory, share, cache, timeout, file_flags, dir_flags):
+def test_cache_policies(make, share, cache, timeout, file_flags, dir_flags):
     (share / "f").write_bytes(b"")
-    fs = fs_factory(cache=cache)
+    fs = make(cache=cache)
     e = fs.lookup(CTX, ROOT_ID, b"f")
     assert e.entry_timeout == e.attr_timeout == timeout
     assert fs.getattr(CTX, e.nodeid, None)[1] == timeout
@@ -843,9 +825,9 @@ def test_ioctl_inode_flags_round_trip(fs, share):
     assert int.from_bytes(host[:4], "little") & _FS_NOATIME_FL, "the flag is set on the host file"
 
 
-def test_ioctl_setflags_on_a_readonly_share_is_erofs(fs_factory, share):
+def test_ioctl_setflags_on_a_readonly_share_is_erofs(make, share):
     (share / "f").write_bytes(b"x")
-    fs = fs_factory(readonly=True)
+    fs = make(readonly=True)
     nodeid = lookup(fs, "f")
     fh = fs.open(CTX, nodeid, os.O_RDONLY).fh
     raises_errno(errno.EROFS, fs.ioctl, CTX, nodeid, fh, 0, _FS_IOC_SETFLAGS, 0, bytes(4), 4)
