@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from vhostfs.fuse import abi
 from vhostfs.testing.fuse_client import FuseClient, expect_errno
 from vhostfs.virtqueue.split import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
@@ -180,6 +182,54 @@ def test_thread_pool_serves_requests_and_stops_cleanly(tmp_path):
                 assert fe.view[buf + 16:buf + 116] == (b"pool" * 1000)[i * 100:i * 100 + 100]
             assert not heads
         assert d.wait(10) == 0
+    finally:
+        stop_daemon(d)
+    assert "Traceback" not in d.log_text()
+
+
+def _post_getattr(fe, client, ring, kick: bool) -> tuple[int, int]:
+    src, dst = fe.alloc(80), fe.alloc(256)
+    msg = client.message(abi.FUSE_GETATTR, ROOT, abi.GETATTR_IN.pack(0, 0))
+    fe.view[src:src + len(msg)] = msg
+    head = fe.make_chain(ring, [(src, len(msg))], [(dst, 256)])
+    fe.publish(ring, head, kick=kick)
+    return head, dst
+
+
+def test_polling_queue_serves_requests_posted_without_a_kick(tmp_path):
+    """While a queue that just ran dry polls, the driver need not kick: its request is served anyway."""
+    d = start_daemon(tmp_path, "--poll-us", "30000000")
+    try:
+        with d.connect() as fe:
+            fe.setup(queues=2)
+            client = FuseClient(fe)
+            client.init()
+            ring = fe.rings[1]
+            for _ in range(3):
+                head, dst = _post_getattr(fe, client, ring, kick=False)
+                got, length = fe.wait_used(ring)
+                assert got == head
+                assert length == 16 + abi.ATTR_OUT.size
+                assert abi.OUT_HEADER.unpack_from(fe.view, dst)[1] == 0
+        assert d.wait(10) == 0
+    finally:
+        stop_daemon(d)
+    assert "Traceback" not in d.log_text()
+
+
+def test_poll_us_zero_sleeps_until_kicked(tmp_path):
+    d = start_daemon(tmp_path, "--poll-us", "0")
+    try:
+        with d.connect() as fe:
+            fe.setup(queues=2)
+            client = FuseClient(fe)
+            client.init()
+            ring = fe.rings[1]
+            head, _ = _post_getattr(fe, client, ring, kick=False)
+            with pytest.raises(TimeoutError):
+                fe.wait_used(ring, timeout=1.0)
+            os.eventfd_write(ring.kick, 1)
+            assert fe.wait_used(ring)[0] == head
     finally:
         stop_daemon(d)
     assert "Traceback" not in d.log_text()

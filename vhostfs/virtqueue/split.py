@@ -232,6 +232,10 @@ class SplitQueue:
             raise QueueBroken(f"avail index ran {n} ahead of the device (queue size {self.num})")
         return n
 
+    def avail_moved(self) -> bool:
+        """Whether the driver has made buffers available since the last pop (a cheap check to poll)."""
+        return self._avail16[1] != self.last_avail_idx
+
     def pop_head(self) -> int:
         """Takes the next available head index (call only when `pending()` > 0)."""
         slot = self.last_avail_idx % self.num
