@@ -10,8 +10,6 @@ import subprocess
 import sys
 import threading
 
-import pytest
-
 from vhostfs.fuse import abi
 from vhostfs.testing.fuse_client import FuseClient, expect_errno
 from vhostfs.virtqueue.split import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
@@ -216,20 +214,3 @@ def test_polling_queue_serves_requests_posted_without_a_kick(tmp_path):
         stop_daemon(d)
     assert "Traceback" not in d.log_text()
 
-
-def test_poll_us_zero_sleeps_until_kicked(tmp_path):
-    d = start_daemon(tmp_path, "--poll-us", "0")
-    try:
-        with d.connect() as fe:
-            fe.setup(queues=2)
-            client = FuseClient(fe)
-            client.init()
-            ring = fe.rings[1]
-            head, _ = _post_getattr(fe, client, ring, kick=False)
-            with pytest.raises(TimeoutError):
-                fe.wait_used(ring, timeout=1.0)
-            os.eventfd_write(ring.kick, 1)
-            assert fe.wait_used(ring)[0] == head
-    finally:
-        stop_daemon(d)
-    assert "Traceback" not in d.log_text()
