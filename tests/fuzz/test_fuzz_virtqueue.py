@@ -23,12 +23,12 @@ from vhostfs.virtqueue.split import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
     ChainError,
+    ChainWalker,
     QueueBroken,
     SplitQueue,
     avail_ring_size,
     desc_table_size,
     used_ring_size,
-    walk_chain,
 )
 
 PAGE = 4096
@@ -125,6 +125,50 @@ def _spans(views: list[memoryview]) -> list[tuple[int, int]]:
     return out
 
 
+def reference_walk(memory: GuestMemory, table: bytes, num: int, head: int, indirect_ok: bool):
+    """virtio 1.2, 2.7.5, written out plainly: (readable views, writable views, writable ranges) of
+    the chain at `head`, or None for a chain the device must refuse. The walker must agree."""
+    if head >= num:
+        return None
+    readable: list[memoryview] = []
+    writable: list[memoryview] = []
+    ranges: list[tuple[int, int]] = []
+    entries = list(DESC.iter_unpack(table))
+    limit, idx, count, total, nested = num, head, 0, 0, False
+    while True:
+        count += 1
+        if count > limit:
+            return None
+        addr, length, flags, nxt = entries[idx]
+        if flags & VIRTQ_DESC_F_INDIRECT:
+            if not indirect_ok or nested or flags & VIRTQ_DESC_F_NEXT or length == 0 or length % 16:
+                return None
+            try:
+                entries = list(DESC.iter_unpack(b"".join(memory.views(addr, length))))
+            except Exception:
+                return None
+            limit, idx, count, nested = length // 16, 0, 0, True
+            continue
+        total += length
+        if total >= 1 << 32:
+            return None
+        if flags & VIRTQ_DESC_F_WRITE:
+            ranges.append((addr, length))
+        elif ranges:  # even an empty writable descriptor ends the readable part
+            return None
+        if length:
+            try:
+                views = memory.views(addr, length)
+            except Exception:
+                return None
+            (writable if flags & VIRTQ_DESC_F_WRITE else readable).extend(views)
+        if not flags & VIRTQ_DESC_F_NEXT:
+            return readable, writable, ranges
+        idx = nxt
+        if idx >= limit:
+            return None
+
+
 @given(st.data())
 def test_walk_chain_returns_views_in_memory_or_chain_error(data):
     layout = data.draw(layouts())
@@ -137,11 +181,19 @@ def test_walk_chain_returns_views_in_memory_or_chain_error(data):
         _fill(layout, gpa, b"".join(DESC.pack(*d) for d in entries))
     head = data.draw(st.one_of(st.integers(0, num - 1), st.integers(0, 0xFFFF)))
     indirect_ok = data.draw(st.booleans())
+    expected = reference_walk(layout.memory, table, num, head, indirect_ok)
+    walker = ChainWalker(layout.memory, memoryview(table), num)
     try:
-        chain = walk_chain(layout.memory, memoryview(table), num, head, indirect_ok, [])
+        chain = walker.walk(head, indirect_ok, log=True)
     except ChainError:
+        assert expected is None, "a chain the reference walk accepts was refused"
         return
-    check_chain(layout, chain)
+    assert expected is not None, "a chain the reference walk refuses was accepted"
+    readable, writable, ranges = expected
+    assert chain.writable_ranges == ranges
+    assert _spans(chain.reader.views(chain.reader.remaining)) == _spans(readable)
+    assert _spans(chain.writer.views(chain.writer.available)) == _spans(writable)
+    check_chain(layout, walker.walk(head, indirect_ok, log=True))
 
 
 @given(st.data())
@@ -172,7 +224,7 @@ def test_split_queue_pops_any_ring(data):
     for _ in range(pending):
         head = queue.pop_head()
         try:
-            chain = walk_chain(queue.memory, queue.desc, queue.num, head, queue.indirect, [])
+            chain = queue.walker.walk(head, queue.indirect, log=True)
         except ChainError:
             queue.push(head, 0)
             continue

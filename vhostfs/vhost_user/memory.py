@@ -98,10 +98,9 @@ class GuestMemory:
                 return r
         raise GuestMemoryError(f"guest address {gpa:#x} is not mapped")
 
-    def region(self, gpa: int) -> tuple[int, memoryview]:
-        """The guest address and view of the whole region holding `gpa`."""
-        r = self._region_at(gpa)
-        return r.gpa, r.view
+    def region_views(self) -> list[tuple[int, memoryview]]:
+        """The guest address and view of each region, in address order."""
+        return [(r.gpa, r.view) for r in self.regions]
 
     def views(self, gpa: int, length: int) -> list[memoryview]:
         """Views of `length` bytes at guest physical address `gpa`, one per region crossed."""

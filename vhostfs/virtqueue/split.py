@@ -6,10 +6,8 @@ next available chain as a `DescriptorChain` whose `reader`/`writer` are views of
 (no copy); `push()` returns it on the used ring; `notify_needed()` applies EVENT_IDX or the
 NO_INTERRUPT flag to decide whether the driver wants an interrupt.
 
-Guest memory is any object with `views(gpa, length) -> list[memoryview]` (one view per region the
-range crosses), `view(gpa, length) -> memoryview` (a single contiguous view) and
-`region(gpa) -> (base, view)` (the whole region holding `gpa`), raising an exception for an unmapped
-address.
+Guest memory is any object with `region_views()`, the (guest address, view) of each of its regions,
+which do not overlap.
 """
 
 from __future__ import annotations
@@ -44,8 +42,6 @@ assert USED_ELEM.size == 8
 #: Alignment of the rings (2.7: descriptor table 16, available ring 2, used ring 4).
 DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
 MAX_QUEUE_SIZE = 32768
-#: A chain's total length is reported in a 32-bit used.len; longer ones are refused (2.7.8).
-MAX_CHAIN_BYTES = 1 << 32
 
 
 class ChainError(Exception):
@@ -85,93 +81,94 @@ class DescriptorChain:
         self.writable_ranges = writable_ranges
 
 
-def walk_chain(memory, desc_table: memoryview, num: int, head: int, indirect_ok: bool,
-               writable_ranges: list[tuple[int, int]] | None = None) -> DescriptorChain:
-    """Follows the chain starting at `head` and returns its buffers as views of guest memory.
+#: ChainError messages for the walker's error codes (VQ_E_* in vhostfs/_native_build.py).
+_WALK_ERRORS = {
+    1: "head index >= queue size",
+    2: "descriptor chain loops or is longer than its table",
+    3: "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC",
+    4: "nested indirect descriptor table",
+    5: "indirect descriptor with VIRTQ_DESC_F_NEXT",
+    6: "indirect table length is not a non-zero multiple of 16",
+    7: "indirect table outside guest memory",
+    8: "descriptor chain longer than 4 GiB",
+    9: "device-readable descriptor after a device-writable one",
+    10: "buffer outside guest memory",
+    11: "next index >= table size",
+}
+_WALK_FULL = 12
+#: Buffers one chain may have: far more than a FUSE request needs (a 1 MiB one has ~260), and a bound
+#: on what a driver can make the device allocate for it.
+MAX_CHAIN_SEGMENTS = 1 << 16
 
-    With a `writable_ranges` list, the guest address and length of every device-writable descriptor
-    is appended to it (and the chain keeps it).
 
-    Enforces 2.7.5: indices below the table size, no loops (at most as many descriptors as the table
-    holds), readable buffers before writable ones, indirect tables only when negotiated, not nested,
-    not combined with NEXT, non-empty and a multiple of 16 bytes long; every buffer inside guest memory;
-    the total length below 2^32. Raises ChainError otherwise.
+class ChainWalker:
+    """Walks the descriptor chains of one queue's table over one guest memory (2.7.5).
+
+    The walk itself is one call into the native helper, which enforces: indices below the table
+    size, no loops (at most as many descriptors as the table holds), readable buffers before
+    writable ones, indirect tables only when negotiated, not nested, not combined with NEXT, non-empty
+    and a multiple of 16 bytes long, and inside guest memory; every buffer inside guest memory; the
+    total length below 2^32 (used.len is 32 bits, 2.7.8). Buffers that continue each other in one
+    region come back as one view (a guest's large I/O is often physically contiguous: fewer iovecs
+    for preadv).
+
+    Not thread-safe: its output arrays are reused from chain to chain.
     """
-    if head >= num:
-        raise ChainError(f"head index {head} >= queue size {num}")
-    readable: list[memoryview] = []
-    writable: list[memoryview] = []
-    # The region of the previous buffer: consecutive buffers almost always share one, so most
-    # lookups are two comparisons instead of a call.
-    base, end, rview = 0, 0, None
-    # Buffers that continue the previous one in guest memory (a guest's large I/O is often
-    # physically contiguous) are merged into one view: fewer objects here, fewer iovecs for preadv.
-    run_end, run_start, run_bufs = -1, 0, None
-    total = 0
-    count = 0
-    limit = num
-    idx = head
-    entries = None  # an indirect table, unpacked at once (it is contiguous, unlike the ring's chains)
-    unpack = DESC.unpack_from
-    while True:
-        count += 1
-        if count > limit:
-            raise ChainError("descriptor chain loops or is longer than its table")
-        addr, length, flags, nxt = entries[idx] if entries is not None else unpack(desc_table, idx * 16)
-        if flags & VIRTQ_DESC_F_INDIRECT:
-            if not indirect_ok:
-                raise ChainError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
-            if entries is not None:
-                raise ChainError("nested indirect descriptor table")
-            if flags & VIRTQ_DESC_F_NEXT:
-                raise ChainError("indirect descriptor with VIRTQ_DESC_F_NEXT")
-            if length == 0 or length % 16:
-                raise ChainError(f"indirect table length {length} is not a non-zero multiple of 16")
-            try:
-                # A table split across regions is legal but rare: join its few bytes.
-                entries = list(DESC.iter_unpack(b"".join(memory.views(addr, length))))
-            except Exception as e:
-                raise ChainError(f"indirect table outside guest memory: {e}") from None
-            limit, idx, count = length // 16, 0, 0
-            continue
-        total += length
-        if total >= MAX_CHAIN_BYTES:
-            raise ChainError("descriptor chain longer than 4 GiB")
-        if flags & VIRTQ_DESC_F_WRITE:
-            bufs = writable
-            if writable_ranges is not None:
-                writable_ranges.append((addr, length))
-        elif writable:
-            raise ChainError("device-readable descriptor after a device-writable one")
-        else:
-            bufs = readable
-        if length:
-            if not base <= addr < end:
-                try:
-                    base, rview = memory.region(addr)
-                except Exception as e:
-                    raise ChainError(f"buffer outside guest memory: {e}") from None
-                end = base + len(rview)
-                run_end = -1  # never merge across regions: they are different mappings
-            if addr + length <= end:
-                off = addr - base
-                if addr == run_end and bufs is run_bufs:
-                    bufs[-1] = rview[run_start:off + length]
-                else:
-                    bufs.append(rview[off:off + length])
-                    run_start, run_bufs = off, bufs
-                run_end = addr + length
-            else:
-                try:
-                    bufs.extend(memory.views(addr, length))
-                except Exception as e:
-                    raise ChainError(f"buffer outside guest memory: {e}") from None
-                run_end = -1
-        if not flags & VIRTQ_DESC_F_NEXT:
-            return DescriptorChain(head, readable, writable, writable_ranges)
-        idx = nxt
-        if idx >= limit:
-            raise ChainError(f"next index {idx} >= table size {limit}")
+
+    __slots__ = ("num", "_table", "_views", "_regions", "_nregions", "_pins", "_cap",
+                 "_segs", "_ranges", "_nreadable", "_nranges")
+
+    def __init__(self, memory, desc_table: memoryview, num: int) -> None:
+        if len(desc_table) < desc_table_size(num):
+            raise ValueError("descriptor table view is smaller than the queue size needs")
+        regions = sorted(memory.region_views(), key=lambda r: r[0])
+        self.num = num
+        self._views = [view for _, view in regions]
+        # The helper reads guest memory through these addresses; holding the buffers keeps the
+        # mappings alive for as long as the walker is.
+        self._pins = [native.ffi.from_buffer(view) for view in (desc_table, *self._views)]
+        self._table = self._pins[0]
+        self._regions = native.ffi.new("struct vhostfs_region[]", max(1, len(regions)))
+        for c, (gpa, view), pin in zip(self._regions, regions, self._pins[1:], strict=False):
+            c.gpa, c.size, c.host = gpa, len(view), pin
+        self._nregions = len(regions)
+        self._nreadable = native.ffi.new("uint32_t *")
+        self._nranges = native.ffi.new("uint32_t *")
+        self._grow(1024)
+
+    def _grow(self, cap: int) -> None:
+        self._cap = cap
+        self._segs = native.ffi.new("uint64_t[]", 3 * cap)
+        self._ranges = native.ffi.new("uint64_t[]", 2 * cap)
+
+    def walk(self, head: int, indirect: bool, log: bool = False) -> DescriptorChain:
+        """The buffers of the chain at `head` as views; raises ChainError for a malformed chain.
+
+        `indirect`: whether VIRTIO_RING_F_INDIRECT_DESC was negotiated.
+
+        With `log`, the chain also records the guest address and length of each device-writable
+        descriptor (`writable_ranges`), for dirty-page logging.
+        """
+        walk = native.lib.vhostfs_walk_chain
+        while True:
+            n = walk(self._table, self.num, head, indirect, self._regions, self._nregions, self._segs,
+                     self._cap, self._nreadable, self._ranges if log else native.ffi.NULL, self._nranges)
+            if n != -_WALK_FULL:
+                break
+            if self._cap >= MAX_CHAIN_SEGMENTS:
+                raise ChainError(f"descriptor chain has more than {MAX_CHAIN_SEGMENTS} buffers")
+            self._grow(self._cap * 8)
+        if n < 0:
+            raise ChainError(f"{_WALK_ERRORS[-n]} (head {head})")
+        views = self._views
+        segs = native.ffi.unpack(self._segs, 3 * n)
+        bufs = [views[segs[k]][segs[k + 1]:segs[k + 2]] for k in range(0, 3 * n, 3)]
+        nr = self._nreadable[0]
+        ranges = None
+        if log:
+            flat = native.ffi.unpack(self._ranges, 2 * self._nranges[0])
+            ranges = list(zip(flat[::2], flat[1::2], strict=True))
+        return DescriptorChain(head, bufs[:nr], bufs[nr:], ranges)
 
 
 class SplitQueue:
@@ -206,6 +203,7 @@ class SplitQueue:
                 len(used) < used_ring_size(num):
             raise ValueError("ring views are smaller than the queue size needs")
         self.memory = memory
+        self.walker = ChainWalker(memory, desc, num)
         self.desc = desc
         self.avail = avail
         self.used = used
@@ -245,9 +243,7 @@ class SplitQueue:
 
     def chain(self, head: int) -> DescriptorChain:
         """The buffers of the chain at `head` (raises ChainError for a malformed one)."""
-        if self.log is not None:
-            return walk_chain(self.memory, self.desc, self.num, head, self.indirect, [])
-        return walk_chain(self.memory, self.desc, self.num, head, self.indirect)
+        return self.walker.walk(head, self.indirect, self.log is not None)
 
     def push(self, head: int, length: int) -> None:
         """Returns chain `head` to the driver with `length` bytes written (2.7.8).
