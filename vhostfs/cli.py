@@ -20,6 +20,7 @@ import socket
 import stat
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vhostfs import __version__
 
@@ -37,12 +38,13 @@ LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.I
 #: covered by cache=, the rest select optional protocol extensions the kernel may ask for).
 _O_IGNORED = frozenset({"timeout", "norace", "allow_root"})
 #: C virtiofsd `-o` options that change what the guest sees and that vhostfs does not implement.
-_O_UNSUPPORTED = frozenset({"security_label", "writeback_cache"})
+_O_UNSUPPORTED = frozenset({"writeback_cache"})
 #: C virtiofsd `-o` switches, each with a `no_` form, and the argument they set.
 _O_SWITCHES = {
     "xattr": "xattr", "readdirplus": "readdirplus", "writeback": "writeback", "flock": "flock",
     "posix_lock": "posix_lock", "allow_direct_io": "allow_direct_io",
     "announce_submounts": "announce_submounts", "killpriv_v2": "killpriv_v2", "posix_acl": "posix_acl",
+    "security_label": "security_label",
 }
 
 
@@ -58,16 +60,10 @@ def _apply_o_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             if not item:
                 continue
             key, _, value = item.partition("=")
+            if apply_passthrough_o(parser, args, key, value):
+                continue
             if key == "source":
                 args.shared_dir = value
-            elif key == "cache":
-                args.cache = _CACHE_ALIASES.get(value, value)
-                if args.cache not in CACHE_MODES:
-                    parser.error(f"-o cache={value}: expected one of {', '.join(CACHE_MODES)}")
-            elif key.removeprefix("no_") in _O_SWITCHES and not value:
-                setattr(args, _O_SWITCHES[key.removeprefix("no_")], not key.startswith("no_"))
-            elif key == "xattrmap":
-                args.xattrmap = value
             elif key == "log_level":
                 if value not in LOG_LEVELS:
                     parser.error(f"-o log_level={value}: expected one of {', '.join(LOG_LEVELS)}")
@@ -97,37 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the next front end after one disconnects (default: exit, like virtiofsd)")
     p.add_argument("--shared-dir", help="the host directory to share")
     p.add_argument("--tag", help="virtio-fs tag, served through the device configuration space")
-    p.add_argument("--cache", default="auto", choices=CACHE_MODES, help="guest caching (default: auto)")
-    p.add_argument("--xattr", action="store_true", help="enable extended attributes")
-    p.add_argument("--readonly", action="store_true", help="refuse every change to the shared directory")
-    p.add_argument("--no-readdirplus", dest="readdirplus", action="store_false",
-                   help="answer READDIR only, no READDIRPLUS")
-    p.add_argument("--writeback", action="store_true",
-                   help="let the guest cache writes (FUSE_WRITEBACK_CACHE)")
-    p.add_argument("--allow-direct-io", action="store_true",
-                   help="honour the guest's O_DIRECT on the host (default: dropped)")
-    p.add_argument("--allow-mmap", action="store_true",
-                   help="allow shared mmap in the guest even with --cache=never")
-    p.add_argument("--announce-submounts", action="store_true",
-                   help="show host mount points inside the share as submounts with their own st_dev")
-    p.add_argument("--preserve-noatime", action="store_true", help="honour the guest's O_NOATIME")
-    p.add_argument("--xattrmap", metavar="RULES",
-                   help="rename, hide or refuse extended attributes, in virtiofsd's rule syntax")
-    p.add_argument("--no-posix-lock", dest="posix_lock", action="store_false",
-                   help="do not serve POSIX record locks (the guest keeps them local)")
-    p.add_argument("--no-flock", dest="flock", action="store_false",
-                   help="do not serve flock(2) locks (the guest keeps them local)")
-    p.add_argument("--killpriv-v2", action="store_true",
-                   help="clear set-user/group-ID bits as the guest asks (FUSE_HANDLE_KILLPRIV_V2)")
-    p.add_argument("--posix-acl", action="store_true",
-                   help="POSIX ACLs in the guest (FUSE_POSIX_ACL); implies --xattr")
+    add_passthrough_options(p)
+    p.add_argument("--security-label", action="store_true",
+                   help="set the security context the guest gives a new file (FUSE_SECURITY_CTX) as an "
+                        "extended attribute on the host file; implies --xattr")
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
-    p.add_argument("--inode-file-handles", choices=("never", "prefer", "mandatory"), default="never",
-                   help="hold the files the guest knows by file handles instead of open fds, so that "
-                        "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
-                        "can, mandatory: refuse to start otherwise (default: never)")
     p.add_argument("--rlimit-nofile", type=int, metavar="N",
                    help="set RLIMIT_NOFILE to N at start (0: leave it; default: raise it to "
                         "min(hard limit, 1000000))")
@@ -156,6 +128,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--debug", action="store_true", help="same as --log-level=debug")
     p.add_argument("-V", "--version", action="version", version=f"vhostfs {__version__}")
     return p
+
+
+def apply_passthrough_o(parser: argparse.ArgumentParser, args: argparse.Namespace, key: str,
+                        value: str) -> bool:
+    """Applies the `-o key[=value]` item to `args` if it configures the passthrough (`cache=`,
+    `xattrmap=` and the switches of _O_SWITCHES, with their `no_` forms) and returns whether it did.
+
+    Shared by `vhostfs` and `vhostfs mount`, whose parsers have the options of add_passthrough_options.
+    A bad `cache=` value is a command-line error.
+    """
+    if key == "cache":
+        args.cache = _CACHE_ALIASES.get(value, value)
+        if args.cache not in CACHE_MODES:
+            parser.error(f"-o cache={value}: expected one of {', '.join(CACHE_MODES)}")
+    elif key.removeprefix("no_") in _O_SWITCHES and not value:
+        setattr(args, _O_SWITCHES[key.removeprefix("no_")], not key.startswith("no_"))
+    elif key == "xattrmap":
+        args.xattrmap = value
+    else:
+        return False
+    return True
+
+
+def add_passthrough_options(p: argparse.ArgumentParser) -> None:
+    """Adds the options that configure the passthrough (see `passthrough_options`) to `p`: the same
+    spellings for `vhostfs` and `vhostfs mount`. "The kernel" is the FUSE client: the guest's, or the
+    host's own under `vhostfs mount`."""
+    p.add_argument("--cache", default="auto", choices=CACHE_MODES,
+                   help="how long the kernel may cache names, attributes and data (default: auto)")
+    p.add_argument("--xattr", action="store_true", help="enable extended attributes")
+    p.add_argument("--readonly", action="store_true", help="refuse every change to the shared directory")
+    p.add_argument("--no-readdirplus", dest="readdirplus", action="store_false",
+                   help="answer READDIR only, no READDIRPLUS")
+    p.add_argument("--writeback", action="store_true",
+                   help="let the kernel cache writes (FUSE_WRITEBACK_CACHE)")
+    p.add_argument("--allow-direct-io", action="store_true",
+                   help="pass O_DIRECT opens on to the host (default: dropped)")
+    p.add_argument("--allow-mmap", action="store_true",
+                   help="allow shared mmap even with --cache=never")
+    p.add_argument("--announce-submounts", action="store_true",
+                   help="show host mount points inside the share as submounts with their own st_dev")
+    p.add_argument("--preserve-noatime", action="store_true", help="pass O_NOATIME opens on to the host")
+    p.add_argument("--xattrmap", metavar="RULES",
+                   help="rename, hide or refuse extended attributes, in virtiofsd's rule syntax")
+    p.add_argument("--no-posix-lock", dest="posix_lock", action="store_false",
+                   help="do not serve POSIX record locks (the kernel keeps them local)")
+    p.add_argument("--no-flock", dest="flock", action="store_false",
+                   help="do not serve flock(2) locks (the kernel keeps them local)")
+    p.add_argument("--killpriv-v2", action="store_true",
+                   help="clear set-user/group-ID bits as the kernel asks (FUSE_HANDLE_KILLPRIV_V2)")
+    p.add_argument("--posix-acl", action="store_true",
+                   help="POSIX ACLs (FUSE_POSIX_ACL); implies --xattr")
+    p.add_argument("--inode-file-handles", choices=("never", "prefer", "mandatory"), default="never",
+                   help="hold the files the kernel knows by file handles instead of open fds, so that "
+                        "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
+                        "can, mandatory: refuse to start otherwise (default: never)")
+
+
+def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Passthrough keyword arguments that the options of add_passthrough_options set."""
+    return {name: getattr(args, name) for name in (
+        "cache", "readonly", "xattr", "readdirplus", "writeback", "allow_direct_io", "allow_mmap",
+        "announce_submounts", "preserve_noatime", "xattrmap", "posix_lock", "flock", "killpriv_v2",
+        "posix_acl", "inode_file_handles")}
 
 
 def _setup_logging(level: str, use_syslog: bool) -> None:
@@ -322,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never")
     except caps.CapabilityError as e:
         parser.error(str(e))
+    if (args.security_label and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None
+            and not os.path.isdir("/sys/fs/selinux")):
+        # Without SELinux to decide, the host lets only CAP_SYS_ADMIN set security.* attributes.
+        log.warning("--security-label: the host will refuse security.* labels without SELinux; keep "
+                    "CAP_SYS_ADMIN (--modcaps=+sys_admin) or store them elsewhere with --xattrmap")
     if args.seccomp != "none" and not seccomp.supported():
         parser.error(f"--seccomp={args.seccomp}: {seccomp.UNSUPPORTED}")
     signal.signal(signal.SIGTERM, _terminate)
@@ -356,14 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
     try:
-        fs = Passthrough(args.shared_dir, cache=args.cache, readonly=args.readonly, xattr=args.xattr,
-                         readdirplus=args.readdirplus, writeback=args.writeback,
-                         allow_direct_io=args.allow_direct_io, allow_mmap=args.allow_mmap,
-                         announce_submounts=args.announce_submounts,
-                         preserve_noatime=args.preserve_noatime, xattrmap=args.xattrmap,
-                         posix_lock=args.posix_lock, flock=args.flock, killpriv_v2=args.killpriv_v2,
-                         posix_acl=args.posix_acl,
-                         inode_file_handles=args.inode_file_handles)
+        fs = Passthrough(args.shared_dir, security_label=args.security_label, **passthrough_options(args))
     except ValueError as e:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None

@@ -1,7 +1,10 @@
 """`vhostfs mount`: serves a host directory on the host itself, through the kernel's FUSE client.
 
-    vhostfs mount --shared-dir SRC MOUNTPOINT [--cache MODE] [--threads N] [--readonly] [--xattr]
+    vhostfs mount --shared-dir SRC MOUNTPOINT [--threads N] [PASSTHROUGH OPTIONS] [--security-label]
                   [-o allow_other,default_permissions,...]
+
+The passthrough options (--cache, --readonly, --xattr, --posix-acl, --xattrmap, ... and their `-o`
+forms) are the daemon's own, with the same spellings and meanings (vhostfs.cli.add_passthrough_options).
 
 The passthrough file system that virtio-fs guests get, mounted over /dev/fuse: useful to try the
 file server without a VM, and as a bind mount that applies its policies (read-only, caching).
@@ -19,7 +22,8 @@ import logging
 import os
 import sys
 
-from vhostfs.fs.passthrough import CACHE_POLICIES, Passthrough
+from vhostfs.cli import add_passthrough_options, apply_passthrough_o, passthrough_options
+from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse.fusedev import serve_filesystem
 
 log = logging.getLogger("vhostfs")
@@ -41,21 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mount a host directory through the host kernel's FUSE client (/dev/fuse).")
     p.add_argument("mountpoint", help="directory to mount on")
     p.add_argument("--shared-dir", required=True, help="the host directory to serve")
-    p.add_argument("--cache", default="auto", choices=tuple(CACHE_POLICIES),
-                   help="kernel caching (default: auto)")
     p.add_argument("--threads", type=_positive, default=4, help="worker threads (default: 4)")
-    p.add_argument("--readonly", action="store_true", help="refuse every change to the shared directory")
-    p.add_argument("--xattr", action="store_true", help="enable extended attributes")
+    add_passthrough_options(p)
+    p.add_argument("--security-label", action="store_true",
+                   help="set the security context the kernel gives a new file (FUSE_SECURITY_CTX) as an "
+                        "extended attribute on the host file; implies --xattr")
     p.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: allow_other, default_permissions (both on by default for root; "
                         "no_allow_other, no_default_permissions turn them off), fsname=NAME, subtype=NAME, "
-                        "ro (implies --readonly), and mount flags such as noexec or noatime")
+                        "ro (implies --readonly), and mount flags such as noexec or noatime; and the "
+                        "passthrough's: cache=, xattrmap= and the switches xattr, posix_acl, writeback, "
+                        "readdirplus, flock, posix_lock, allow_direct_io, announce_submounts, killpriv_v2, "
+                        "security_label with their no_ forms")
     p.add_argument("--log-level", default="info", choices=tuple(_LOG_LEVELS))
     return p
 
 
-def _mount_options(items: list[str], args: argparse.Namespace) -> dict:
-    """Turns the -o items into serve_filesystem's mount keywords (and sets args.readonly for "ro")."""
+def _mount_options(parser: argparse.ArgumentParser, items: list[str], args: argparse.Namespace) -> dict:
+    """Turns the -o items into serve_filesystem's mount keywords; the passthrough's own items (as
+    vhostfs.cli.apply_passthrough_o knows them) and "ro" (--readonly, and a read-only mount) set `args`."""
     opts: dict = {}
     rest = []
     for group in items:
@@ -69,7 +77,7 @@ def _mount_options(items: list[str], args: argparse.Namespace) -> dict:
                 opts[key.removeprefix("no_")] = False
             elif key in ("fsname", "subtype"):
                 opts[key] = value
-            else:
+            elif not apply_passthrough_o(parser, args, key, value):
                 if key == "ro":
                     args.readonly = True
                 rest.append(item)
@@ -85,12 +93,16 @@ def main(argv: list[str]) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    mount_opts = _mount_options(args.o, args)
+    mount_opts = _mount_options(parser, args.o, args)
     logging.basicConfig(level=_LOG_LEVELS[args.log_level],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
-    fs = Passthrough(args.shared_dir, cache=args.cache, readonly=args.readonly, xattr=args.xattr)
+    try:
+        fs = Passthrough(args.shared_dir, security_label=args.security_label, **passthrough_options(args))
+    except (OSError, ValueError) as exc:  # a bad --xattrmap, no file handles with "mandatory"
+        log.error("%s: %s", args.shared_dir, exc)
+        return 1
     try:
         log.info("mounting %s at %s", args.shared_dir, args.mountpoint)
         serve_filesystem(fs, args.mountpoint, threads=args.threads, **mount_opts)

@@ -125,7 +125,7 @@ def umount2(target: bytes, flags: int) -> None:
 
 
 def unshare(flags: int) -> None:
-    """unshare(2) with CLONE_NEW* `flags`; raises OSError."""
+    """unshare(2) with CLONE_NEW* or CLONE_FS `flags` (the latter for the calling thread); raises OSError."""
     _check(lib.vhostfs_unshare(flags))
 
 

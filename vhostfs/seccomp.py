@@ -6,8 +6,10 @@ The list, `SYSCALLS_X86_64`, is what a CPython daemon serving the passthrough ac
 serves: it was taken from `strace -f` of the daemon through the integration tests (everything from its
 first accept(2) on), completed with the calls of passthrough operations those do not reach (each group
 says what needs it), and checked by running the guest tests with --seccomp=kill. Calls that only the
-set-up makes (the sandbox's unshare, mount, pivot_root; bind, listen; capset, prctl, seccomp) are not
-on it: the filter is installed last, right before the daemon accepts a front end.
+set-up makes (the sandbox's mount, pivot_root; bind, listen; capset, prctl, seccomp) are not on it: the
+filter is installed last, right before the daemon accepts a front end. unshare is on it, for the serving
+threads' own working directories (CLONE_FS); new namespaces need CAP_SYS_ADMIN, which the daemon drops,
+or, for a user namespace, a process with a single thread.
 
 The filter is a classic BPF program (linux/filter.h, linux/seccomp.h) over struct seccomp_data: it
 checks the architecture first (a syscall number means something else under another ABI), refuses the
@@ -82,6 +84,8 @@ SYSCALLS_X86_64 = {
     "fgetxattr": 193, "fsetxattr": 190, "flistxattr": 196, "fremovexattr": 199, "getxattr": 191,
     "setxattr": 188, "listxattr": 194, "removexattr": 197, "lgetxattr": 192, "lsetxattr": 189,
     "llistxattr": 195, "lremovexattr": 198,
+    # ... named relative to /proc as a thread's own working directory (passthrough._proc_as_cwd).
+    "unshare": 272,
     # Credentials: per-thread fsuid/fsgid for create-as-caller (passthrough._as_caller).
     "setfsuid": 122, "setfsgid": 123, "getuid": 102, "geteuid": 107, "getgid": 104, "getegid": 108,
     "getpid": 39, "gettid": 186, "capget": 125,

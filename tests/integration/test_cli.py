@@ -78,7 +78,7 @@ def test_libvirt_style_invocation_on_an_inherited_socket(tmp_path):
 
 
 @pytest.mark.parametrize("option,message", [("bogus", "unknown -o option 'bogus'"),
-                                            ("security_label", "-o security_label is not supported"),
+                                            ("writeback_cache", "-o writeback_cache is not supported"),
                                             ("cache=sometimes", "-o cache=sometimes"),
                                             ("log_level=loud", "-o log_level=loud")])
 def test_bad_o_options_are_errors(tmp_path, option, message):

@@ -468,6 +468,16 @@ def test_statfs_access_syncfs(fs, share):
     fs.syncfs(CTX, ROOT_ID)
 
 
+def set_user_xattr_or_skip(fs: Passthrough, node: int, name: bytes, value: bytes) -> None:
+    """fs.setxattr of a user.* attribute; skips the test where the share's file system has none."""
+    try:
+        fs.setxattr(CTX, node, name, value, 0)
+    except OSError as e:
+        if e.errno == errno.EOPNOTSUPP:
+            pytest.skip("the temporary directory's file system has no user xattrs")
+        raise
+
+
 def test_xattrs(make, share):
     (share / "f").write_bytes(b"")
     os.symlink("f", share / "l")
@@ -479,20 +489,103 @@ def test_xattrs(make, share):
     raises_errno(errno.ENOSYS, off.removexattr, CTX, f, b"user.a")
     fs = make(xattr=True)
     f = lookup(fs, "f")
-    try:
-        fs.setxattr(CTX, f, b"user.a", b"value", 0)
-    except OSError as e:
-        if e.errno == errno.EOPNOTSUPP:
-            pytest.skip("the temporary directory's file system has no user xattrs")
-        raise
+    set_user_xattr_or_skip(fs, f, b"user.a", b"value")
     assert os.getxattr(share / "f", "user.a") == b"value"
     assert fs.getxattr(CTX, f, b"user.a") == b"value"
     assert b"user.a" in fs.listxattr(CTX, f)
     raises_errno(errno.EEXIST, fs.setxattr, CTX, f, b"user.a", b"v", os.XATTR_CREATE)
     fs.removexattr(CTX, f, b"user.a")
     raises_errno(errno.ENODATA, fs.getxattr, CTX, f, b"user.a")
-    raises_errno(errno.EOPNOTSUPP, fs.getxattr, CTX, lookup(fs, "l"), b"user.a")
+    # The symlink's own attributes, not its target's: as lgetxattr(2), where user.* has none.
+    raises_errno(errno.ENODATA, fs.getxattr, CTX, lookup(fs, "l"), b"user.a")
     raises_errno(errno.EINVAL, fs.getxattr, CTX, f, b"user.\0x")
+
+
+def _node(share: Path, kind: str) -> Path:
+    """Makes share/n, a `kind` ("file", "dir", "symlink" to share/target, or "fifo") node."""
+    path = share / "n"
+    if kind == "file":
+        path.write_bytes(b"")
+    elif kind == "dir":
+        path.mkdir()
+    elif kind == "symlink":
+        (share / "target").write_bytes(b"")
+        path.symlink_to("target")
+    else:
+        os.mkfifo(path)
+    return path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="trusted.* attributes need root (CAP_SYS_ADMIN)")
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink", "fifo"])
+def test_xattrs_are_the_nodes_own_whatever_its_kind(make, share, kind):
+    """trusted.* attributes, which symlinks and FIFOs can have (user.* ones they cannot), go to the node
+    itself, as the host's l*xattr calls see them: never to a symlink's target, and without opening a
+    FIFO (which would hang the test)."""
+    path = _node(share, kind)
+    fs = make(xattr=True)
+    node = lookup(fs, "n")
+    fs.setxattr(CTX, node, b"trusted.vhostfs", b"from the guest", 0)
+    assert os.getxattr(path, "trusted.vhostfs", follow_symlinks=False) == b"from the guest"
+    os.setxattr(path, "trusted.host", b"from the host", follow_symlinks=False)
+    assert fs.getxattr(CTX, node, b"trusted.host") == b"from the host"
+    assert {b"trusted.vhostfs", b"trusted.host"} <= set(fs.listxattr(CTX, node))
+    fs.removexattr(CTX, node, b"trusted.vhostfs")
+    assert os.listxattr(path, follow_symlinks=False) == ["trusted.host"]
+    raises_errno(errno.ENODATA, fs.getxattr, CTX, node, b"trusted.vhostfs")
+    if kind == "symlink":
+        assert os.listxattr(share / "target") == []
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_user_xattrs_of_symlinks_and_fifos_are_refused_as_on_the_host(make, share, kind):
+    path = _node(share, kind)
+    fs = make(xattr=True)
+    node = lookup(fs, "n")
+    raises_errno(errno.EPERM, os.setxattr, path, "user.a", b"1", follow_symlinks=False)
+    raises_errno(errno.EPERM, fs.setxattr, CTX, node, b"user.a", b"1", 0)
+    raises_errno(errno.ENODATA, fs.getxattr, CTX, node, b"user.a")
+
+
+def test_xattr_calls_leave_every_working_directory_alone(make, share):
+    """The calls name nodes relative to /proc as the calling thread's working directory: only for the
+    call, and never as the working directory of another thread, which would resolve its own relative
+    names there."""
+    (share / "f").write_bytes(b"")
+    fs = make(xattr=True)
+    node = lookup(fs, "f")
+    set_user_xattr_or_skip(fs, node, b"user.probe", b"")
+    cwd = os.getcwd()
+    seen: list[object] = []
+    done = threading.Event()
+
+    def watch() -> None:  # shares the working directory of the thread that started it (this one)
+        while not done.is_set():
+            if (now := os.getcwd()) != cwd:
+                seen.append(now)
+
+    def work(i: int) -> None:
+        name = f"user.t{i}".encode()
+        try:
+            for j in range(200):
+                fs.setxattr(CTX, node, name, b"%d" % j, 0)
+                assert fs.getxattr(CTX, node, name) == b"%d" % j
+            fs.removexattr(CTX, node, name)
+        except BaseException as e:  # reported by the assertion below
+            seen.append(e)
+
+    watcher = threading.Thread(target=watch)
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    watcher.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    done.set()
+    watcher.join()
+    assert seen == []
+    assert fs.listxattr(CTX, node) == [b"user.probe"]
+    assert os.getcwd() == cwd
 
 
 def test_readonly(make, share):

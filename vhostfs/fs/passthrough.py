@@ -15,7 +15,9 @@ Security model (see DESIGN.md):
   Reopening through the magic link is safe for exactly this reason: the link jumps to the inode the
   O_PATH fd holds, and that inode is checked to be a regular file or directory first. Operations
   that take a path (chmod, chown, utimes, xattrs) also go through /proc/self/fd/N; for an O_PATH fd
-  of a symlink the magic link lands on the symlink itself, never on its target.
+  of a symlink the magic link lands on the symlink itself, never on its target. The xattr calls take
+  no dir_fd and name the link relative to /proc as the calling thread's working directory
+  (`_proc_as_cwd`), so they work in every sandbox.
 - A directory that a host process moves out of the share while the guest holds it keeps being served,
   and its b".." then leads outside; confining that is the job of the mount-namespace sandbox, as in
   virtiofsd. The guest alone cannot cause it: it can only rename within the share.
@@ -45,6 +47,7 @@ import os
 import select
 import stat
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,6 +96,7 @@ FUSE_WRITEBACK_CACHE = 1 << 16
 FUSE_SUBMOUNTS = 1 << 27
 FUSE_HANDLE_KILLPRIV_V2 = 1 << 28
 FUSE_DIRECT_IO_ALLOW_MMAP = 1 << 36
+FUSE_SECURITY_CTX = 1 << 32
 FUSE_ATTR_SUBMOUNT = 1 << 0
 
 #: Cache policy -> (entry/attr timeout in seconds, FOPEN flags for files, FOPEN flags for directories),
@@ -134,6 +138,9 @@ _ALWAYS_READY = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLL
 # ask for the set-group-ID bit to be cleared on an ACL change, so ACLs are then not offered at all.
 _ACL_FLAGS = FUSE_POSIX_ACL | FUSE_DONT_MASK | FUSE_SETXATTR_EXT
 _ACL_DEFAULT = "system.posix_acl_default"
+_CLONE_FS = 0x200  # <sched.h>: unshare(2) the working directory, root and umask
+# Which threads have their own working directory (see Passthrough._proc_as_cwd).
+_own_fs = threading.local()
 _FLOCK_OPS = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}
 
 
@@ -196,6 +203,12 @@ class Passthrough(Filesystem):
       attributes go to the host like any other; the guest's umask is applied here (FUSE_DONT_MASK)
       except in a directory with a default ACL, which replaces it as on the host; and an access ACL
       set with `kill_sgid` clears the set-group-ID bit.
+    - `security_label`: the security context the guest's LSM gives a new node (FUSE_SECURITY_CTX;
+      implies `xattr`) is set on the host node as the extended attribute it names (through the
+      xattrmap) right after create, mkdir, mknod, symlink and tmpfile make it, with the daemon's
+      credentials (outside SELinux, setting security.* needs CAP_SYS_ADMIN); if that fails, the node
+      is removed and the guest gets the error. A create that finds the file already there opens it
+      and labels nothing. SELinux's fscreate is not used.
     - `xattrmap`: virtiofsd's --xattrmap rules (xattrmap.py), applied to every extended attribute name.
     - `inode_file_handles`: "never", "prefer" or "mandatory": hold the nodes the guest knows by file
       handles rather than fds (inodes.py); "mandatory" raises ValueError when the share cannot.
@@ -209,13 +222,14 @@ class Passthrough(Filesystem):
                  allow_direct_io: bool = False, allow_mmap: bool = False, announce_submounts: bool = False,
                  preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool = False,
                  xattrmap: str | None = None, inode_file_handles: str = "never",
-                 fd_budget: int | None = None) -> None:
+                 fd_budget: int | None = None, security_label: bool = False) -> None:
         if cache not in CACHE_POLICIES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
         self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
         self._readonly = readonly
-        self._xattr = xattr or posix_acl
+        self._xattr = xattr or posix_acl or security_label
         self._posix_acl = posix_acl
+        self._security_label = security_label
         self._xattrmap = XattrMap.parse(xattrmap) if xattrmap is not None else None
         self._cap_name = self._xattrmap.capability_name if self._xattrmap is not None else None
         self._readdirplus = readdirplus
@@ -356,12 +370,46 @@ class Passthrough(Filesystem):
         """
         if self._posix_acl:
             try:
-                os.getxattr(f"/proc/self/fd/{dir_inode.fd}", _ACL_DEFAULT)
+                with self._proc_as_cwd():
+                    os.getxattr(_fd_name(dir_inode.fd), _ACL_DEFAULT)
                 return stat.S_IMODE(mode)
             except OSError as exc:
                 if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
                     raise
         return stat.S_IMODE(mode) & ~umask
+
+    def _label(self, ctx: Context, dir_fd: int, name: bytes | None, *, fd: int | None = None,
+               directory: bool = False) -> None:
+        """With security_label, sets the guest's security context (`ctx.security_context`) on the node
+        just created: the one open as `fd`, or else `name` in host directory `dir_fd`, not followed (a
+        symlink gets the label itself). If that fails, removes `name` (rmdir for a `directory`) and
+        raises; the caller closes `fd`, which is all an unnamed tmpfile needs.
+
+        Set with the daemon's credentials, as virtiofsd does: the guest user may not own the
+        attribute's namespace on the host, while the guest kernel already decided the label.
+        """
+        label = ctx.security_context
+        if label is None or not self._security_label:
+            return
+        attr, value = label
+        try:
+            host_name = self._host_name(attr)
+            if fd is not None:
+                os.setxattr(fd, host_name, value)
+            else:
+                with self._proc_as_cwd():
+                    os.setxattr(os.fsencode(_fd_name(dir_fd)) + b"/" + name, host_name, value,
+                                follow_symlinks=False)
+        except BaseException:
+            if name is not None:
+                try:
+                    if directory:
+                        os.rmdir(name, dir_fd=dir_fd)
+                    else:
+                        os.unlink(name, dir_fd=dir_fd)
+                except OSError:
+                    pass  # gone already: the error that matters is the label's
+            raise
 
     # -- session ------------------------------------------------------------------------------------
     def init(self, conn: ConnectionInfo) -> None:
@@ -382,6 +430,8 @@ class Passthrough(Filesystem):
             conn.want |= FUSE_HANDLE_KILLPRIV_V2
         if self._posix_acl and conn.capable & _ACL_FLAGS == _ACL_FLAGS:
             conn.want |= _ACL_FLAGS
+        if self._security_label:
+            conn.want |= FUSE_SECURITY_CTX
 
     def destroy(self) -> None:
         """Forgets every node but the root and closes every handle (a new session may follow)."""
@@ -442,7 +492,7 @@ class Passthrough(Filesystem):
             else:
                 os.chown(name, uid, gid, dir_fd=proc)
             if inode.kind == stat.S_IFREG:
-                self._drop_capability(fd if fd is not None else f"/proc/self/fd/{inode.fd}")
+                self._drop_capability(fd if fd is not None else inode)
         mode = ch.mode
         if mode is None and ch.kill_suidgid and inode.kind == stat.S_IFREG:
             old = os.stat(inode.fd).st_mode
@@ -503,6 +553,7 @@ class Passthrough(Filesystem):
         with self._dir(parent) as dir_inode:
             with self._as_caller(ctx):
                 os.symlink(target, name, dir_fd=dir_inode.fd)
+            self._label(ctx, dir_inode.fd, name)
             return self._lookup_at(dir_inode.fd, name)
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
@@ -516,6 +567,7 @@ class Passthrough(Filesystem):
             perm = self._new_mode(dir_inode, mode, umask)
             with self._as_caller(ctx):
                 os.mknod(name, stat.S_IFMT(mode) | perm, rdev, dir_fd=dir_inode.fd)
+            self._label(ctx, dir_inode.fd, name)
             return self._lookup_at(dir_inode.fd, name)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
@@ -526,6 +578,7 @@ class Passthrough(Filesystem):
             perm = self._new_mode(dir_inode, mode, umask)
             with self._as_caller(ctx):
                 os.mkdir(name, perm, dir_fd=dir_inode.fd)
+            self._label(ctx, dir_inode.fd, name, directory=True)
             return self._lookup_at(dir_inode.fd, name)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
@@ -630,6 +683,11 @@ class Passthrough(Filesystem):
                     self._inodes.forget(entry.nodeid, 1)
                     raise
                 return entry, Open(fh, self._fopen_file)
+            try:
+                self._label(ctx, dir_inode.fd, name, fd=fd)
+            except BaseException:
+                os.close(fd)
+                raise
             return self._open_new(fd)
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
@@ -655,8 +713,8 @@ class Passthrough(Filesystem):
             self._kill_suidgid(handle, flags)
             return src.write_to_fd(handle.fd, size, offset)
 
-    def _drop_capability(self, target: int | str) -> None:
-        """Removes the remapped security.capability of `target` (fd or /proc path), if there is one.
+    def _drop_capability(self, target: int | Inode) -> None:
+        """Removes the remapped security.capability of `target` (an open fd, or a node), if there is one.
 
         The host kernel drops security.capability itself on write and chown, but not the name an
         xattrmap stores it under (see xattrmap.py).
@@ -664,7 +722,11 @@ class Passthrough(Filesystem):
         if self._cap_name is None:
             return
         try:
-            os.removexattr(target, self._cap_name)
+            if isinstance(target, Inode):
+                with self._proc_as_cwd():
+                    os.removexattr(_fd_name(target.fd), self._cap_name)
+            else:
+                os.removexattr(target, self._cap_name)
         except OSError as exc:
             if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
                 raise
@@ -743,6 +805,11 @@ class Passthrough(Filesystem):
             with self._as_caller(ctx):
                 fd = self._inodes.open_fd(lambda: os.open(
                     ".", host_flags | os.O_TMPFILE | os.O_CLOEXEC, perm, dir_fd=dir_inode.fd))
+            try:
+                self._label(ctx, dir_inode.fd, None, fd=fd)
+            except BaseException:
+                os.close(fd)
+                raise
             return self._open_new(fd)
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
@@ -917,11 +984,37 @@ class Passthrough(Filesystem):
         """The host name of guest attribute `name` under the xattrmap (EPERM/ENOTSUP if refused)."""
         return name if self._xattrmap is None else self._xattrmap.to_host(name)
 
-    def _xattr_path(self, inode: Inode) -> str:
-        """The /proc path naming the node itself; EOPNOTSUPP for symlinks, whose link would be followed."""
-        if inode.is_symlink:
-            raise _err(errno.EOPNOTSUPP)
-        return f"/proc/self/fd/{inode.fd}"
+    @contextmanager
+    def _proc_as_cwd(self) -> Iterator[None]:
+        """Runs the block with the held /proc as the calling thread's working directory, so that the
+        relative name `_fd_name(fd)` reaches the node of O_PATH `fd` in the extended attribute calls.
+
+        getxattr(2) and its kin take a path and no dir_fd; fgetxattr(2) and its kin refuse O_PATH fds;
+        and a real fd would mean opening FIFOs and devices, which the passthrough never does. An absolute
+        /proc/self/fd/N does not do either: under --sandbox=chroot no /proc is visible, and the name
+        resolves inside the share, which the guest controls. Relative to the held /proc the magic link
+        works whatever the process root is. The calls follow it (they are not the l*xattr ones) and it
+        lands on the inode the O_PATH fd holds: for a symlink, the symlink itself and never its target,
+        so a symlink's attributes mean what lgetxattr(2) gives on the host.
+
+        Threads share one working directory unless they unshare(CLONE_FS): a thread does that once,
+        before its first change, so no other thread ever sees /proc as its working directory. From then
+        on the thread's working directory, root and umask are its own copies: a later chdir, chroot or
+        umask by another thread no longer reaches it (the daemon makes those before it serves). The
+        previous working directory is restored at the end of the block.
+        """
+        if not getattr(_own_fs, "done", False):
+            native.unshare(_CLONE_FS)
+            _own_fs.done = True
+        home = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fchdir(self._proc_fd)
+            try:
+                yield
+            finally:
+                os.fchdir(home)
+        finally:
+            os.close(home)
 
     def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int, *,
                  kill_sgid: bool = False) -> None:
@@ -932,25 +1025,26 @@ class Passthrough(Filesystem):
         clear it, but the daemon sets the ACL with CAP_FSETID, which keeps it.
         """
         self._check_xattr(name, modify=True)
-        with self._inodes.use(nodeid) as inode:
-            path = self._xattr_path(inode)
-            os.setxattr(path, self._host_name(name), value, flags)
+        host_name = self._host_name(name)
+        with self._inodes.use(nodeid) as inode, self._proc_as_cwd():
+            os.setxattr(_fd_name(inode.fd), host_name, value, flags)
             if kill_sgid:
                 mode = os.stat(inode.fd).st_mode
                 if mode & stat.S_ISGID:
-                    os.chmod(path, stat.S_IMODE(mode) & ~stat.S_ISGID)
+                    os.chmod(_fd_name(inode.fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:
         """getxattr(2): the value, or ENODATA (ENOSYS unless xattr=True)."""
         self._check_xattr(name)
-        with self._inodes.use(nodeid) as inode:
-            return os.getxattr(self._xattr_path(inode), self._host_name(name))
+        host_name = self._host_name(name)
+        with self._inodes.use(nodeid) as inode, self._proc_as_cwd():
+            return os.getxattr(_fd_name(inode.fd), host_name)
 
     def listxattr(self, ctx: Context, nodeid: int) -> list[bytes]:
         """listxattr(2): the attribute names, as the xattrmap shows them (ENOSYS unless xattr=True)."""
         self._check_xattr()
-        with self._inodes.use(nodeid) as inode:
-            names = [os.fsencode(n) for n in os.listxattr(self._xattr_path(inode))]
+        with self._inodes.use(nodeid) as inode, self._proc_as_cwd():
+            names = [os.fsencode(n) for n in os.listxattr(_fd_name(inode.fd))]
         if self._xattrmap is None:
             return names
         return [g for g in map(self._xattrmap.to_guest, names) if g is not None]
@@ -958,5 +1052,6 @@ class Passthrough(Filesystem):
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         """removexattr(2) (ENOSYS unless xattr=True)."""
         self._check_xattr(name, modify=True)
-        with self._inodes.use(nodeid) as inode:
-            os.removexattr(self._xattr_path(inode), self._host_name(name))
+        host_name = self._host_name(name)
+        with self._inodes.use(nodeid) as inode, self._proc_as_cwd():
+            os.removexattr(_fd_name(inode.fd), host_name)

@@ -19,6 +19,9 @@ KERNEL_VERSION = 7
 KERNEL_MINOR_VERSION = 39
 #: First minor whose clients know FUSE_STATX.
 STATX_MINOR_VERSION = 39
+#: First minor whose clients mark request extensions with fuse_in_header.total_extlen. Clients of 7.36
+#: and 7.37 append the security context (FUSE_SECURITY_CTX) to the arguments without saying so.
+EXT_MINOR_VERSION = 38
 #: Oldest client minor served. Older clients are refused with EPROTO rather than answered with the
 #: truncated compat layouts (e.g. the 24-byte fuse_init_out before 7.23) this server does not build.
 MIN_KERNEL_MINOR_VERSION = 27
@@ -83,6 +86,11 @@ OPCODE_NAMES: dict[int, str] = {
     value: name for name, value in globals().items()
     if name.startswith(("FUSE_", "CUSE_")) and isinstance(value, int)
 }
+
+# -- request extension types (enum fuse_ext_type; fuse_ext_header.type) ------------------------------
+#: Types 0..FUSE_MAX_NR_SECCTX are the security context extension, the type being its nr_secctx.
+FUSE_MAX_NR_SECCTX = 31
+FUSE_EXT_GROUPS = 32
 
 # -- INIT flags (fuse_init_in/out.flags; bits 32..63 travel in flags2 when FUSE_INIT_EXT is set) ---
 FUSE_ASYNC_READ = 1 << 0
@@ -186,6 +194,8 @@ RENAME_WHITEOUT = 1 << 2
 
 #: Dirent records are padded to 8 bytes (FUSE_REC_ALIGN).
 DIRENT_ALIGN = 8
+#: Request extensions, and each security context within one, are padded to 8 bytes too (FUSE_REC_ALIGN).
+EXT_ALIGN = 8
 #: Largest single path component the protocol carries (NAME_MAX) and largest symlink target.
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -381,6 +391,13 @@ assert STATX_IN.size == 24
 # fuse_ext_header: size, type (extensions after the arguments, total_extlen * 8 bytes in all)
 EXT_HEADER = struct.Struct("<II")
 assert EXT_HEADER.size == 8
+# fuse_secctx_header: size (of the whole block, this header included), nr_secctx. It has the layout of
+# fuse_ext_header: a security context extension is one whose type is its nr_secctx (enum fuse_ext_type).
+SECCTX_HEADER = struct.Struct("<II")
+assert SECCTX_HEADER.size == EXT_HEADER.size == 8
+# fuse_secctx: size (of the context value), padding; then the NUL-terminated xattr name and the value
+SECCTX = struct.Struct("<I4x")
+assert SECCTX.size == 8
 
 
 def dirent_size(namelen: int, plus: bool = False) -> int:

@@ -46,12 +46,21 @@ class Context:
     transport is stopping. A file system that waits polls it or sleeps in `interrupt.wait(timeout)`,
     and once it is set gives up and raises EINTR. It is None for every other request, which the
     server does not track and which must not wait without bound.
+
+    `security_context` is the security label the guest's LSM chose for the node a `create`, `mkdir`,
+    `mknod`, `symlink` or `tmpfile` makes: (extended attribute name, value), such as
+    (b"security.selinux", b"system_u:object_r:tmp_t:s0\0"). The name is 1 to 255 bytes without NUL,
+    the value 1 byte or more, both as the client sent them. The client sends one only once `init` has
+    added FUSE_SECURITY_CTX to `conn.want` (and its LSM has a label to give); it is None otherwise and
+    for every other request. A file system that asked for it labels the new node before it answers,
+    and if it cannot, removes the node again and raises the error.
     """
 
     uid: int
     gid: int
     pid: int
     interrupt: threading.Event | None = None
+    security_context: tuple[bytes, bytes] | None = None
 
 
 class Attr(Protocol):

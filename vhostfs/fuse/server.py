@@ -191,6 +191,44 @@ def _xattr_name(body: bytes, start: int) -> tuple[bytes, int]:
     return name, end + 1
 
 
+def _security_context(ext: bytes) -> tuple[bytes, bytes] | None:
+    """The security context (xattr name, value) in the request extensions `ext`, or None if there are
+    none or the context is empty (no LSM gave a label). Raises EINVAL for anything malformed.
+
+    fuse.h: each extension is a fuse_ext_header whose size counts the header and is a multiple of
+    FUSE_REC_ALIGN; a type of at most FUSE_MAX_NR_SECCTX makes it a fuse_secctx_header with that
+    many contexts, each a fuse_secctx, a NUL-terminated xattr name and the value, padded to
+    FUSE_REC_ALIGN (fs/fuse/dir.c get_security_context); the extension ends where its last context
+    does. The only extension accepted is one security context extension with at most one context,
+    which is what the kernel sends and all `Context` carries: a client sends other types only for
+    INIT flags this server never negotiates (FUSE_CREATE_SUPP_GROUP), so they are refused too.
+    """
+    if not ext:
+        return None
+    if len(ext) < abi.SECCTX_HEADER.size:
+        raise _invalid()
+    size, nr_secctx = abi.SECCTX_HEADER.unpack_from(ext)
+    if size != len(ext) or size % abi.EXT_ALIGN or nr_secctx > 1:
+        raise _invalid()
+    start = abi.SECCTX_HEADER.size
+    if nr_secctx == 0:
+        if size != start:
+            raise _invalid()
+        return None
+    if size - start < abi.SECCTX.size:
+        raise _invalid()
+    (value_len,) = abi.SECCTX.unpack_from(ext, start)
+    name_start = start + abi.SECCTX.size
+    nul = ext.find(b"\0", name_start)
+    if nul < 0 or not 0 < nul - name_start <= abi.NAME_MAX:
+        raise _invalid()
+    value_start = nul + 1
+    padded = -(-(value_start - start + value_len) // abi.EXT_ALIGN) * abi.EXT_ALIGN
+    if value_len == 0 or start + padded != size:
+        raise _invalid()
+    return ext[name_start:nul], ext[value_start:value_start + value_len]
+
+
 def _args(reader: Reader, body_len: int, st: struct.Struct) -> tuple:
     """Unpacks the fixed argument struct `st`; EINVAL if the body is shorter."""
     if body_len < st.size:
@@ -279,6 +317,10 @@ class FuseServer:
         self._setxattr_ext = False
         # FUSE_SETXATTR_ACL_KILL_SGID reaches the file system only when it negotiated POSIX ACLs.
         self._acl_kill_sgid = False
+        # FUSE_SECURITY_CTX negotiated: requests that create a node carry a security context, after
+        # the arguments and counted by total_extlen, or (a client before 7.38) as one more argument.
+        self._security_ctx = False
+        self._secctx_in_args = False
         # unique -> the event of a request waiting in the file system; INTERRUPTs that came first.
         self._wait_lock = threading.Lock()
         self._waits: dict[int, threading.Event] = {}
@@ -389,7 +431,8 @@ class FuseServer:
             return self._malformed(writer, unique, opcode, "truncated header")
         length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = abi.IN_HEADER.unpack(raw)
         # Extensions (total_extlen 8-byte units) trail the arguments; nothing negotiated by default
-        # produces them, and the handlers never look past body_len.
+        # produces them, and only the handlers that create a node, with FUSE_SECURITY_CTX, look past
+        # body_len (_labelled).
         body_len = length - _IN_SIZE - extlen * 8
         if length != total or body_len < 0:
             return self._malformed(writer, unique, opcode, f"len {length} but {total} bytes present")
@@ -466,6 +509,9 @@ class FuseServer:
         self._write_limit = max_write
         self._setxattr_ext = bool(out & abi.FUSE_SETXATTR_EXT)
         self._acl_kill_sgid = self._setxattr_ext and bool(out & abi.FUSE_POSIX_ACL)
+        # flags2 counts only in a reply that has FUSE_INIT_EXT.
+        self._security_ctx = bool(out & abi.FUSE_SECURITY_CTX and out & abi.FUSE_INIT_EXT)
+        self._secctx_in_args = minor < abi.EXT_MINOR_VERSION
         self.conn = conn
         self._initialized = True
         writer.write(reply)
@@ -602,18 +648,21 @@ class FuseServer:
             raise _invalid()
         if end - pos >= abi.PATH_MAX:
             raise OSError(errno.ENAMETOOLONG, "symlink target too long")
+        ctx = self._labelled(ctx, body, end + 1, reader)
         return self._reply_entry(writer, unique, self.fs.symlink(ctx, nodeid, name, body[pos:end]))
 
     def _mknod(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                writer: Writer) -> int:
         body, (mode, rdev, umask) = _body(reader, body_len, abi.MKNOD_IN)
-        name, _ = _name(body, abi.MKNOD_IN.size)
+        name, end = _name(body, abi.MKNOD_IN.size)
+        ctx = self._labelled(ctx, body, end, reader)
         return self._reply_entry(writer, unique, self.fs.mknod(ctx, nodeid, name, mode, rdev, umask))
 
     def _mkdir(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                writer: Writer) -> int:
         body, (mode, umask) = _body(reader, body_len, abi.MKDIR_IN)
-        name, _ = _name(body, abi.MKDIR_IN.size)
+        name, end = _name(body, abi.MKDIR_IN.size)
+        ctx = self._labelled(ctx, body, end, reader)
         return self._reply_entry(writer, unique, self.fs.mkdir(ctx, nodeid, name, mode, umask))
 
     def _unlink(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
@@ -664,7 +713,8 @@ class FuseServer:
     def _create(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                 writer: Writer) -> int:
         body, (flags, mode, umask, _open_flags) = _body(reader, body_len, abi.CREATE_IN)
-        name, _ = _name(body, abi.CREATE_IN.size)
+        name, end = _name(body, abi.CREATE_IN.size)
+        ctx = self._labelled(ctx, body, end, reader)
         entry, handle = self.fs.create(ctx, nodeid, name, mode, flags, umask)
         return self._reply_create(writer, unique, ctx, flags, entry, handle)
 
@@ -673,10 +723,36 @@ class FuseServer:
         # fuse_create_in then the name of the kernel's placeholder dentry ("/"), which names nothing:
         # only its NUL is checked.
         body, (flags, mode, umask, _open_flags) = _body(reader, body_len, abi.CREATE_IN)
-        if body.find(b"\0", abi.CREATE_IN.size) < 0:
+        end = body.find(b"\0", abi.CREATE_IN.size)
+        if end < 0:
             raise _invalid()
+        ctx = self._labelled(ctx, body, end + 1, reader)
         entry, handle = self.fs.tmpfile(ctx, nodeid, mode, flags, umask)
         return self._reply_create(writer, unique, ctx, flags, entry, handle)
+
+    def _labelled(self, ctx: Context, body: bytes, args_end: int, reader: Reader) -> Context:
+        """`ctx` with the security context of a request that creates a node, whose arguments end at
+        `body[args_end]`. Without FUSE_SECURITY_CTX the request is taken as before: bytes after the
+        arguments and extensions are not looked at.
+
+        With it, the arguments must end where the extensions begin: at the end of `body`, the
+        extensions being the rest of the request (total_extlen), or, for a client before 7.38, which
+        has no total_extlen and sends the context as one more argument, at the context in `body`.
+        """
+        if not self._security_ctx:
+            return ctx
+        if self._secctx_in_args:
+            if reader.remaining:
+                raise _invalid()
+            ext = body[args_end:]
+        else:
+            if args_end != len(body):
+                raise _invalid()
+            ext = reader.read(reader.remaining)
+        secctx = _security_context(ext)
+        if secctx is None:
+            return ctx
+        return Context(ctx.uid, ctx.gid, ctx.pid, ctx.interrupt, secctx)
 
     def _reply_create(self, writer: Writer, unique: int, ctx: Context, flags: int, entry: Entry,
                       handle: Open) -> int:
