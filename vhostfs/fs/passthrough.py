@@ -643,13 +643,14 @@ class Passthrough(Filesystem):
     def open(self, ctx: Context, nodeid: int, flags: int) -> Open:
         """Opens regular file `nodeid` with the allowed subset of `flags` (see _OPEN_FLAGS).
 
-        With killpriv_v2, an O_TRUNC open by a guest user other than root clears the set-user-ID bit
-        (and set-group-ID with group execute), as truncation by that user would on the host; the
-        daemon itself keeps them, having CAP_FSETID.
+        An O_TRUNC open by a guest user other than root clears the set-user-ID bit (and set-group-ID
+        with group execute), as truncation by that user would on the host; the daemon itself keeps
+        them, having CAP_FSETID. The guest kernel leaves this to the daemon with or without
+        killpriv_v2: FUSE_ATOMIC_O_TRUNC hands it the truncation, and no SETATTR follows.
         """
         with self._inodes.use(nodeid) as inode:
             fh = self._open_inode(inode, flags)
-            if self._killpriv_v2 and flags & os.O_TRUNC and ctx.uid != 0:
+            if flags & os.O_TRUNC and ctx.uid != 0:
                 with self._handles.use(fh) as handle:
                     self._kill_suidgid(handle, FUSE_WRITE_KILL_SUIDGID)
             return Open(fh, self._fopen_file)
