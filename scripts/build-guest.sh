@@ -8,7 +8,8 @@
 #   had here (not root, no apt, no network), so that callers can tell "unavailable" from "broken".
 #
 # A second run is quick: the kernel .deb is kept in OUT/kernels/, and the initramfs is rebuilt only
-# when the kernel or the files it is made from (this script, guest-init) change.
+# when the kernel or the files it is made from (this script, guest-init, the host programs it copies in)
+# change.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,6 +28,20 @@ ensure_guest_tools || exit
 # fio drives the load test (tests/e2e/test_load.py); a guest without it still serves every other test,
 # so failing to install it is not fatal: that test then skips, saying fio is missing.
 command -v fio >/dev/null || apt_install fio || log "no fio on the host: the guest will not have it"
+# The semantics tests (tests/e2e/test_guest_semantics.py) make the guest kernel's system calls with
+# these host programs: extended attributes (attr), ACLs (acl), preallocation, holes, copy_file_range and
+# nanosecond times (xfs_io), flock(2) and running as another user (util-linux), and POSIX record locks
+# (sqlite3, which takes them with fcntl(2)). As with fio, a missing one only makes the tests that use it
+# skip, naming it.
+declare -A tool_package=([getfattr]=attr [setfattr]=attr [getfacl]=acl [setfacl]=acl [xfs_io]=xfsprogs
+    [flock]=util-linux [setpriv]=util-linux [sqlite3]=sqlite3)
+guest_tools=(getfattr setfattr getfacl setfacl xfs_io flock setpriv sqlite3)
+mapfile -t tool_packages < <(for tool in "${guest_tools[@]}"; do
+    command -v "$tool" >/dev/null || echo "${tool_package[$tool]}"
+done | sort -u)
+if [ ${#tool_packages[@]} -gt 0 ]; then
+    apt_install "${tool_packages[@]}" || log "continuing without ${tool_packages[*]}: the guest will lack their programs"
+fi
 
 # Prints the .deb file name (PACKAGE_VERSION_amd64.deb) of the kernel that linux-image-amd64
 # currently depends on, or nothing when the package lists do not know it.
@@ -72,9 +87,11 @@ if [ ! -f "$out/kernels/$deb" ] && ! download_kernel "$deb"; then
     fi
 fi
 
-# The fio binary is part of the stamp too: installing or upgrading it on the host changes the guest.
-fio_id=$(command -v fio >/dev/null && sha256sum "$(command -v fio)" | cut -d' ' -f1 || echo none)
-stamp="$deb $(cat "${BASH_SOURCE[0]}" "$here/guest-init" | sha256sum | cut -d' ' -f1) fio=$fio_id"
+# The host programs copied in are part of the stamp too: installing or upgrading one changes the guest.
+programs_id=$(for tool in fio "${guest_tools[@]}"; do
+    if path=$(command -v "$tool"); then echo "$tool $(sha256sum <"$path")"; else echo "$tool none"; fi
+done | sha256sum | cut -d' ' -f1)
+stamp="$deb $(cat "${BASH_SOURCE[0]}" "$here/guest-init" | sha256sum | cut -d' ' -f1) programs=$programs_id"
 if [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "$out/vmlinuz $out/initrd.img"
     exit 0
@@ -94,19 +111,33 @@ cp "$(command -v busybox)" "$root/bin/busybox"
 cp "$here/guest-init" "$root/init"
 chmod 755 "$root/init"
 
-# fio with every shared library it links against and the dynamic loader, each at the path ldd names
-# (symlinks resolved), so that the loader finds them in the guest as it does on the host: by its
-# default directories, and by RUNPATH for the ones outside them (e.g. ceph/).
-if fio=$(command -v fio); then
-    mkdir -p "$root/usr/bin"
-    cp -L "$fio" "$root/usr/bin/fio"
+# add_program PATH DEST: copies the host program PATH to DEST in the initramfs, with every shared
+# library it links against and the dynamic loader, each at the path ldd names (symlinks resolved), so
+# that the loader finds them in the guest as it does on the host: by its default directories, and by
+# RUNPATH for the ones outside them (e.g. fio's ceph/).
+add_program() {
+    local program=$1 dest=$2 lib
+    mkdir -p "$root$(dirname "$dest")"
+    cp -L "$program" "$root$dest"
     # Lines are "name => /path (addr)", or "/path (addr)" for the loader; the vDSO has no file.
-    ldd "$fio" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' |
+    ldd "$program" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' |
         while read -r lib; do
-            mkdir -p "$root$(dirname "$lib")"
-            cp -L "$lib" "$root$lib"
+            if [ ! -e "$root$lib" ]; then
+                mkdir -p "$root$(dirname "$lib")"
+                cp -L "$lib" "$root$lib"
+            fi
         done
+}
+if fio=$(command -v fio); then
+    add_program "$fio" /usr/bin/fio
 fi
+# In /bin, where guest-init's `busybox --install -s` leaves them alone. Busybox's sh still runs its own
+# applet of the same name (its setpriv, which lacks --reuid) unless a script calls /bin/NAME.
+for tool in "${guest_tools[@]}"; do
+    if path=$(command -v "$tool"); then
+        add_program "$path" "/bin/$tool"
+    fi
+done
 
 # modprobe resolves the dependencies and prints them in load order (one "insmod PATH" line per
 # module, repeated when two modules share a dependency); busybox's insmod then loads them in that order.
