@@ -309,6 +309,27 @@ def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+class _Stop:
+    """The SIGTERM/SIGINT handler once the daemon serves: it shuts the listening socket and the
+    session's connection down, so that the accept or receive the main thread blocks in returns and
+    the loop ends as on a disconnect. Raising SystemExit (as during set-up) could land in a finalizer
+    or weakref callback, where the exception is dropped and the signal lost."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.requested = False
+        self.listener = listener
+        self.conn: socket.socket | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.requested = True
+        for sock in (self.listener, self.conn):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed, or a listener that was never connected
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["mount"]:
@@ -431,18 +452,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
     log.info("serving %s on %s", args.shared_dir, args.socket_path or f"fd {args.fd}")
+    stop = _Stop(listener)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
-        while True:
-            conn, _ = listener.accept()
+        while not stop.requested:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                if stop.requested:
+                    break
+                raise
+            stop.conn = conn
+            if stop.requested:
+                conn.close()
+                break
             if not args.keep_listening:
                 listener.close()
             log.info("front end connected")
             # A new session per connection; on disconnect it resets the device (queues, FUSE
             # state), so the next front end starts from scratch.
             Session(device).serve(Connection(conn))
+            stop.conn = None
             if not args.keep_listening:
                 break
             log.info("waiting for the next front end")
+        if stop.requested:
+            log.info("terminated by signal")
     except SystemExit:
         log.info("terminated by signal")
     finally:

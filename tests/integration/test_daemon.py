@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from vhostfs.fuse import abi
 from vhostfs.testing.fuse_client import FuseClient, expect_errno
 from vhostfs.virtqueue.split import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
@@ -132,6 +134,19 @@ def test_sigterm_exits_cleanly(tmp_path):
         fe.setup(queues=2)
         d.proc.send_signal(signal.SIGTERM)
         assert d.wait(10) == 0
+    assert "Traceback" not in d.log_text()
+
+
+@pytest.mark.parametrize("after_a_session", [False, True])
+def test_sigterm_while_waiting_for_a_front_end_exits_cleanly(tmp_path, after_a_session):
+    d = start_daemon(tmp_path, "--keep-listening")
+    if after_a_session:
+        with d.connect() as fe:
+            fe.setup(queues=2)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait(10) == 0
+    assert "terminated by signal" in d.log_text()
+    assert not os.path.exists(d.socket)
     assert "Traceback" not in d.log_text()
 
 
