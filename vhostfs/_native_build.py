@@ -33,7 +33,7 @@ int vhostfs_capset(const uint32_t data[6]);
 int vhostfs_prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4,
                   unsigned long arg5);
 int vhostfs_seccomp_filter(unsigned int flags, const void *filter, unsigned short count);
-int vhostfs_mount_id(int fd, unsigned long long *mnt_id);
+int vhostfs_mount_id(int fd, const char *name, unsigned long long *mnt_id);
 int vhostfs_name_to_handle(int fd, unsigned char *buf, unsigned int size, int *handle_type, int *mount_id);
 int vhostfs_open_by_handle(int mount_fd, const unsigned char *buf, unsigned int size, int handle_type,
                            int flags);
@@ -148,10 +148,11 @@ int vhostfs_seccomp_filter(unsigned int flags, const void *filter, unsigned shor
 }
 /* The mount id of fd (statx(2) STATX_MNT_ID, Linux 5.8): 0 with *mnt_id set, 1 when the kernel does not
  * report it (the caller falls back to /proc/self/fdinfo), -1 with errno on failure. */
-int vhostfs_mount_id(int fd, unsigned long long *mnt_id)
+int vhostfs_mount_id(int fd, const char *name, unsigned long long *mnt_id)
 {
     struct statx stx;
-    if (syscall(SYS_statx, fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_MNT_ID, &stx) < 0)
+    int flags = AT_SYMLINK_NOFOLLOW | (name[0] ? 0 : AT_EMPTY_PATH);
+    if (syscall(SYS_statx, fd, name, flags, STATX_MNT_ID, &stx) < 0)
         return -1;
     if (!(stx.stx_mask & STATX_MNT_ID))
         return 1;
@@ -376,13 +377,105 @@ int vhostfs_walk_chain(const uint8_t *table, uint32_t num, uint32_t head, int in
 }
 """
 
+#: Directory listings: getdents64(2), and linux_dirent64 records turned into fuse_dirent ones (fuse.h)
+#: for a plain READDIR, so that listing a large directory costs a call per request, not per entry.
+DIRENT_CDEF = """
+long vhostfs_getdents(int fd, uint8_t *buf, size_t size);
+int vhostfs_index_dirents(const uint8_t *data, size_t start, size_t len, uint32_t *offsets, uint32_t max);
+uint32_t vhostfs_pack_dirents(const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
+                              uint32_t count, uint8_t *out, uint32_t size, uint32_t *next);
+"""
+
+DIRENT_SOURCE = r"""
+/* linux_dirent64: u64 d_ino, s64 d_off, u16 d_reclen, u8 d_type, then the NUL-terminated name. */
+#define VD_NAME 19
+/* fuse_dirent: u64 ino, u64 off, u32 namelen, u32 type, then the name padded to 8 bytes. */
+#define FD_NAME 24
+
+long vhostfs_getdents(int fd, uint8_t *buf, size_t size)
+{
+    return syscall(SYS_getdents64, fd, buf, size);
+}
+
+/* The length of the name of the record at off, or -1 if the record does not lie within len bytes
+ * or has no NUL inside it. */
+static long vd_namelen(const uint8_t *data, size_t len, size_t off)
+{
+    uint16_t reclen;
+    const uint8_t *nul;
+    if (off > len || len - off < VD_NAME + 1)
+        return -1;
+    memcpy(&reclen, data + off + 16, 2);
+    if (reclen < VD_NAME + 1 || reclen > len - off)
+        return -1;
+    nul = memchr(data + off + VD_NAME, 0, reclen - VD_NAME);
+    return nul ? (long)(nul - (data + off + VD_NAME)) : -1;
+}
+
+/* Stores the offset of every record of data[start:len) but "." and ".." in offsets (at most max);
+ * returns how many, or -1 for a malformed record. */
+int vhostfs_index_dirents(const uint8_t *data, size_t start, size_t len, uint32_t *offsets, uint32_t max)
+{
+    size_t off = start;
+    uint32_t n = 0;
+    while (off < len) {
+        long namelen = vd_namelen(data, len, off);
+        uint16_t reclen;
+        const uint8_t *name = data + off + VD_NAME;
+        if (namelen < 0 || off > UINT32_MAX)
+            return -1;
+        memcpy(&reclen, data + off + 16, 2);
+        if (!(namelen == 1 && name[0] == '.') && !(namelen == 2 && name[0] == '.' && name[1] == '.')) {
+            if (n == max)
+                return -1;
+            offsets[n++] = (uint32_t)off;
+        }
+        off += reclen;
+    }
+    return (int)n;
+}
+
+/* Packs entries first.. of offsets[0:count) as fuse_dirent records into out (size bytes), entry i
+ * with cookie i + 1, as many as fit whole; *next is the first entry not packed. Returns the bytes
+ * written. A malformed record ends the packing as if out were full. */
+uint32_t vhostfs_pack_dirents(const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
+                              uint32_t count, uint8_t *out, uint32_t size, uint32_t *next)
+{
+    uint32_t pos = 0, i;
+    for (i = first; i < count; i++) {
+        size_t off = offsets[i];
+        long namelen = vd_namelen(data, len, off);
+        uint32_t rec, type;
+        uint64_t ino, cookie = (uint64_t)i + 1;
+        if (namelen <= 0)
+            break;
+        rec = (FD_NAME + (uint32_t)namelen + 7) & ~7u;
+        if (rec > size - pos)
+            break;
+        memcpy(&ino, data + off, 8);
+        type = data[off + 18];
+        memcpy(out + pos, &ino, 8);
+        memcpy(out + pos + 8, &cookie, 8);
+        memcpy(out + pos + 16, &namelen, 4);
+        memcpy(out + pos + 20, &type, 4);
+        memcpy(out + pos + FD_NAME, data + off + VD_NAME, (size_t)namelen);
+        memset(out + pos + FD_NAME + namelen, 0, rec - FD_NAME - (uint32_t)namelen);
+        pos += rec;
+    }
+    *next = i;
+    return pos;
+}
+"""
+
+_CDEF = CDEF + VIRTQUEUE_CDEF + DIRENT_CDEF
+_SOURCE = SOURCE + VIRTQUEUE_SOURCE + DIRENT_SOURCE
 #: Names this version of the helper: a library built from other source is never used (see native.py).
-BUILD_ID = hashlib.sha256((CDEF + VIRTQUEUE_CDEF + SOURCE + VIRTQUEUE_SOURCE).encode()).hexdigest()[:16]
+BUILD_ID = hashlib.sha256((_CDEF + _SOURCE).encode()).hexdigest()[:16]
 
 ffibuilder = FFI()
-ffibuilder.cdef(CDEF + VIRTQUEUE_CDEF + "const char *vhostfs_build_id(void);\n")
-ffibuilder.set_source("vhostfs._native", SOURCE + VIRTQUEUE_SOURCE
-                      + f'const char *vhostfs_build_id(void) {{ return "{BUILD_ID}"; }}\n')
+ffibuilder.cdef(_CDEF + "const char *vhostfs_build_id(void);\n")
+ffibuilder.set_source("vhostfs._native",
+                      _SOURCE + f'const char *vhostfs_build_id(void) {{ return "{BUILD_ID}"; }}\n')
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+from array import array
 from types import ModuleType
 
 
@@ -169,10 +170,34 @@ def seccomp_filter(flags: int, program: bytes) -> int:
 MAX_HANDLE_SZ = 128
 
 
-def mount_id(fd: int) -> int | None:
-    """The mount id of `fd` from statx(2) STATX_MNT_ID; None when the kernel does not report it."""
+def getdents(fd: int) -> bytes:
+    """The linux_dirent64 records getdents64(2) returns for directory `fd`, from its position to the end."""
+    buf = bytearray(1 << 16)
+    chunks = []
+    with ffi.from_buffer("uint8_t[]", buf) as ptr:
+        while (n := _check(lib.vhostfs_getdents(fd, ptr, len(buf)))) > 0:
+            chunks.append(bytes(buf[:n]))
+    return b"".join(chunks)
+
+
+def index_dirents(data: bytes, start: int = 0) -> array:
+    """The offsets of the linux_dirent64 records in data[start:], "." and ".." left out; raises
+    ValueError for a malformed record."""
+    # A record takes at least 24 bytes (19 of header, a name and its NUL, 8-byte aligned).
+    offsets = array("I", bytes(4 * ((len(data) - start) // 24 + 1)))
+    with ffi.from_buffer("uint8_t[]", data) as src, ffi.from_buffer("uint32_t[]", offsets) as out:
+        n = lib.vhostfs_index_dirents(src, start, len(data), out, len(offsets))
+    if n < 0:
+        raise ValueError("malformed linux_dirent64 record")
+    del offsets[n:]
+    return offsets
+
+
+def mount_id(fd: int, name: bytes = b"") -> int | None:
+    """The mount id of `fd`, or of `name` (not followed) in directory `fd`, from statx(2) STATX_MNT_ID;
+    None when the kernel does not report it."""
     out = ffi.new("unsigned long long *")
-    if _check(lib.vhostfs_mount_id(fd, out)) == 1:
+    if _check(lib.vhostfs_mount_id(fd, name, out)) == 1:
         return None
     return int(out[0])
 

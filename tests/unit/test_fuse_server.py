@@ -10,14 +10,17 @@ import select
 import stat
 import struct
 import threading
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from vhostfs import native
 from vhostfs.fuse import abi
 from vhostfs.fuse.filesystem import (
+    LINUX_DIRENT64,
     STATX_BASIC_STATS,
     STATX_BTIME,
     TIME_NOW,
@@ -25,6 +28,7 @@ from vhostfs.fuse.filesystem import (
     Context,
     DirEntry,
     Entry,
+    HostDirents,
     SetAttr,
     Stat,
     Statx,
@@ -554,26 +558,73 @@ def opendir(s: Session, nodeid: int = 1) -> int:
     return abi.OPEN_OUT.unpack(s.ok(abi.FUSE_OPENDIR, abi.OPEN_IN.pack(os.O_RDONLY, 0), nodeid))[0]
 
 
-def test_readdir_lists_everything_with_aligned_zero_padded_records(s: Session) -> None:
+def dirent_record(name: bytes, ino: int, dtype: int, reclen: int | None = None) -> bytes:
+    """A linux_dirent64 record as getdents64(2) gives it."""
+    reclen = reclen or (LINUX_DIRENT64.size + len(name) + 1 + 7) & ~7
+    record = LINUX_DIRENT64.pack(ino, 12345, reclen, dtype) + name
+    return record + bytes(reclen - len(record))
+
+
+@pytest.fixture(params=["DirEntry", "HostDirents"])
+def ds(request: pytest.FixtureRequest, s: Session) -> Session:
+    """A session whose file system answers a plain readdir with DirEntry objects, or with the same
+    entries as HostDirents (the server packs those natively: both must give the same replies)."""
+    if request.param == "HostDirents":
+        real = s.fs.readdir
+
+        def readdir(ctx, nodeid, fh, offset, plus):
+            if plus:
+                return real(ctx, nodeid, fh, offset, plus)
+            entries = list(real(ctx, nodeid, fh, 0, plus))
+            assert [e.offset for e in entries] == list(range(1, len(entries) + 1))
+            records = [dirent_record(e.name, e.ino, e.type) for e in entries]
+            starts = [sum(map(len, records[:i])) for i in range(len(records))]
+            return HostDirents(b"".join(records), array("I", starts), offset)
+
+        s.fs.readdir = readdir
+    return s
+
+
+def test_host_dirents_index_leaves_out_dots_and_iterates_as_dir_entries() -> None:
+    data = b"".join([dirent_record(b".", 2, 4), dirent_record(b"..", 2, 4), dirent_record(b"a", 7, 8),
+                     dirent_record(b"b" * 255, 9, 10), dirent_record(b"..c", 11, 1, reclen=64)])
+    offsets = native.index_dirents(data)
+    assert list(offsets) == [48, 72, 352]
+    assert [(d.name, d.ino, d.type, d.offset) for d in HostDirents(data, offsets, 1)] == [
+        (b"b" * 255, 9, 10, 2), (b"..c", 11, 1, 3)]
+
+
+@pytest.mark.parametrize("bad", [
+    dirent_record(b"a", 1, 8)[:20],  # cut short
+    LINUX_DIRENT64.pack(1, 0, 8, 8) + b"ab\0" + bytes(5),  # d_reclen below the header
+    LINUX_DIRENT64.pack(1, 0, 24, 8) + b"abcde",  # no NUL within the record
+    dirent_record(b"a", 1, 8)[:16] + struct.pack("<H", 0x4000) + dirent_record(b"a", 1, 8)[18:],  # runs past
+])
+def test_host_dirents_index_refuses_malformed_records(bad: bytes) -> None:
+    with pytest.raises(ValueError):
+        native.index_dirents(dirent_record(b"ok", 1, 8) + bad)
+
+
+def test_readdir_lists_everything_with_aligned_zero_padded_records(ds: Session) -> None:
     names = [b"a", b"bb", b"exactly8", b"nine_char"]
     for name in names:
-        s.create(name)
-    fh = opendir(s)
-    reply = readdir(s, fh, 0, 4096, False, fill=0xFF)
+        ds.create(name)
+    fh = opendir(ds)
+    reply = readdir(ds, fh, 0, 4096, False, fill=0xFF)
     entries = parse_dirents(reply.body, plus=False)
     assert [e[0] for e in entries] == [b".", b"..", *names]
     assert [e[2] for e in entries] == [1, 2, 3, 4, 5, 6]
     assert entries[2][3] == stat.S_IFREG >> 12 and entries[0][3] == stat.S_IFDIR >> 12
-    assert readdir(s, fh, 6, 4096, False).body == b"", "end of directory is an empty reply"
+    assert readdir(ds, fh, 6, 4096, False).body == b"", "end of directory is an empty reply"
 
 
-def test_readdir_stops_when_the_next_record_does_not_fit_and_resumes(s: Session) -> None:
+def test_readdir_stops_when_the_next_record_does_not_fit_and_resumes(ds: Session) -> None:
     for i in range(10):
-        s.create(b"file%d" % i)
-    fh = opendir(s)
+        ds.create(b"file%d" % i)
+    fh = opendir(ds)
     seen, offset = [], 0
     while True:
-        reply = readdir(s, fh, offset, 100, False)
+        reply = readdir(ds, fh, offset, 100, False)
         assert reply.length - 16 <= 100
         batch = parse_dirents(reply.body, plus=False)
         if not batch:
@@ -583,15 +634,15 @@ def test_readdir_stops_when_the_next_record_does_not_fit_and_resumes(s: Session)
     assert seen == [b".", b".."] + [b"file%d" % i for i in range(10)]
 
 
-def test_readdir_is_limited_by_the_reply_room(s: Session) -> None:
+def test_readdir_is_limited_by_the_reply_room(ds: Session) -> None:
     for i in range(10):
-        s.create(b"f%d" % i)
-    reply = readdir(s, opendir(s), 0, 0xFFFFFFFF, False, room=16 + 100)
+        ds.create(b"f%d" % i)
+    reply = readdir(ds, opendir(ds), 0, 0xFFFFFFFF, False, room=16 + 100)
     assert reply.error == 0 and len(parse_dirents(reply.body, plus=False)) == 3
 
 
-def test_readdir_buffer_too_small_for_one_entry_is_einval(s: Session) -> None:
-    assert readdir(s, opendir(s), 0, 20, False).error == errno.EINVAL
+def test_readdir_buffer_too_small_for_one_entry_is_einval(ds: Session) -> None:
+    assert readdir(ds, opendir(ds), 0, 20, False).error == errno.EINVAL
 
 
 def test_readdirplus_counts_only_entries_sent(s: Session) -> None:

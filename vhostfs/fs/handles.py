@@ -11,6 +11,7 @@ import os
 import threading
 
 from vhostfs.fs.inodes import ebadf
+from vhostfs.fuse.filesystem import HostDirents
 
 
 class Handle:
@@ -28,7 +29,7 @@ class Handle:
         self.fd = fd
         self.nodeid = nodeid
         self.is_dir = is_dir
-        self.listing: list | None = None
+        self.listing: HostDirents | None = None
         self.lock = threading.Lock() if is_dir else None
         self.users = 0
         self.released = False

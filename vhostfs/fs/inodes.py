@@ -281,6 +281,15 @@ class InodeTable:
         with self._lock:
             return self._by_key.get(key)
 
+    def ref_known(self, key: tuple[int, int, int]) -> Inode | None:
+        """Counts one more kernel reference to the node of host file `key` (st_dev, st_ino, mount id)
+        if the table knows it; None otherwise (then `add` an fd of the file)."""
+        with self._lock:
+            inode = self._by_key.get(key)
+            if inode is not None:
+                inode.nlookup += 1
+            return inode
+
     def ref(self, nodeid: int) -> Inode:
         """Counts one more kernel reference to known `nodeid` (a lookup of "." or ".."); EBADF if unknown."""
         with self._lock:

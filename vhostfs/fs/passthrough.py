@@ -49,6 +49,7 @@ import stat
 import struct
 import threading
 import time
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -59,6 +60,7 @@ from vhostfs.fs.inodes import Inode, InodeTable
 from vhostfs.fs.locks import LockTable
 from vhostfs.fs.xattrmap import XattrMap
 from vhostfs.fuse.filesystem import (
+    LINUX_DIRENT64,
     ROOT_ID,
     TIME_NOW,
     Attr,
@@ -67,6 +69,7 @@ from vhostfs.fuse.filesystem import (
     DirEntry,
     Entry,
     Filesystem,
+    HostDirents,
     Lock,
     Open,
     SetAttr,
@@ -156,18 +159,11 @@ def _check_name(name: bytes) -> None:
         raise _err(errno.ENAMETOOLONG)
 
 
-def _dtype(entry: os.DirEntry) -> int:
-    """d_type of a scandir entry; the common types come from the dirent without a syscall."""
-    if entry.is_dir(follow_symlinks=False):
-        return _DT_DIR
-    if entry.is_symlink():
-        return _DT_LNK
-    if entry.is_file(follow_symlinks=False):
-        return _DT_REG
-    try:
-        return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode) >> 12
-    except OSError:
-        return 0  # DT_UNKNOWN: the guest stats it if it cares
+def _dirent_record(name: bytes, ino: int) -> bytes:
+    """A linux_dirent64 record of directory `name` (for b"." and b"..", which the daemon lists itself)."""
+    reclen = (LINUX_DIRENT64.size + len(name) + 1 + 7) & ~7
+    record = LINUX_DIRENT64.pack(ino, 0, reclen, _DT_DIR) + name
+    return record + bytes(reclen - len(record))
 
 
 
@@ -306,14 +302,24 @@ class Passthrough(Filesystem):
         return Entry(inode.nodeid, st, entry_timeout=self._timeout, attr_timeout=self._timeout)
 
     def _lookup_at(self, dir_fd: int, name: bytes) -> Entry:
-        """Looks up one component `name` (not following it) in host directory `dir_fd`; counts a lookup."""
-        fd = self._inodes.open_fd(lambda: os.open(name, _O_PATH, dir_fd=dir_fd))
-        try:
-            st = os.stat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        entry = self._entry(self._inodes.add(fd, st), st)
+        """Looks up one component `name` (not following it) in host directory `dir_fd`; counts a lookup.
+
+        A file the table already knows (the common case: the guest looks names up again and again)
+        costs two stat calls on the name; only a new one is opened, and then it is known by the
+        attributes of the fd it is held by, whatever happened to the name meanwhile.
+        """
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        mnt = native.mount_id(dir_fd, name)
+        inode = self._inodes.ref_known((st.st_dev, st.st_ino, mnt)) if mnt is not None else None
+        if inode is None:
+            fd = self._inodes.open_fd(lambda: os.open(name, _O_PATH, dir_fd=dir_fd))
+            try:
+                st = os.stat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            inode = self._inodes.add(fd, st)
+        entry = self._entry(inode, st)
         if self._submounts and stat.S_ISDIR(st.st_mode) and st.st_dev != os.stat(dir_fd).st_dev:
             entry.attr_flags = FUSE_ATTR_SUBMOUNT
         return entry
@@ -880,7 +886,8 @@ class Passthrough(Filesystem):
 
         Offset 0 takes a fresh snapshot of the directory (the guest's opendir or rewinddir); later
         cookies index into that snapshot, so resuming is exact however the directory changes meanwhile.
-        Entry i of the snapshot has cookie i + 1.
+        Entry i of the snapshot has cookie i + 1. Without `plus` the snapshot itself is the answer
+        (HostDirents: the host's own records).
 
         With `plus`, every entry but b"." and b".." carries a lookup Entry, counted when the entry is
         produced; the lookup of each entry is made only when the consumer asks for it, so entries
@@ -894,34 +901,35 @@ class Passthrough(Filesystem):
             with handle.lock:
                 if offset == 0 or handle.listing is None:
                     handle.listing = self._snapshot(handle)
-                listing = handle.listing
-        return self._entries(handle.nodeid, listing, offset, plus)
+                listing = HostDirents(handle.listing.data, handle.listing.offsets, max(offset, 0))
+        return self._entries(handle.nodeid, listing) if plus else listing
 
-    def _snapshot(self, handle: Handle) -> list[tuple[bytes, int, int]]:
+    def _snapshot(self, handle: Handle) -> HostDirents:
+        """All entries of directory `handle`, read with getdents64(2) from the start; b"." and b".."
+        come first, b".." of the root being the root itself."""
         st = os.stat(handle.fd)
         if handle.nodeid == ROOT_ID:
-            parent_ino = st.st_ino  # ".." of the root is the root
+            parent_ino = st.st_ino
         else:
             parent_ino = os.stat("..", dir_fd=handle.fd, follow_symlinks=False).st_ino
-        listing = [(b".", st.st_ino, _DT_DIR), (b"..", parent_ino, _DT_DIR)]
-        # scandir dups the fd and rewinds it when done, so every snapshot starts at the beginning.
-        with os.scandir(handle.fd) as it:
-            listing.extend((os.fsencode(e.name), e.inode(), _dtype(e)) for e in it)
-        return listing
+        dots = _dirent_record(b".", st.st_ino) + _dirent_record(b"..", parent_ino)
+        os.lseek(handle.fd, 0, os.SEEK_SET)
+        data = dots + native.getdents(handle.fd)
+        offsets = array("I", (0, len(dots) // 2))
+        offsets.extend(native.index_dirents(data, len(dots)))
+        return HostDirents(data, offsets)
 
-    def _entries(self, nodeid: int, listing: list[tuple[bytes, int, int]], offset: int,
-                 plus: bool) -> Iterator[DirEntry]:
-        for index in range(max(offset, 0), len(listing)):
-            name, ino, dtype = listing[index]
-            if not plus or name in _DOTS:
-                yield DirEntry(name, ino, dtype, index + 1)
+    def _entries(self, nodeid: int, listing: HostDirents) -> Iterator[DirEntry]:
+        for d in listing:
+            if d.name in _DOTS:
+                yield d
                 continue
             try:
                 with self._dir(nodeid) as dir_inode:
-                    entry = self._lookup_at(dir_inode.fd, name)
+                    entry = self._lookup_at(dir_inode.fd, d.name)
             except FileNotFoundError:
                 continue
-            yield DirEntry(name, entry.attr.st_ino, stat.S_IFMT(entry.attr.st_mode) >> 12, index + 1, entry)
+            yield DirEntry(d.name, entry.attr.st_ino, stat.S_IFMT(entry.attr.st_mode) >> 12, d.offset, entry)
 
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
         """Forgets directory handle `fh` and its snapshot."""

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import threading
+from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
     from vhostfs.iov import Reader, Writer
 
@@ -150,6 +152,39 @@ class DirEntry:
     type: int
     offset: int
     entry: Entry | None = None
+
+
+#: linux_dirent64 (getdents64(2)): d_ino, d_off, d_reclen, d_type; the NUL-terminated name follows.
+LINUX_DIRENT64 = struct.Struct("<QqHB")
+assert LINUX_DIRENT64.size == 19
+
+
+class HostDirents:
+    """Directory entries in the host kernel's own format, which `readdir` may return as it is.
+
+    `data` holds linux_dirent64 records as getdents64(2) returns them (d_off is not used) and
+    `offsets` the offset in `data` of each record to list, in listing order: entry i has cookie
+    i + 1. The listing begins at entry `start`. Iterating yields the DirEntry objects this stands
+    for, so any consumer can use it as one; the FUSE server also packs a plain READDIR reply from it
+    in one native call, without an object per entry. It carries no lookups: readdirplus needs
+    DirEntry objects with `entry` set.
+    """
+
+    __slots__ = ("data", "offsets", "start")
+
+    def __init__(self, data: bytes, offsets: array, start: int = 0) -> None:
+        self.data = data
+        self.offsets = offsets
+        self.start = start
+
+    def __iter__(self) -> Iterator[DirEntry]:
+        data = self.data
+        offsets = self.offsets
+        for index in range(max(self.start, 0), len(offsets)):
+            off = offsets[index]
+            ino, _, reclen, dtype = LINUX_DIRENT64.unpack_from(data, off)
+            name_at = off + LINUX_DIRENT64.size
+            yield DirEntry(data[name_at:data.index(b"\0", name_at, off + reclen)], ino, dtype, index + 1)
 
 
 #: SetAttr.atime/mtime value meaning "now" (UTIME_NOW).
@@ -483,6 +518,8 @@ class Filesystem:
         The server stops consuming once the guest's buffer is full and resumes from the last
         accepted entry's `offset` on the next call, so a generator is the natural shape. With
         `plus`, fill `DirEntry.entry`; an entry that did not fit is not counted as a lookup.
+        Without `plus`, a `HostDirents` (entries as the host's getdents64 gave them) is the fast
+        answer for a file system that lists host directories.
         """
         raise _nosys()
 

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from vhostfs import native
 from vhostfs.fuse import abi
 from vhostfs.fuse.filesystem import (
     TIME_NOW,
@@ -31,6 +32,7 @@ from vhostfs.fuse.filesystem import (
     DirEntry,
     Entry,
     Filesystem,
+    HostDirents,
     Lock,
     Open,
     SetAttr,
@@ -273,6 +275,22 @@ def _send_payload(writer: Writer, unique: int, payload: bytes | bytearray) -> in
     writer.write(_HDR.pack(total, 0, unique))
     writer.write(payload)
     return total
+
+
+def _pack_host_dirents(listing: HostDirents, limit: int) -> memoryview:
+    """fuse_dirent records for the entries of `listing` that fit whole in `limit` bytes (the cookies are
+    the entries' own); EINVAL when not even the first one fits, as getdents(2) answers."""
+    out = bytearray(limit)
+    ffi = native.ffi
+    following = ffi.new("uint32_t *")
+    with (ffi.from_buffer("uint8_t[]", listing.data) as data,
+          ffi.from_buffer("uint32_t[]", listing.offsets) as offsets,
+          ffi.from_buffer("uint8_t[]", out) as dst):
+        size = native.lib.vhostfs_pack_dirents(data, len(listing.data), offsets, max(listing.start, 0),
+                                               len(listing.offsets), dst, limit, following)
+    if size == 0 and following[0] < len(listing.offsets):
+        raise _invalid()
+    return memoryview(out)[:size]
 
 
 _Handler = Callable[[int, int, Context, int, "Reader", "Writer"], int]
@@ -931,6 +949,8 @@ class FuseServer:
             log.debug("no room for the reply to READDIR %d", unique)
             return 0
         listing = self.fs.readdir(ctx, nodeid, fh, offset, plus)
+        if not plus and isinstance(listing, HostDirents):
+            return _send_payload(writer, unique, _pack_host_dirents(listing, limit))
         entries = iter(listing)
         buf = bytearray()
         # Nodeids whose lookup reference rides in `buf`: handed back if the reply is never sent.
