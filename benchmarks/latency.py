@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--profile", help="run the daemon under cProfile, statistics to this file")
+    ap.add_argument("--daemon-args", default="", help="more vhostfs options, e.g. '--poll-us 0'")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         share = os.path.join(tmp, "share")
@@ -52,7 +54,8 @@ def main() -> None:
         prof = ["py-spy", "record", "--format", "raw", "--rate", "2000", "--output",
                 os.path.abspath(args.profile), "--"] if args.profile else []
         daemon = subprocess.Popen([*prof, sys.executable, "-m", "vhostfs", "--socket-path", sock,
-                                   "--shared-dir", share, "--log-level", "error"])
+                                   "--shared-dir", share, "--log-level", "error",
+                                   *shlex.split(args.daemon_args)])
         try:
             while not os.path.exists(sock):
                 time.sleep(0.05)
