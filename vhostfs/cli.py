@@ -94,9 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-dir", help="the host directory to share")
     p.add_argument("--tag", help="virtio-fs tag, served through the device configuration space")
     add_passthrough_options(p)
-    p.add_argument("--security-label", action="store_true",
-                   help="set the security context the guest gives a new file (FUSE_SECURITY_CTX) as an "
-                        "extended attribute on the host file; implies --xattr")
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
@@ -105,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "min(hard limit, 1000000))")
     p.add_argument("--thread-pool-size", type=int, default=0, metavar="N",
                    help="threads serving each request queue (default 0: the queue's own thread)")
-    p.add_argument("--poll-us", type=int, default=500, metavar="US",
+    p.add_argument("--poll-us", type=_non_negative, default=500, metavar="US",
                    help="poll a request queue that ran dry for up to US microseconds before sleeping: "
                         "a guest that waits on each reply gets the next one served sooner, for some CPU "
                         "time after each burst (default 500; 0: sleep at once)")
@@ -184,6 +181,16 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
                    help="hold the files the kernel knows by file handles instead of open fds, so that "
                         "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
                         "can, mandatory: refuse to start otherwise (default: never)")
+    p.add_argument("--security-label", action="store_true",
+                   help="set the security context the kernel gives a new file (FUSE_SECURITY_CTX) as an "
+                        "extended attribute on the host file; implies --xattr")
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
 
 
 def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -191,7 +198,7 @@ def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in (
         "cache", "readonly", "xattr", "readdirplus", "writeback", "allow_direct_io", "allow_mmap",
         "announce_submounts", "preserve_noatime", "xattrmap", "posix_lock", "flock", "killpriv_v2",
-        "posix_acl", "inode_file_handles")}
+        "posix_acl", "inode_file_handles", "security_label")}
 
 
 def _setup_logging(level: str, use_syslog: bool) -> None:
@@ -352,8 +359,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("exactly one of --socket-path (--socket) or --fd is required")
     if not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
-    if args.poll_us < 0:
-        parser.error("--poll-us must be 0 or more")
     group = None
     if args.socket_group is not None:
         if args.socket_path is None:
@@ -418,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
     try:
-        fs = Passthrough(args.shared_dir, security_label=args.security_label, **passthrough_options(args))
+        fs = Passthrough(args.shared_dir, **passthrough_options(args))
     except ValueError as e:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None

@@ -1,6 +1,6 @@
 """`vhostfs mount`: serves a host directory on the host itself, through the kernel's FUSE client.
 
-    vhostfs mount --shared-dir SRC MOUNTPOINT [--threads N] [PASSTHROUGH OPTIONS] [--security-label]
+    vhostfs mount --shared-dir SRC MOUNTPOINT [--threads N] [PASSTHROUGH OPTIONS]
                   [-o allow_other,default_permissions,...]
 
 The passthrough options (--cache, --readonly, --xattr, --posix-acl, --xattrmap, ... and their `-o`
@@ -47,9 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-dir", required=True, help="the host directory to serve")
     p.add_argument("--threads", type=_positive, default=4, help="worker threads (default: 4)")
     add_passthrough_options(p)
-    p.add_argument("--security-label", action="store_true",
-                   help="set the security context the kernel gives a new file (FUSE_SECURITY_CTX) as an "
-                        "extended attribute on the host file; implies --xattr")
     p.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: allow_other, default_permissions (both on by default for root; "
                         "no_allow_other, no_default_permissions turn them off), fsname=NAME, subtype=NAME, "
@@ -99,7 +96,7 @@ def main(argv: list[str]) -> int:
     if not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
     try:
-        fs = Passthrough(args.shared_dir, security_label=args.security_label, **passthrough_options(args))
+        fs = Passthrough(args.shared_dir, **passthrough_options(args))
     except (OSError, ValueError) as exc:  # a bad --xattrmap, no file handles with "mandatory"
         log.error("%s: %s", args.shared_dir, exc)
         return 1

@@ -185,3 +185,9 @@ def test_keep_listening_serves_the_next_front_end_from_scratch(tmp_path):
     finally:
         stop_daemon(d)
     assert "Traceback" not in d.log_text()
+
+
+def test_negative_poll_us_is_an_error(tmp_path):
+    r = run("--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path), "--poll-us", "-1")
+    assert r.returncode == 2 and "--poll-us: -1 is negative" in r.stderr
+    assert not (tmp_path / "s").exists()
