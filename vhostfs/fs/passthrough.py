@@ -166,11 +166,11 @@ def _dirent_record(name: bytes, ino: int) -> bytes:
     return record + bytes(reclen - len(record))
 
 
-
 def _fd_name(fd: int) -> str:
     """The name of our `fd` relative to /proc: its magic link, which reaches the file even when
     the path it was opened by is gone or was never reachable (O_PATH fds)."""
     return f"self/fd/{fd}"
+
 
 class Passthrough(Filesystem):
     """Serves the host directory `root` (the shared dir).
@@ -920,16 +920,18 @@ class Passthrough(Filesystem):
         return HostDirents(data, offsets)
 
     def _entries(self, nodeid: int, listing: HostDirents) -> Iterator[DirEntry]:
-        for d in listing:
-            if d.name in _DOTS:
-                yield d
-                continue
-            try:
-                with self._dir(nodeid) as dir_inode:
+        # The directory is in use from the first pull until the consumer closes the generator.
+        with self._dir(nodeid) as dir_inode:
+            for d in listing:
+                if d.name in _DOTS:
+                    yield d
+                    continue
+                try:
                     entry = self._lookup_at(dir_inode.fd, d.name)
-            except FileNotFoundError:
-                continue
-            yield DirEntry(d.name, entry.attr.st_ino, stat.S_IFMT(entry.attr.st_mode) >> 12, d.offset, entry)
+                except FileNotFoundError:
+                    continue
+                yield DirEntry(d.name, entry.attr.st_ino, stat.S_IFMT(entry.attr.st_mode) >> 12, d.offset,
+                               entry)
 
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
         """Forgets directory handle `fh` and its snapshot."""

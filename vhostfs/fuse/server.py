@@ -16,6 +16,7 @@ naming the request, by `interrupt`, and by the end of the session.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import struct
 import threading
@@ -121,8 +122,11 @@ def _errno_of(exc: OSError) -> int:
     return err if isinstance(err, int) and 0 < err < 4096 else errno.EIO
 
 
+@functools.lru_cache(maxsize=64)
 def _timeout(seconds: float) -> tuple[int, int]:
-    """A cache timeout in seconds as fuse.h's (sec, nsec) pair; negative or NaN means no caching."""
+    """A cache timeout in seconds as fuse.h's (sec, nsec) pair; negative or NaN means no caching.
+
+    Memoized: a file system answers with the same few timeouts over and over."""
     if not seconds > 0:
         return 0, 0
     if seconds >= _MAX_TIMEOUT_SEC:
