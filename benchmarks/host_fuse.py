@@ -195,10 +195,10 @@ def main() -> None:
             shutil.rmtree(src)
             mnt.rmdir()
     units = {f: u for f, _, _, u in FIO_JOBS} | {m: "ops/s" for m in META}
-    lines = [f"{'figure':<14}" + "".join(f"{t:>12}" for t in targets) + "  unit"
+    lines = [f"{'figure':<22}" + "".join(f"{t:>12}" for t in targets) + "  unit"
              + ("   vhostfs/pyfuse3" if {"vhostfs", "pyfuse3"} <= set(targets) else "")]
     for figure, unit in units.items():
-        row = f"{figure:<14}" + "".join(f"{results[t][figure]:>12.0f}" for t in targets) + f"  {unit:<6}"
+        row = f"{figure:<22}" + "".join(f"{results[t][figure]:>12.0f}" for t in targets) + f"  {unit:<6}"
         if {"vhostfs", "pyfuse3"} <= set(targets):
             row += f"  {results['vhostfs'][figure] / results['pyfuse3'][figure]:>10.2f}"
         lines.append(row)
