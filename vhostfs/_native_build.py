@@ -200,10 +200,35 @@ struct vhostfs_region { uint64_t gpa; uint64_t size; const uint8_t *host; };
 int vhostfs_walk_chain(const uint8_t *table, uint32_t num, uint32_t head, int indirect_ok,
                        const struct vhostfs_region *regions, uint32_t nregions, uint64_t *segs,
                        uint32_t max_segs, uint32_t *nreadable, uint64_t *ranges, uint32_t *nranges);
+int vhostfs_poll_u16(const uint16_t *p, uint16_t value, uint64_t timeout_ns);
 """
 
 VIRTQUEUE_SOURCE = r"""
+#include <time.h>
+
 struct vhostfs_region { uint64_t gpa; uint64_t size; const uint8_t *host; };
+
+static uint64_t vq_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* Waits up to timeout_ns for the 16-bit field at p (an avail ring index the driver writes) to differ
+ * from value; returns 1 if it did, 0 on timeout. Called without the GIL, so polling a ring costs the
+ * daemon's other threads nothing; each turn yields the CPU to whatever else is runnable. */
+int vhostfs_poll_u16(const uint16_t *p, uint16_t value, uint64_t timeout_ns)
+{
+    uint64_t deadline = vq_now_ns() + timeout_ns;
+    for (;;) {
+        if (__atomic_load_n(p, __ATOMIC_ACQUIRE) != value)
+            return 1;
+        if (vq_now_ns() > deadline)
+            return 0;
+        sched_yield();
+    }
+}
 
 #define VQ_DESC_F_NEXT 1
 #define VQ_DESC_F_WRITE 2

@@ -24,7 +24,6 @@ import queue
 import select
 import struct
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -223,7 +222,10 @@ class QueueWorker:
                     self._signal()
                 if self.stopping:
                     return
-                if self.poll_ns and self._poll():
+                # Kicks stay disabled while polling. Each turn of the poll yields the CPU to whatever
+                # else is runnable: on a host with few cores that is often the VMM thread that must
+                # deliver the interrupt first. A stop or a new memory table waits at most poll_us.
+                if self.poll_ns and q.wait_avail(self.poll_ns):
                     continue
                 if not q.enable_kicks():
                     return
@@ -232,20 +234,6 @@ class QueueWorker:
             log.error("queue %d: %s; the queue is stopped until it is reset", self.index, e)
             self.broken = True
 
-
-    def _poll(self) -> bool:
-        """Waits up to poll_ns, kicks still disabled, for the driver to make buffers available.
-
-        Returns True if it did. Each turn yields the CPU (and the GIL) to whatever else is runnable:
-        on a host with few cores that is often the VMM thread that must deliver the interrupt first.
-        """
-        q = self.queue
-        deadline = time.monotonic_ns() + self.poll_ns
-        while not q.avail_moved():
-            if self.stopping or self.new_memory is not None or time.monotonic_ns() > deadline:
-                return False
-            os.sched_yield()
-        return True
 
     def _push(self, head: int, length: int) -> None:
         """q.push from the worker's own thread (inline mode)."""

@@ -208,6 +208,8 @@ class SplitQueue:
         self.avail = avail
         self.used = used
         self._avail16 = avail[:avail_ring_size(num)].cast("H")  # flags, idx, ring[num], used_event
+        self._avail_pin = native.ffi.from_buffer("uint16_t[]", self._avail16)
+        self._avail_idx_ptr = self._avail_pin + 1
         self._used16 = used[:used_ring_size(num)].cast("H")  # flags, idx, ring[2 * num], avail_event
         self._used_event = 2 + num
         self._avail_event = 2 + 4 * num
@@ -230,9 +232,10 @@ class SplitQueue:
             raise QueueBroken(f"avail index ran {n} ahead of the device (queue size {self.num})")
         return n
 
-    def avail_moved(self) -> bool:
-        """Whether the driver has made buffers available since the last pop (a cheap check to poll)."""
-        return self._avail16[1] != self.last_avail_idx
+    def wait_avail(self, timeout_ns: int) -> bool:
+        """Polls for up to `timeout_ns` for the driver to make buffers available beyond the last pop;
+        returns whether it did. The GIL is released meanwhile."""
+        return bool(native.lib.vhostfs_poll_u16(self._avail_idx_ptr, self.last_avail_idx, timeout_ns))
 
     def pop_head(self) -> int:
         """Takes the next available head index (call only when `pending()` > 0)."""
