@@ -12,6 +12,7 @@ release every fd it opened.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
@@ -155,6 +156,18 @@ def send(server: FuseServer, opcode: int, nodeid: int, body: bytes, room: int, u
     return n, error, bytes(out[abi.OUT_HEADER.size:n])
 
 
+class _Bugs(logging.Handler):
+    """Collects what the server logs with a traceback: an exception other than OSError, a bug."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reports: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.reports.append(self.format(record))
+
+
 @given(st.data())
 def test_fuse_server_over_passthrough_survives_any_requests(tmp_path, data):
     base = Path(tempfile.mkdtemp(dir=tmp_path))
@@ -172,6 +185,8 @@ def test_fuse_server_over_passthrough_survives_any_requests(tmp_path, data):
     fs = Passthrough(str(share), xattr=data.draw(st.booleans()), readonly=data.draw(st.booleans()),
                      lock_wait=0.05)
     server = FuseServer(fs)
+    bugs = _Bugs()
+    logging.getLogger("vhostfs").addHandler(bugs)
     try:
         init = abi.INIT_IN.pack(abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION, 1 << 20,
                                 abi.FUSE_INIT_EXT | abi.FUSE_POSIX_LOCKS | abi.FUSE_FLOCK_LOCKS, 0)
@@ -191,7 +206,9 @@ def test_fuse_server_over_passthrough_survives_any_requests(tmp_path, data):
             if error == 0 and opcode in HANDLE_AT and len(reply) >= HANDLE_AT[opcode] + 8:
                 known.append(abi.OPEN_OUT.unpack_from(reply, HANDLE_AT[opcode])[0])
     finally:
+        logging.getLogger("vhostfs").removeHandler(bugs)
         fs.close()
+    assert not bugs.reports, bugs.reports[0]
     assert snapshot(canary) == before_canary
     assert sorted(os.listdir(base)) == [CANARY, "share"]
     assert _open_fds() <= before_fds, "the file system leaked fds"

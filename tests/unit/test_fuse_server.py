@@ -645,6 +645,15 @@ def test_readdir_buffer_too_small_for_one_entry_is_einval(ds: Session) -> None:
     assert readdir(ds, opendir(ds), 0, 20, False).error == errno.EINVAL
 
 
+@pytest.mark.parametrize("cookie", [7, 1 << 32, (1 << 64) - 1])
+def test_readdir_from_a_cookie_past_the_end_is_the_end(ds: Session, cookie: int) -> None:
+    ds.create(b"a")
+    fh = opendir(ds)
+    readdir(ds, fh, 0, 4096, False)
+    reply = readdir(ds, fh, cookie, 4096, False)
+    assert reply.error == 0 and reply.body == b""
+
+
 def test_readdirplus_counts_only_entries_sent(s: Session) -> None:
     ids = [s.create(b"f%d" % i)[0] for i in range(5)]
     before = {i: s.fs.nodes[i].nlookup for i in [1, *ids]}

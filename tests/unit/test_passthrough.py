@@ -341,6 +341,9 @@ def test_fallocate_lseek_copy_file_range(fs, share):
     assert n == 4 and (share / "g").read_bytes() == b"\0" * 5 + b"tail"
     raises_errno(errno.EINVAL, fs.copy_file_range, CTX, entry.nodeid, fh, 0, out_entry.nodeid, out.fh, 0, 4,
                  1)
+    # FUSE's mode is a u32: bits Linux does not define are refused as the host refuses them.
+    for mode in (0x80, 0xFFFFFFFF):
+        raises_errno(errno.EOPNOTSUPP, fs.fallocate, CTX, entry.nodeid, fh, 0, 10, mode)
     fs.release(CTX, entry.nodeid, fh, 0)
     fs.release(CTX, out_entry.nodeid, out.fh, 0)
 

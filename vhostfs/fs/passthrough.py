@@ -147,6 +147,11 @@ _own_fs = threading.local()
 _FLOCK_OPS = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}
 
 
+#: Every FALLOC_FL_* bit of linux/falloc.h: KEEP_SIZE, PUNCH_HOLE, NO_HIDE_STALE, COLLAPSE_RANGE,
+#: ZERO_RANGE, INSERT_RANGE, UNSHARE_RANGE.
+_FALLOC_FL_ALL = 0x7F
+
+
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -825,8 +830,11 @@ class Passthrough(Filesystem):
             (os.fdatasync if datasync else os.fsync)(handle.fd)
 
     def fallocate(self, ctx: Context, nodeid: int, fh: int, offset: int, length: int, mode: int) -> None:
-        """fallocate(2) on `fh` with its FALLOC_FL_* `mode`."""
+        """fallocate(2) on `fh` with its FALLOC_FL_* `mode` (bits Linux does not define: EOPNOTSUPP, as
+        the host would answer)."""
         self._check_writable()
+        if mode & ~_FALLOC_FL_ALL:
+            raise _err(errno.EOPNOTSUPP)
         with self._handles.use(fh) as handle:
             native.fallocate(handle.fd, mode, offset, length)
 

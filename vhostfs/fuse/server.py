@@ -290,8 +290,10 @@ def _pack_host_dirents(listing: HostDirents, limit: int) -> memoryview:
     with (ffi.from_buffer("uint8_t[]", listing.data) as data,
           ffi.from_buffer("uint32_t[]", listing.offsets) as offsets,
           ffi.from_buffer("uint8_t[]", out) as dst):
-        size = native.lib.vhostfs_pack_dirents(data, len(listing.data), offsets, max(listing.start, 0),
-                                               len(listing.offsets), dst, limit, following)
+        # A guest may send any u64 cookie: past the end is the end.
+        start = min(max(listing.start, 0), len(listing.offsets))
+        size = native.lib.vhostfs_pack_dirents(data, len(listing.data), offsets, start, len(listing.offsets),
+                                               dst, limit, following)
     if size == 0 and following[0] < len(listing.offsets):
         raise _invalid()
     return memoryview(out)[:size]
