@@ -479,6 +479,34 @@ def test_read_is_capped_by_max_read() -> None:
     assert len(sess.read(nodeid, fh, 0, 8192)) == 4096
 
 
+NEGATIVE = (1 << 64) - 1  # loff_t -1: to preadv2/pwritev2 that would mean "at the file position"
+
+
+@pytest.mark.parametrize("offset", [NEGATIVE, 1 << 63])
+def test_offsets_beyond_loff_t_are_einval_and_change_nothing(s: Session, offset: int) -> None:
+    nodeid, fh = s.create(b"f")
+    s.write(nodeid, fh, 0, b"abcdef")
+    requests = [
+        (abi.FUSE_READ, abi.READ_IN.pack(fh, offset, 4, 0, 0, 0)),
+        (abi.FUSE_WRITE, abi.WRITE_IN.pack(fh, offset, 3, 0, 0, 0) + b"xyz"),
+        (abi.FUSE_FALLOCATE, abi.FALLOCATE_IN.pack(fh, offset, 10, 0)),
+        (abi.FUSE_FALLOCATE, abi.FALLOCATE_IN.pack(fh, 0, offset, 0)),
+        (abi.FUSE_COPY_FILE_RANGE, abi.COPY_FILE_RANGE_IN.pack(fh, offset, nodeid, fh, 0, 3, 0)),
+        (abi.FUSE_COPY_FILE_RANGE, abi.COPY_FILE_RANGE_IN.pack(fh, 0, nodeid, fh, offset, 3, 0)),
+        (abi.FUSE_SETATTR, abi.SETATTR_IN.pack(abi.FATTR_SIZE, 0, offset, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)),
+    ]
+    for opcode, body in requests:
+        assert s.call(opcode, body, nodeid).error == errno.EINVAL, abi.OPCODE_NAMES[opcode]
+    assert s.read(nodeid, fh, 0, 100) == b"abcdef"
+
+
+def test_setattr_times_beyond_64_bit_nanoseconds_are_einval(s: Session) -> None:
+    nodeid, _ = s.create(b"f")
+    for sec, nsec in (((1 << 63) - 1, 0), (-(1 << 63), 0), (0, 10**9)):
+        body = abi.SETATTR_IN.pack(abi.FATTR_MTIME, 0, 0, 0, 0, sec, 0, 0, nsec, 0, 0, 0, 0)
+        assert s.call(abi.FUSE_SETATTR, body, nodeid).error == errno.EINVAL
+
+
 def test_fallocate_lseek_copy_file_range(s: Session) -> None:
     src, fh_src = s.create(b"src")
     dst, fh_dst = s.create(b"dst")

@@ -235,6 +235,34 @@ def _security_context(ext: bytes) -> tuple[bytes, bytes] | None:
     return ext[name_start:nul], ext[value_start:value_start + value_len]
 
 
+def _s64(value: int) -> int:
+    """A u64 from the wire that the kernel means as a signed 64-bit value (loff_t, time64_t)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _loff(value: int) -> int:
+    """A file offset or length from the wire (u64 in fuse.h, loff_t in the kernel): EINVAL for a
+    negative one, as the kernel answers pread, pwrite, fallocate or truncate with it. Never passed on:
+    to preadv2 and pwritev2, offset -1 means the file position."""
+    if value >= 1 << 63:
+        raise _invalid()
+    return value
+
+
+def _s32(value: int) -> int:
+    """A u32 from the wire that the kernel means as an int (lseek's whence)."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _time_ns(sec: int, nsec: int) -> int:
+    """A fuse_setattr_in time (seconds and nanoseconds) in nanoseconds; EINVAL beyond what a 64-bit
+    nanosecond count holds, or for nanoseconds of a second or more."""
+    ns = sec * _NSEC + nsec
+    if nsec >= _NSEC or not -(1 << 63) <= ns < 1 << 63:
+        raise _invalid()
+    return ns
+
+
 def _args(reader: Reader, body_len: int, st: struct.Struct) -> tuple:
     """Unpacks the fixed argument struct `st`; EINVAL if the body is shorter."""
     if body_len < st.size:
@@ -644,13 +672,13 @@ class FuseServer:
             mode=mode if valid & abi.FATTR_MODE else None,
             uid=uid if valid & abi.FATTR_UID else None,
             gid=gid if valid & abi.FATTR_GID else None,
-            size=size if valid & abi.FATTR_SIZE else None,
+            size=_loff(size) if valid & abi.FATTR_SIZE else None,
             # The kernel sets FATTR_ATIME together with FATTR_ATIME_NOW; NOW wins.
             atime_ns=(TIME_NOW if valid & abi.FATTR_ATIME_NOW
-                      else atime * _NSEC + atimensec if valid & abi.FATTR_ATIME else None),
+                      else _time_ns(atime, atimensec) if valid & abi.FATTR_ATIME else None),
             mtime_ns=(TIME_NOW if valid & abi.FATTR_MTIME_NOW
-                      else mtime * _NSEC + mtimensec if valid & abi.FATTR_MTIME else None),
-            ctime_ns=ctime * _NSEC + ctimensec if valid & abi.FATTR_CTIME else None,
+                      else _time_ns(mtime, mtimensec) if valid & abi.FATTR_MTIME else None),
+            ctime_ns=_time_ns(ctime, ctimensec) if valid & abi.FATTR_CTIME else None,
             fh=fh if valid & abi.FATTR_FH else None,
             kill_suidgid=bool(valid & abi.FATTR_KILL_SUIDGID),
         )
@@ -801,7 +829,7 @@ class FuseServer:
         if self.max_read is not None:
             size = min(size, self.max_read)
         data = writer.split_at(_HDR_SIZE)
-        n = self.fs.read_into(ctx, nodeid, fh, offset, size, data)
+        n = self.fs.read_into(ctx, nodeid, fh, _loff(offset), size, data)
         if n != data.written or n > size:
             raise RuntimeError(f"read_into returned {n} but wrote {data.written} of {size} bytes")
         writer.write(_HDR.pack(_HDR_SIZE + n, 0, unique))
@@ -812,7 +840,7 @@ class FuseServer:
         fh, offset, size, write_flags, _lock_owner, _flags = _args(reader, body_len, abi.WRITE_IN)
         if size != body_len - abi.WRITE_IN.size or size > self._write_limit:
             raise _invalid()
-        n = self.fs.write_from(ctx, nodeid, fh, offset, size, reader, write_flags)
+        n = self.fs.write_from(ctx, nodeid, fh, _loff(offset), size, reader, write_flags)
         if not 0 <= n <= size:
             raise RuntimeError(f"write_from returned {n} for a {size}-byte write")
         return _send(writer, unique, _R_WRITE.pack(_R_WRITE.size, 0, unique, n))
@@ -875,13 +903,13 @@ class FuseServer:
     def _fallocate(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                    writer: Writer) -> int:
         fh, offset, length, mode = _args(reader, body_len, abi.FALLOCATE_IN)
-        self.fs.fallocate(ctx, nodeid, fh, offset, length, mode)
+        self.fs.fallocate(ctx, nodeid, fh, _loff(offset), _loff(length), mode)
         return _ok(writer, unique)
 
     def _lseek(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                writer: Writer) -> int:
         fh, offset, whence = _args(reader, body_len, abi.LSEEK_IN)
-        result = self.fs.lseek(ctx, nodeid, fh, offset, whence)
+        result = self.fs.lseek(ctx, nodeid, fh, _s64(offset), _s32(whence))
         return _send(writer, unique, _R_LSEEK.pack(_R_LSEEK.size, 0, unique, result))
 
     def _copy_file_range(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
@@ -889,6 +917,7 @@ class FuseServer:
         fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = _args(
             reader, body_len, abi.COPY_FILE_RANGE_IN)
         length = min(length, _COPY_MAX)
+        off_in, off_out = _loff(off_in), _loff(off_out)
         n = self.fs.copy_file_range(ctx, nodeid, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags)
         if not 0 <= n <= length:
             raise RuntimeError(f"copy_file_range returned {n} for {length} bytes")
