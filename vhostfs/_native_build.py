@@ -200,7 +200,7 @@ struct vhostfs_region { uint64_t gpa; uint64_t size; const uint8_t *host; };
 int vhostfs_walk_chain(const uint8_t *table, uint32_t num, uint32_t head, int indirect_ok,
                        const struct vhostfs_region *regions, uint32_t nregions, uint64_t *segs,
                        uint32_t max_segs, uint32_t *nreadable, uint64_t *ranges, uint32_t *nranges);
-int vhostfs_poll_u16(const uint16_t *p, uint16_t value, uint64_t timeout_ns);
+int vhostfs_poll_u16(const uint16_t *p, uint16_t value, const uint32_t *wake, uint64_t timeout_ns);
 """
 
 VIRTQUEUE_SOURCE = r"""
@@ -216,15 +216,16 @@ static uint64_t vq_now_ns(void)
 }
 
 /* Waits up to timeout_ns for the 16-bit field at p (an avail ring index the driver writes) to differ
- * from value; returns 1 if it did, 0 on timeout. Called without the GIL, so polling a ring costs the
- * daemon's other threads nothing; each turn yields the CPU to whatever else is runnable. */
-int vhostfs_poll_u16(const uint16_t *p, uint16_t value, uint64_t timeout_ns)
+ * from value; returns 1 if it did, 0 on timeout or once *wake is non-zero (another thread wants the
+ * poller back). Called without the GIL, so polling a ring costs the daemon's other threads nothing;
+ * each turn yields the CPU to whatever else is runnable. */
+int vhostfs_poll_u16(const uint16_t *p, uint16_t value, const uint32_t *wake, uint64_t timeout_ns)
 {
     uint64_t deadline = vq_now_ns() + timeout_ns;
     for (;;) {
         if (__atomic_load_n(p, __ATOMIC_ACQUIRE) != value)
             return 1;
-        if (vq_now_ns() > deadline)
+        if (__atomic_load_n(wake, __ATOMIC_ACQUIRE) || vq_now_ns() > deadline)
             return 0;
         sched_yield();
     }

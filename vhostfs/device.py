@@ -27,6 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from vhostfs import native
 from vhostfs.dax import DaxWindow
 from vhostfs.fuse import abi
 from vhostfs.vhost_user import messages as vu
@@ -124,6 +125,8 @@ class QueueWorker:
         self._waiters = 0
         self._waiter_done = threading.Condition(self.used_lock)
         self.poll_ns = poll_us * 1000
+        # Set to end a poll early: stop() and a new memory table must not wait for its timeout.
+        self._poll_wake = native.ffi.new("uint32_t *")
 
     def start(self) -> None:
         for t in self.pool:
@@ -133,6 +136,7 @@ class QueueWorker:
     def stop(self) -> int:
         """Stops taking requests, finishes those in flight; returns the next avail index."""
         self.stopping = True
+        self._poll_wake[0] = 1
         os.eventfd_write(self.stop_fd, 1)
         self.thread.join()
         with self._waiter_done:
@@ -149,6 +153,11 @@ class QueueWorker:
             t.join()
         os.close(self.stop_fd)
         return self.queue.last_avail_idx
+
+    def set_memory(self, memory: GuestMemory) -> None:
+        """Has the worker switch to a new memory table before it next touches the ring."""
+        self.new_memory = memory
+        self._poll_wake[0] = 1
 
     def set_call_fd(self, fd: int) -> None:
         with self.call_lock:
@@ -191,6 +200,7 @@ class QueueWorker:
             while True:
                 if self.new_memory is not None:
                     memory, self.new_memory = self.new_memory, None
+                    self._poll_wake[0] = int(self.stopping)
                     q.remap(memory, *ring_views(memory, self.vring))
                 q.disable_kicks()
                 served = 0
@@ -224,8 +234,8 @@ class QueueWorker:
                     return
                 # Kicks stay disabled while polling. Each turn of the poll yields the CPU to whatever
                 # else is runnable: on a host with few cores that is often the VMM thread that must
-                # deliver the interrupt first. A stop or a new memory table waits at most poll_us.
-                if self.poll_ns and q.wait_avail(self.poll_ns):
+                # deliver the interrupt first. A stop or a new memory table ends the poll.
+                if self.poll_ns and q.wait_avail(self.poll_ns, self._poll_wake):
                     continue
                 if not q.enable_kicks():
                     return
@@ -378,7 +388,7 @@ class VirtioFsDevice:
 
     def set_memory(self, memory: GuestMemory) -> None:
         for worker in self.workers.values():
-            worker.new_memory = memory
+            worker.set_memory(memory)
 
     def config(self) -> bytes:
         tag = (self.tag or "").encode()

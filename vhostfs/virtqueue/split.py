@@ -232,10 +232,11 @@ class SplitQueue:
             raise QueueBroken(f"avail index ran {n} ahead of the device (queue size {self.num})")
         return n
 
-    def wait_avail(self, timeout_ns: int) -> bool:
+    def wait_avail(self, timeout_ns: int, wake) -> bool:
         """Polls for up to `timeout_ns` for the driver to make buffers available beyond the last pop;
-        returns whether it did. The GIL is released meanwhile."""
-        return bool(native.lib.vhostfs_poll_u16(self._avail_idx_ptr, self.last_avail_idx, timeout_ns))
+        returns whether it did. Ends early once the cffi `uint32_t *` `wake` holds a non-zero value.
+        The GIL is released meanwhile."""
+        return bool(native.lib.vhostfs_poll_u16(self._avail_idx_ptr, self.last_avail_idx, wake, timeout_ns))
 
     def pop_head(self) -> int:
         """Takes the next available head index (call only when `pending()` > 0)."""
