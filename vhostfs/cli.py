@@ -156,8 +156,8 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
                    help="how long the kernel may cache names, attributes and data (default: auto)")
     p.add_argument("--xattr", action="store_true", help="enable extended attributes")
     p.add_argument("--readonly", action="store_true", help="refuse every change to the shared directory")
-    p.add_argument("--no-readdirplus", dest="readdirplus", action="store_false",
-                   help="answer READDIR only, no READDIRPLUS")
+    p.add_argument("--no-readdirplus", dest="readdirplus", action="store_false", default=None,
+                   help="answer READDIR only, no READDIRPLUS (the default with --cache=never)")
     p.add_argument("--writeback", action="store_true",
                    help="let the kernel cache writes (FUSE_WRITEBACK_CACHE)")
     p.add_argument("--allow-direct-io", action="store_true",

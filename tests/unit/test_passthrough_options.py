@@ -60,6 +60,12 @@ def test_no_readdirplus_reaches_the_init_reply(make):
     assert srv.init(DEFAULT_WANT) & READDIRPLUS == READDIRPLUS
 
 
+def test_cache_never_drops_readdirplus_unless_asked(make):
+    # With zero timeouts the guest would throw the attributes of READDIRPLUS away (virtiofsd agrees).
+    assert not Server(make(cache="never")).init(DEFAULT_WANT) & READDIRPLUS
+    assert Server(make(cache="never", readdirplus=True)).init(DEFAULT_WANT) & READDIRPLUS == READDIRPLUS
+
+
 def test_allow_mmap_is_a_flags2_bit_in_the_init_reply(make):
     srv = Server(make(cache="never", allow_mmap=True))
     err, body = srv.call(abi.FUSE_INIT, abi.INIT_IN.pack(7, 38, 1 << 17, DEFAULT_WANT | abi.FUSE_INIT_EXT,

@@ -189,7 +189,8 @@ class Passthrough(Filesystem):
     - `posix_lock`, `flock`: serve the guest's POSIX record locks and flock(2) locks on the host
       (locks.py); a blocking lock request waits until the lock is free or `ctx.interrupt` is set,
       for at most `lock_wait` seconds if that is not None (then EDEADLK).
-    - `readdirplus`: let the guest use READDIRPLUS (off: plain READDIR only).
+    - `readdirplus`: let the guest use READDIRPLUS (off: plain READDIR only); by default on, except
+      with cache="never", where the guest would discard the attributes it brings (as virtiofsd).
     - `writeback`: the guest caches writes (FUSE_WRITEBACK_CACHE); files are then opened read-write
       and without O_APPEND on the host, since the guest may read to fill pages and appends itself.
     - `allow_direct_io`: pass the guest's O_DIRECT on to the host (dropped otherwise).
@@ -219,7 +220,7 @@ class Passthrough(Filesystem):
 
     def __init__(self, root: str, *, cache: str = "auto", readonly: bool = False,
                  xattr: bool = False, posix_lock: bool = True, flock: bool = True,
-                 lock_wait: float | None = None, readdirplus: bool = True, writeback: bool = False,
+                 lock_wait: float | None = None, readdirplus: bool | None = None, writeback: bool = False,
                  allow_direct_io: bool = False, allow_mmap: bool = False, announce_submounts: bool = False,
                  preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool = False,
                  xattrmap: str | None = None, inode_file_handles: str = "never",
@@ -233,7 +234,7 @@ class Passthrough(Filesystem):
         self._security_label = security_label
         self._xattrmap = XattrMap.parse(xattrmap) if xattrmap is not None else None
         self._cap_name = self._xattrmap.capability_name if self._xattrmap is not None else None
-        self._readdirplus = readdirplus
+        self._readdirplus = readdirplus if readdirplus is not None else cache != "never"
         self._writeback = writeback
         self._allow_mmap = allow_mmap
         self._submounts = announce_submounts
