@@ -176,7 +176,7 @@ def getdents(fd: int) -> bytes:
     chunks = []
     with ffi.from_buffer("uint8_t[]", buf) as ptr:
         while (n := _check(lib.vhostfs_getdents(fd, ptr, len(buf)))) > 0:
-            chunks.append(bytes(buf[:n]))
+            chunks.append(buf[:n])  # one copy out of the reused buffer; join makes the bytes
     return b"".join(chunks)
 
 
