@@ -50,6 +50,8 @@ OPTIONS = [
     (["--no-flock"], {"flock": False}),
     (["-o", "no_flock"], {"flock": False}),
     (["-o", "xattr,no_xattr,no_posix_acl,posix_acl"], {"posix_acl": True}),
+    (["--security-label"], {"security_label": True}),
+    (["-o", "security_label"], {"security_label": True}),
 ]
 _DEFAULTS = {name: p.default for name, p in inspect.signature(Passthrough).parameters.items()
              if p.kind is inspect.Parameter.KEYWORD_ONLY}

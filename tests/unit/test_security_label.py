@@ -17,7 +17,6 @@ import threading
 import pytest
 
 from tests.integration.conftest import start_daemon, stop_daemon
-from vhostfs import mount_cli
 from vhostfs.fuse import abi, fusedev
 from vhostfs.fuse.filesystem import ConnectionInfo, Entry, Filesystem, Open, Stat
 from vhostfs.fuse.server import DEFAULT_WANT, FuseServer
@@ -415,23 +414,3 @@ def test_the_daemon_labels_with_cap_sys_admin_and_refuses_without(tmp_path, opti
             assert os.listdir(daemon.shared) == []
             assert "--modcaps=+sys_admin" in daemon.log_text()
         assert "Traceback" not in daemon.log_text()
-
-
-@pytest.mark.parametrize("option", [["--security-label"], ["-o", "security_label"],
-                                    ["-o", "security_label,noexec"]], ids=" ".join)
-def test_vhostfs_mount_takes_the_option(monkeypatch, tmp_path, option):
-    seen: dict = {}
-
-    class Recorder:
-        def __init__(self, root: str, **kw) -> None:
-            seen["fs"] = kw
-
-        def close(self) -> None:
-            pass
-
-    monkeypatch.setattr(mount_cli, "Passthrough", Recorder)
-    monkeypatch.setattr(mount_cli, "serve_filesystem", lambda fs, mountpoint, **kw: seen.update(mount=kw))
-    assert mount_cli.main(["--shared-dir", str(tmp_path), str(tmp_path / "mnt"), *option]) == 0
-    assert seen["fs"]["security_label"] is True
-    # An option of the file server, never passed to mount(2).
-    assert "security_label" not in seen["mount"]["options"]
