@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", help="directory to mount on")
     p.add_argument("--shared-dir", required=True, help="the host directory to serve")
     p.add_argument("--threads", type=_positive, default=4, help="worker threads (default: 4)")
+    p.add_argument("--fuse-passthrough", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the kernel read, write and mmap regular files on the host itself (FUSE "
+                        "passthrough; needs CAP_SYS_ADMIN, and some options rule it out: see "
+                        "docs/fuse-passthrough.md). Default: on where possible")
     add_passthrough_options(p)
     p.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: allow_other, default_permissions (both on by default for root; "
@@ -102,7 +106,8 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         log.info("mounting %s at %s", args.shared_dir, args.mountpoint)
-        serve_filesystem(fs, args.mountpoint, threads=args.threads, **mount_opts)
+        serve_filesystem(fs, args.mountpoint, threads=args.threads, passthrough=args.fuse_passthrough,
+                         **mount_opts)
     except (OSError, ValueError) as exc:
         log.error("%s: %s", args.mountpoint, exc)
         return 1

@@ -117,18 +117,26 @@ def mount_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vhostfs", "mount", *args]
 
 
-@pytest.fixture
-def passthrough(tmp_path):
-    """The passthrough of tmp_path/src mounted at tmp_path/mnt: yields (src, mnt, Mount)."""
+#: How file data travels: through the daemon, or passed through to the host files by the kernel.
+DATA_PATHS = {"served": ["--no-fuse-passthrough"], "fuse-passthrough": ["--fuse-passthrough"]}
+
+
+@pytest.fixture(params=list(DATA_PATHS))
+def passthrough(request, tmp_path):
+    """The passthrough of tmp_path/src mounted at tmp_path/mnt, once for each of DATA_PATHS:
+    yields (src, mnt, Mount)."""
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     src.mkdir()
     m = start(mount_cli("--shared-dir", str(src), str(mnt), "--threads", "4", "--xattr", "-o",
-                        "fsname=srcshare,noatime"), mnt, tmp_path / "server.log")
+                        "fsname=srcshare,noatime", *DATA_PATHS[request.param]),
+              mnt, tmp_path / "server.log")
     try:
         yield src, mnt, m
     finally:
         _take_down(mnt, m.proc)
     assert "Traceback" not in m.log_text(), m.log_text()
+    # The mount was probed, so INIT ran and said whether files are passed through.
+    assert ("FUSE passthrough is on" in m.log_text()) == (request.param == "fuse-passthrough"), m.log_text()
 
 
 def _sha256(path: Path) -> str:

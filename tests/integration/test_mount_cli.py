@@ -101,7 +101,13 @@ def test_each_passthrough_option_reaches_the_passthrough(recorded, argv, expecte
 def test_mount_options_and_ro_still_reach_the_mount(recorded):
     kw, mount = recorded("-o", "ro,fsname=src,no_allow_other,xattr,nosuid")
     assert kw["readonly"] is True and kw["xattr"] is True
-    assert mount == {"threads": 4, "fsname": "src", "allow_other": False, "options": "ro,nosuid"}
+    assert mount == {"threads": 4, "fsname": "src", "allow_other": False, "options": "ro,nosuid",
+                     "passthrough": True}
+
+
+def test_fuse_passthrough_is_on_unless_turned_off(recorded):
+    assert recorded()[1]["passthrough"] is True
+    assert recorded("--no-fuse-passthrough")[1]["passthrough"] is False
 
 
 def _daemon_options(argv: list[str]) -> dict:

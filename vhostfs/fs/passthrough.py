@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import select
 import stat
@@ -82,6 +83,8 @@ if TYPE_CHECKING:
 
     from vhostfs.iov import Reader, Writer
 
+log = logging.getLogger("vhostfs.passthrough")
+
 # FOPEN_* reply flags and FUSE_WRITE_* request flags, with their names from <linux/fuse.h>. Defined
 # here rather than imported so that this module does not depend on the wire ABI module.
 FOPEN_DIRECT_IO = 1 << 0
@@ -100,6 +103,7 @@ FUSE_SUBMOUNTS = 1 << 27
 FUSE_HANDLE_KILLPRIV_V2 = 1 << 28
 FUSE_DIRECT_IO_ALLOW_MMAP = 1 << 36
 FUSE_SECURITY_CTX = 1 << 32
+FUSE_PASSTHROUGH = 1 << 37
 FUSE_ATTR_SUBMOUNT = 1 << 0
 
 #: Cache policy -> (entry/attr timeout in seconds, FOPEN flags for files, FOPEN flags for directories),
@@ -216,6 +220,9 @@ class Passthrough(Filesystem):
       handles rather than fds (inodes.py); "mandatory" raises ValueError when the share cannot.
     - `fd_budget`: how many fds the daemon may hold for the guest (default: RLIMIT_NOFILE less a
       reserve, see inodes.py); past it, requests that would open one more fail with EMFILE.
+    - `passthrough`: offer open regular files for FUSE passthrough (`Open.backing_fd`), where the
+      transport can (/dev/fuse) and the options allow it; see `passthrough_refusal` and
+      docs/fuse-passthrough.md for when they do not.
     """
 
     def __init__(self, root: str, *, cache: str = "auto", readonly: bool = False,
@@ -224,7 +231,8 @@ class Passthrough(Filesystem):
                  allow_direct_io: bool = False, allow_mmap: bool = False, announce_submounts: bool = False,
                  preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool = False,
                  xattrmap: str | None = None, inode_file_handles: str = "never",
-                 fd_budget: int | None = None, security_label: bool = False) -> None:
+                 fd_budget: int | None = None, security_label: bool = False,
+                 passthrough: bool = True) -> None:
         if cache not in CACHE_POLICIES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
         self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
@@ -262,6 +270,12 @@ class Passthrough(Filesystem):
             os.close(self._proc_fd)
             raise
         self._handles = HandleTable()
+        self._want_passthrough = passthrough
+        self._passthrough = False
+        # FUSE passthrough, per node with open files: [passed through?, open handles]; and fh -> nodeid.
+        self._io_lock = threading.Lock()
+        self._io_modes: dict[int, list] = {}
+        self._io_handles: dict[int, int] = {}
         self._posix_lock = posix_lock
         self._flock = flock
         self._locks = LockTable(self._reopen_fd, lock_wait)
@@ -330,14 +344,14 @@ class Passthrough(Filesystem):
             entry.attr_flags = FUSE_ATTR_SUBMOUNT
         return entry
 
-    def _open_new(self, fd: int) -> tuple[Entry, Open]:
+    def _open_new(self, fd: int, flags: int) -> tuple[Entry, Open]:
         """The Entry and file handle of a file just created and open as `fd` (which they then own)."""
         try:
             entry = self._add_fd(fd)
         except BaseException:
             os.close(fd)
             raise
-        return entry, Open(self._handles.add(fd, entry.nodeid, False), self._fopen_file)
+        return entry, self._opened(self._handles.add(fd, entry.nodeid, False), entry.nodeid, fd, flags)
 
     def _add_fd(self, fd: int) -> Entry:
         """Counts a lookup of the file open as `fd` (any open mode) and returns its Entry."""
@@ -423,9 +437,43 @@ class Passthrough(Filesystem):
                     pass  # gone already: the error that matters is the label's
             raise
 
+    def passthrough_refusal(self) -> str | None:
+        """Why the options keep file data away from FUSE passthrough, or None when they allow it.
+
+        With passthrough the kernel reads and writes the host file itself and the daemon never sees
+        the data. That breaks what the daemon must do on the way: cache="never" promises the guest
+        direct I/O (FOPEN_DIRECT_IO, which the kernel puts above passthrough anyway); the writeback
+        cache and passthrough exclude each other in the kernel; killpriv_v2 leaves clearing the
+        set-user-ID bits on write to the daemon (FUSE_WRITE_KILL_SUIDGID); and an xattrmap that
+        renames security.capability stores it where the host kernel does not drop it on write.
+        """
+        if not self._want_passthrough:
+            return "turned off"
+        if self._fopen_file & FOPEN_DIRECT_IO:
+            return "--cache never serves every read and write in the daemon"
+        if self._writeback:
+            return "the kernel does not pass files through with the writeback cache"
+        if self._killpriv_v2:
+            return "--killpriv-v2 clears set-user-ID bits in the daemon on each write"
+        if self._cap_name is not None:
+            return "the xattrmap stores security.capability where a host write does not drop it"
+        return None
+
     # -- session ------------------------------------------------------------------------------------
     def init(self, conn: ConnectionInfo) -> None:
-        """Asks for the INIT flags the options enable (locks, ACLs, ...), and drops READDIRPLUS if off."""
+        """Asks for the INIT flags the options enable (locks, ACLs, ...), and drops READDIRPLUS if off.
+
+        FUSE_PASSTHROUGH stays wanted (the transport asks for it where it can) when the options allow
+        it (`passthrough_refusal`); the decision is logged once per session.
+        """
+        if conn.want & FUSE_PASSTHROUGH:
+            why = self.passthrough_refusal()
+            if why is not None:
+                conn.want &= ~FUSE_PASSTHROUGH
+                log.info("FUSE passthrough is off: %s; file data goes through the daemon", why)
+            else:
+                log.info("FUSE passthrough is on: the kernel reads and writes regular files itself")
+        self._passthrough = bool(conn.want & conn.capable & FUSE_PASSTHROUGH)
         if self._posix_lock:
             conn.want |= FUSE_POSIX_LOCKS
         if self._flock:
@@ -447,6 +495,10 @@ class Passthrough(Filesystem):
 
     def destroy(self) -> None:
         """Forgets every node but the root and closes every handle (a new session may follow)."""
+        with self._io_lock:
+            self._io_modes.clear()
+            self._io_handles.clear()
+        self._passthrough = False
         self._locks.clear()
         self._handles.clear()
         self._inodes.clear()
@@ -643,14 +695,47 @@ class Passthrough(Filesystem):
             host &= ~os.O_APPEND
         return host
 
-    def _open_inode(self, inode: Inode, flags: int) -> int:
+    def _open_inode(self, inode: Inode, flags: int) -> Open:
         """Opens regular file `inode`; refuses directories (EISDIR), symlinks (ELOOP), others (EBADF)."""
         if inode.kind != stat.S_IFREG:
             if inode.is_dir:
                 raise _err(errno.EISDIR)
             raise _err(errno.ELOOP if inode.is_symlink else errno.EBADF)
         fd = self._reopen(inode, self._host_flags(flags))
-        return self._handles.add(fd, inode.nodeid, False)
+        return self._opened(self._handles.add(fd, inode.nodeid, False), inode.nodeid, fd, flags)
+
+    def _opened(self, fh: int, nodeid: int, fd: int, flags: int) -> Open:
+        """The Open of new file handle `fh` (host fd `fd`) of `nodeid`, opened with guest `flags`:
+        with `backing_fd` where FUSE passthrough was negotiated and this node's data may bypass the
+        daemon.
+
+        The node's first open decides for all its opens until the last is released (the kernel wants
+        them alike, see `Open`): a file with set-user-ID or set-group-ID bits is served (a write through
+        the kernel runs with the daemon's CAP_FSETID and would keep them), as is an O_DIRECT open
+        without allow_direct_io (the kernel would open the host file O_DIRECT).
+        """
+        if not self._passthrough:
+            return Open(fh, self._fopen_file)
+        with self._io_lock:
+            mode = self._io_modes.get(nodeid)
+            if mode is None:
+                direct = flags & os.O_DIRECT and not self._open_flags & os.O_DIRECT
+                setid = os.fstat(fd).st_mode & (stat.S_ISUID | stat.S_ISGID)
+                mode = self._io_modes[nodeid] = [not direct and not setid, 0]
+            mode[1] += 1
+            self._io_handles[fh] = nodeid
+        return Open(fh, self._fopen_file, fd if mode[0] else -1)
+
+    def _closed(self, fh: int) -> None:
+        """Ends the passthrough bookkeeping of released file handle `fh`."""
+        with self._io_lock:
+            nodeid = self._io_handles.pop(fh, None)
+            if nodeid is None:
+                return
+            mode = self._io_modes[nodeid]
+            mode[1] -= 1
+            if not mode[1]:
+                del self._io_modes[nodeid]
 
     def open(self, ctx: Context, nodeid: int, flags: int) -> Open:
         """Opens regular file `nodeid` with the allowed subset of `flags` (see _OPEN_FLAGS).
@@ -661,11 +746,11 @@ class Passthrough(Filesystem):
         killpriv_v2: FUSE_ATOMIC_O_TRUNC hands it the truncation, and no SETATTR follows.
         """
         with self._inodes.use(nodeid) as inode:
-            fh = self._open_inode(inode, flags)
+            opened = self._open_inode(inode, flags)
             if flags & os.O_TRUNC and ctx.uid != 0:
-                with self._handles.use(fh) as handle:
+                with self._handles.use(opened.fh) as handle:
                     self._kill_suidgid(handle, FUSE_WRITE_KILL_SUIDGID)
-            return Open(fh, self._fopen_file)
+            return opened
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
                umask: int) -> tuple[Entry, Open]:
@@ -691,17 +776,17 @@ class Passthrough(Filesystem):
                 entry = self._lookup_at(dir_inode.fd, name)
                 try:
                     with self._inodes.use(entry.nodeid) as inode:
-                        fh = self._open_inode(inode, flags)
+                        opened = self._open_inode(inode, flags)
                 except BaseException:
                     self._inodes.forget(entry.nodeid, 1)
                     raise
-                return entry, Open(fh, self._fopen_file)
+                return entry, opened
             try:
                 self._label(ctx, dir_inode.fd, name, fd=fd)
             except BaseException:
                 os.close(fd)
                 raise
-            return self._open_new(fd)
+            return self._open_new(fd, flags)
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         """pread(2) on `fh` (the copying path; the server uses read_into)."""
@@ -766,6 +851,7 @@ class Passthrough(Filesystem):
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
         """Forgets `fh`, and the lock owners' descriptions used through it; its fd closes once unused."""
         self._handles.remove(fh)
+        self._closed(fh)
         self._locks.release(fh)
 
     @contextmanager
@@ -823,7 +909,7 @@ class Passthrough(Filesystem):
             except BaseException:
                 os.close(fd)
                 raise
-            return self._open_new(fd)
+            return self._open_new(fd, flags)
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         """fdatasync(2) or fsync(2) on `fh`."""
