@@ -14,8 +14,10 @@ import logging
 import mmap
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -313,3 +315,35 @@ def test_fio_verify(cli_mount, job, args):
     # The files fio wrote and verified are the host's.
     assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in mnt.iterdir())
     assert all(p.stat().st_size == 8 << 20 for p in src.iterdir())
+
+
+def test_a_users_write_through_passthrough_clears_set_user_id():
+    # tmp_path lies in a directory only root may enter; the user must reach this one.
+    base = Path(tempfile.mkdtemp(prefix="vhostfs-setid-"))
+    os.chmod(base, 0o755)
+    src, mnt = base / "src", base / "mnt"
+    src.mkdir(mode=0o777)
+    mnt.mkdir()
+    os.chmod(src, 0o777)
+    s = Served(src, mnt)
+    try:
+        (mnt / "s").write_bytes(b"x")
+        os.chmod(mnt / "s", 0o6777)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.setgroups([])
+                os.setresgid(65534, 65534, 65534)
+                os.setresuid(65534, 65534, 65534)
+                with open(mnt / "s", "r+b") as f:
+                    f.write(b"y")
+                status = 0
+            finally:
+                os._exit(status)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert stat.S_IMODE(os.stat(src / "s").st_mode) == 0o777
+        assert (src / "s").read_bytes() == b"y" and s.writes == 0
+    finally:
+        s.close()
+        shutil.rmtree(base, ignore_errors=True)

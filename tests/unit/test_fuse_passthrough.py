@@ -174,22 +174,28 @@ def test_a_refused_backing_file_is_served_by_the_daemon(share):
     fs.close()
 
 
-def test_set_id_files_and_o_direct_are_served_and_the_first_open_decides_for_the_node(share):
-    os.chmod(share / "f", 0o4755)
+def test_o_direct_is_served_and_the_first_open_decides_for_the_node(share):
     srv, fs = make(share, Recorder())
     srv.init(flags=OFFERED & ~abi.FUSE_WRITEBACK_CACHE)
     node = srv.lookup(b"f")
-    fh1, flags1, _ = srv.open(node)
+    fh1, flags1, _ = srv.open(node, os.O_RDWR | os.O_DIRECT)
     assert not flags1 & abi.FOPEN_PASSTHROUGH
-    os.chmod(share / "f", 0o755)
     # Still open without passthrough: the kernel would refuse a passed-through open next to it.
     fh2, flags2, _ = srv.open(node)
     assert not flags2 & abi.FOPEN_PASSTHROUGH
     srv.release(node, fh1)
     srv.release(node, fh2)
-    assert srv.open(node)[1] & abi.FOPEN_PASSTHROUGH
-    (share / "d").write_bytes(b"")
-    assert not srv.open(srv.lookup(b"d"), os.O_RDWR | os.O_DIRECT)[1] & abi.FOPEN_PASSTHROUGH
+    fh3, flags3, _ = srv.open(node)
+    assert flags3 & abi.FOPEN_PASSTHROUGH
+    # And now an O_DIRECT open joins the passed-through ones.
+    assert srv.open(node, os.O_RDWR | os.O_DIRECT)[1] & abi.FOPEN_PASSTHROUGH
+    fs.close()
+
+
+def test_o_direct_is_passed_through_with_allow_direct_io(share):
+    srv, fs = make(share, Recorder(), allow_direct_io=True)
+    srv.init(flags=OFFERED & ~abi.FUSE_WRITEBACK_CACHE)
+    assert srv.open(srv.lookup(b"f"), os.O_RDWR | os.O_DIRECT)[1] & abi.FOPEN_PASSTHROUGH
     fs.close()
 
 

@@ -710,9 +710,9 @@ class Passthrough(Filesystem):
         daemon.
 
         The node's first open decides for all its opens until the last is released (the kernel wants
-        them alike, see `Open`): a file with set-user-ID or set-group-ID bits is served (a write through
-        the kernel runs with the daemon's CAP_FSETID and would keep them), as is an O_DIRECT open
-        without allow_direct_io (the kernel would open the host file O_DIRECT).
+        them alike, see `Open`): an O_DIRECT open without allow_direct_io is served (the kernel would
+        open the host file O_DIRECT). Set-user-ID bits need nothing here: the kernel clears them before
+        a passed-through write as before any other.
         """
         if not self._passthrough:
             return Open(fh, self._fopen_file)
@@ -720,8 +720,7 @@ class Passthrough(Filesystem):
             mode = self._io_modes.get(nodeid)
             if mode is None:
                 direct = flags & os.O_DIRECT and not self._open_flags & os.O_DIRECT
-                setid = os.fstat(fd).st_mode & (stat.S_ISUID | stat.S_ISGID)
-                mode = self._io_modes[nodeid] = [not direct and not setid, 0]
+                mode = self._io_modes[nodeid] = [not direct, 0]
             mode[1] += 1
             self._io_handles[fh] = nodeid
         return Open(fh, self._fopen_file, fd if mode[0] else -1)
