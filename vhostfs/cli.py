@@ -180,7 +180,9 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inode-file-handles", choices=("never", "prefer", "mandatory"), default="never",
                    help="hold the files the kernel knows by file handles instead of open fds, so that "
                         "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
-                        "can, mandatory: refuse to start otherwise (default: never)")
+                        "can, mandatory: refuse to start otherwise (default: never for the daemon, as "
+                        "virtiofsd; prefer for vhostfs mount). Without handles, idle fds are closed when "
+                        "fds run short and the files found again by name")
     p.add_argument("--security-label", action="store_true",
                    help="set the security context the kernel gives a new file (FUSE_SECURITY_CTX) as an "
                         "extended attribute on the host file; implies --xattr")
@@ -427,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
+    log.info("%s", fs.describe_inodes())
     window = None
     if args.dax_window_size:
         from vhostfs.dax import DaxFilesystem, DaxWindow

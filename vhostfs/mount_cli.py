@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "passthrough; needs CAP_SYS_ADMIN, and some options rule it out: see "
                         "docs/fuse-passthrough.md). Default: on where possible")
     add_passthrough_options(p)
+    # A host walk touches far more files than a guest keeps: file handles wherever the share makes them.
+    p.set_defaults(inode_file_handles="prefer")
     p.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: allow_other, default_permissions (both on by default for root; "
                         "no_allow_other, no_default_permissions turn them off), fsname=NAME, subtype=NAME, "
@@ -105,7 +107,7 @@ def main(argv: list[str]) -> int:
         log.error("%s: %s", args.shared_dir, exc)
         return 1
     try:
-        log.info("mounting %s at %s", args.shared_dir, args.mountpoint)
+        log.info("mounting %s at %s; %s", args.shared_dir, args.mountpoint, fs.describe_inodes())
         serve_filesystem(fs, args.mountpoint, threads=args.threads, passthrough=args.fuse_passthrough,
                          **mount_opts)
     except (OSError, ValueError) as exc:

@@ -347,3 +347,51 @@ def test_a_users_write_through_passthrough_clears_set_user_id():
     finally:
         s.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- a walk over a tree far larger than the fd limit ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("big")
+    for d in range(20):
+        sub = root / f"d{d}"
+        sub.mkdir()
+        for i in range(1000):
+            (sub / f"f{i}").write_bytes(b"x" * (i % 4))
+    return root
+
+
+@pytest.mark.parametrize("args, mode", [([], "file handles (prefer)"), (["--inode-file-handles=never"],
+                                                                          "O_PATH fds")],
+                         ids=["default", "never"])
+def test_a_walk_over_20000_files_under_a_1024_fd_limit(big_tree, tmp_path, args, mode):
+    import resource
+
+    mnt, log = tmp_path / "mnt", tmp_path / "server.log"
+    mnt.mkdir()
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(mount_cli("--shared-dir", str(big_tree), str(mnt), *args), cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, preexec_fn=lower,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        _wait_for(lambda: mounted(mnt), "the mount", proc, log)
+        seen, sizes = 0, set()
+        for top, _dirs, files in os.walk(mnt):
+            for name in files:
+                st = os.stat(os.path.join(top, name))
+                seen += 1
+                sizes.add(st.st_size)
+        assert seen == 20000 and sizes == {0, 1, 2, 3}
+        assert (mnt / "d0" / "f3").read_bytes() == b"xxx"  # the first ones, long closed, come back
+        assert len(os.listdir(f"/proc/{proc.pid}/fd")) < 1024
+    finally:
+        _take_down(mnt, proc)
+        proc.wait(_WAIT)
+    text = log.read_text()
+    assert "Traceback" not in text and "Too many open files" not in text, text
+    assert f"inodes are held by {mode}" in text, text

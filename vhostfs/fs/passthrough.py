@@ -122,7 +122,8 @@ CACHE_POLICIES: dict[str, tuple[float, int, int]] = {
 # preserve_noatime (the host refuses it with EPERM to anyone but the file's owner).
 _OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
                | os.O_LARGEFILE)
-_RENAME_FLAGS = 1 | 2 | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
+_RENAME_EXCHANGE = 2
+_RENAME_FLAGS = 1 | _RENAME_EXCHANGE | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _DT_DIR = stat.S_IFDIR >> 12
 _DT_REG = stat.S_IFREG >> 12
@@ -321,16 +322,19 @@ class Passthrough(Filesystem):
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
         return Entry(inode.nodeid, st, entry_timeout=self._timeout, attr_timeout=self._timeout)
 
-    def _lookup_at(self, dir_fd: int, name: bytes) -> Entry:
-        """Looks up one component `name` (not following it) in host directory `dir_fd`; counts a lookup.
+    def _lookup_at(self, dir_inode: Inode, name: bytes) -> Entry:
+        """Looks up one component `name` (not following it) in directory node `dir_inode` (in use);
+        counts a lookup, and notes where the node was seen (not for b"..", see inodes.py).
 
         A file the table already knows (the common case: the guest looks names up again and again)
         costs two stat calls on the name; only a new one is opened, and then it is known by the
         attributes of the fd it is held by, whatever happened to the name meanwhile.
         """
+        dir_fd = dir_inode.fd
+        parent, seen = (None, None) if name == b".." else (dir_inode.nodeid, name)
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         mnt = native.mount_id(dir_fd, name)
-        inode = self._inodes.ref_known((st.st_dev, st.st_ino, mnt)) if mnt is not None else None
+        inode = self._inodes.ref_known((st.st_dev, st.st_ino, mnt), parent, seen) if mnt is not None else None
         if inode is None:
             fd = self._inodes.open_fd(lambda: os.open(name, _O_PATH, dir_fd=dir_fd))
             try:
@@ -338,23 +342,36 @@ class Passthrough(Filesystem):
             except BaseException:
                 os.close(fd)
                 raise
-            inode = self._inodes.add(fd, st)
+            inode = self._inodes.add(fd, st, parent, seen)
         entry = self._entry(inode, st)
         if self._submounts and stat.S_ISDIR(st.st_mode) and st.st_dev != os.stat(dir_fd).st_dev:
             entry.attr_flags = FUSE_ATTR_SUBMOUNT
         return entry
 
-    def _open_new(self, fd: int, flags: int) -> tuple[Entry, Open]:
-        """The Entry and file handle of a file just created and open as `fd` (which they then own)."""
+    def _open_new(self, fd: int, flags: int, parent: int | None = None,
+                  name: bytes | None = None) -> tuple[Entry, Open]:
+        """The Entry and file handle of a file just created and open as `fd` (which they then own),
+        as `name` in `parent` (None for an unnamed O_TMPFILE)."""
         try:
-            entry = self._add_fd(fd)
+            entry = self._add_fd(fd, parent, name)
         except BaseException:
             os.close(fd)
             raise
-        return entry, self._opened(self._handles.add(fd, entry.nodeid, False), entry.nodeid, fd, flags)
+        return entry, self._opened(self._new_handle(fd, entry.nodeid, False), entry.nodeid, fd, flags)
 
-    def _add_fd(self, fd: int) -> Entry:
-        """Counts a lookup of the file open as `fd` (any open mode) and returns its Entry."""
+    def _new_handle(self, fd: int, nodeid: int, is_dir: bool) -> int:
+        """A new file handle of `nodeid` open as `fd` (which it then owns); the node keeps its own fd
+        while the handle lives (inodes.py: pin)."""
+        self._inodes.pin(nodeid)
+        return self._handles.add(fd, nodeid, is_dir)
+
+    def _drop_handle(self, fh: int) -> None:
+        """Releases `fh` (EBADF if unknown) and its node's pin."""
+        self._inodes.unpin(self._handles.remove(fh).nodeid)
+
+    def _add_fd(self, fd: int, parent: int | None = None, name: bytes | None = None) -> Entry:
+        """Counts a lookup of the file open as `fd` (any open mode), seen as `name` in `parent`, and
+        returns its Entry."""
         path_fd = self._inodes.open_fd(
             lambda: os.open(_fd_name(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd))
         try:
@@ -362,7 +379,7 @@ class Passthrough(Filesystem):
         except BaseException:
             os.close(path_fd)
             raise
-        return self._entry(self._inodes.add(path_fd, st), st)
+        return self._entry(self._inodes.add(path_fd, st, parent, name), st)
 
     @contextmanager
     def _as_caller(self, ctx: Context) -> Iterator[None]:
@@ -436,6 +453,10 @@ class Passthrough(Filesystem):
                 except OSError:
                     pass  # gone already: the error that matters is the label's
             raise
+
+    def describe_inodes(self) -> str:
+        """How the nodes the kernel knows are held (file handles or fds), for the log at start."""
+        return self._inodes.describe()
 
     def passthrough_refusal(self) -> str | None:
         """Why the options keep file data away from FUSE passthrough, or None when they allow it.
@@ -511,10 +532,10 @@ class Passthrough(Filesystem):
                 if name == b"." or parent == ROOT_ID:
                     inode = self._inodes.ref(parent)
                     return self._entry(inode, os.stat(inode.fd))
-                return self._lookup_at(dir_inode.fd, b"..")
+                return self._lookup_at(dir_inode, b"..")
         _check_name(name)
         with self._dir(parent) as dir_inode:
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         """Drops `nlookup` references; the node's fd closes when none remain and no request uses it."""
@@ -618,7 +639,7 @@ class Passthrough(Filesystem):
             with self._as_caller(ctx):
                 os.symlink(target, name, dir_fd=dir_inode.fd)
             self._label(ctx, dir_inode.fd, name)
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
         """mknodat(2): regular files, FIFOs, sockets, and device nodes where the host allows them.
@@ -632,7 +653,7 @@ class Passthrough(Filesystem):
             with self._as_caller(ctx):
                 os.mknod(name, stat.S_IFMT(mode) | perm, rdev, dir_fd=dir_inode.fd)
             self._label(ctx, dir_inode.fd, name)
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         """mkdirat(2) with `mode & ~umask` (see _new_mode for posix_acl)."""
@@ -643,7 +664,7 @@ class Passthrough(Filesystem):
             with self._as_caller(ctx):
                 os.mkdir(name, perm, dir_fd=dir_inode.fd)
             self._label(ctx, dir_inode.fd, name, directory=True)
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         """unlinkat(2) of a non-directory."""
@@ -651,6 +672,7 @@ class Passthrough(Filesystem):
         _check_name(name)
         with self._dir(parent) as dir_inode:
             os.unlink(name, dir_fd=dir_inode.fd)
+        self._inodes.removed(parent, name)
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         """unlinkat(2) with AT_REMOVEDIR."""
@@ -658,6 +680,7 @@ class Passthrough(Filesystem):
         _check_name(name)
         with self._dir(parent) as dir_inode:
             os.rmdir(name, dir_fd=dir_inode.fd)
+        self._inodes.removed(parent, name)
 
     def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
                flags: int) -> None:
@@ -672,6 +695,8 @@ class Passthrough(Filesystem):
                 native.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
             else:
                 os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
+        # With RENAME_WHITEOUT the old name holds a new whiteout node, which nothing knows yet.
+        self._inodes.moved(parent, name, newparent, newname, exchange=bool(flags & _RENAME_EXCHANGE))
 
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         """Hard-links `nodeid` as `newparent/newname` (linkat through /proc, so a symlink links itself)."""
@@ -680,7 +705,7 @@ class Passthrough(Filesystem):
         with self._inodes.use(nodeid) as inode, self._dir(newparent) as dir_inode:
             os.link(_fd_name(inode.fd), newname, src_dir_fd=self._proc_fd, dst_dir_fd=dir_inode.fd,
                     follow_symlinks=True)
-            return self._lookup_at(dir_inode.fd, newname)
+            return self._lookup_at(dir_inode, newname)
 
     # -- files --------------------------------------------------------------------------------------
     def _host_flags(self, flags: int) -> int:
@@ -702,7 +727,7 @@ class Passthrough(Filesystem):
                 raise _err(errno.EISDIR)
             raise _err(errno.ELOOP if inode.is_symlink else errno.EBADF)
         fd = self._reopen(inode, self._host_flags(flags))
-        return self._opened(self._handles.add(fd, inode.nodeid, False), inode.nodeid, fd, flags)
+        return self._opened(self._new_handle(fd, inode.nodeid, False), inode.nodeid, fd, flags)
 
     def _opened(self, fh: int, nodeid: int, fd: int, flags: int) -> Open:
         """The Open of new file handle `fh` (host fd `fd`) of `nodeid`, opened with guest `flags`:
@@ -772,7 +797,7 @@ class Passthrough(Filesystem):
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
-                entry = self._lookup_at(dir_inode.fd, name)
+                entry = self._lookup_at(dir_inode, name)
                 try:
                     with self._inodes.use(entry.nodeid) as inode:
                         opened = self._open_inode(inode, flags)
@@ -785,7 +810,7 @@ class Passthrough(Filesystem):
             except BaseException:
                 os.close(fd)
                 raise
-            return self._open_new(fd, flags)
+            return self._open_new(fd, flags, dir_inode.nodeid, name)
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         """pread(2) on `fh` (the copying path; the server uses read_into)."""
@@ -849,7 +874,7 @@ class Passthrough(Filesystem):
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
         """Forgets `fh`, and the lock owners' descriptions used through it; its fd closes once unused."""
-        self._handles.remove(fh)
+        self._drop_handle(fh)
         self._closed(fh)
         self._locks.release(fh)
 
@@ -973,7 +998,7 @@ class Passthrough(Filesystem):
         """Opens directory `nodeid` for reading (ENOTDIR for anything else)."""
         with self._dir(nodeid) as inode:
             fd = self._reopen(inode, os.O_RDONLY | os.O_DIRECTORY)
-            return Open(self._handles.add(fd, nodeid, True), self._fopen_dir)
+            return Open(self._new_handle(fd, nodeid, True), self._fopen_dir)
 
     def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int, plus: bool) -> Iterable[DirEntry]:
         """Lists directory handle `fh` from cookie `offset`, starting with b"." and b"..".
@@ -1021,7 +1046,7 @@ class Passthrough(Filesystem):
                     yield d
                     continue
                 try:
-                    entry = self._lookup_at(dir_inode.fd, d.name)
+                    entry = self._lookup_at(dir_inode, d.name)
                 except FileNotFoundError:
                     continue
                 yield DirEntry(d.name, entry.attr.st_ino, stat.S_IFMT(entry.attr.st_mode) >> 12, d.offset,
@@ -1029,7 +1054,7 @@ class Passthrough(Filesystem):
 
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
         """Forgets directory handle `fh` and its snapshot."""
-        self._handles.remove(fh)
+        self._drop_handle(fh)
 
     def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         """fsync(2) (or fdatasync) on the directory handle."""
