@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the kernel read, write and mmap regular files on the host itself (FUSE "
                         "passthrough; needs CAP_SYS_ADMIN, and some options rule it out: see "
                         "docs/fuse-passthrough.md). Default: on where possible")
+    p.add_argument("--io-uring", action=argparse.BooleanOptionalAction, default=True,
+                   help="take the kernel's requests on per-CPU io_uring queues instead of reading "
+                        "/dev/fuse (FUSE over io_uring; needs the fuse module's enable_uring "
+                        "parameter). Default: on where the kernel offers it")
     add_passthrough_options(p)
     # A host walk touches far more files than a guest keeps: file handles wherever the share makes them.
     p.set_defaults(inode_file_handles="prefer")
@@ -109,7 +113,7 @@ def main(argv: list[str]) -> int:
     try:
         log.info("mounting %s at %s; %s", args.shared_dir, args.mountpoint, fs.describe_inodes())
         serve_filesystem(fs, args.mountpoint, threads=args.threads, passthrough=args.fuse_passthrough,
-                         **mount_opts)
+                         io_uring=args.io_uring, **mount_opts)
     except (OSError, ValueError) as exc:
         log.error("%s: %s", args.mountpoint, exc)
         return 1

@@ -107,7 +107,7 @@ def test_mount_options_and_ro_still_reach_the_mount(recorded):
     kw, mount = recorded("-o", "ro,fsname=src,no_allow_other,xattr,nosuid")
     assert kw["readonly"] is True and kw["xattr"] is True
     assert mount == {"threads": 4, "fsname": "src", "allow_other": False, "options": "ro,nosuid",
-                     "passthrough": True}
+                     "passthrough": True, "io_uring": True}
 
 
 def test_fuse_passthrough_is_on_unless_turned_off(recorded):

@@ -17,6 +17,10 @@ an open file (`Open.backing_fd`), the session registers it with the kernel (FUSE
 and the kernel then reads, writes and mmaps the host file itself. The kernel allows this only to a
 process with CAP_SYS_ADMIN in the initial user namespace; without it the session serves file data
 itself, as it does for any file the kernel refuses.
+
+FUSE over io_uring (`io_uring`, vhostfs.fuse.uring): where the kernel offers it, requests and replies
+travel on per-CPU io_uring queues after INIT, and the /dev/fuse workers only see what the kernel still
+sends there (FORGET, INTERRUPT) and serve everything when the rings cannot be used.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import threading
 from typing import Any
 
 from vhostfs import native
-from vhostfs.fuse import abi
+from vhostfs.fuse import abi, uring
 from vhostfs.fuse.filesystem import Filesystem
 from vhostfs.fuse.server import FuseServer
 from vhostfs.iov import Reader, Writer
@@ -364,10 +368,15 @@ class FuseDevSession:
     left off, with one log line, when the process lacks CAP_SYS_ADMIN in the initial user namespace.
     `max_stack_depth` is the stacking depth announced then (2 lets backing files live on overlayfs,
     but then this mount cannot be an overlayfs layer itself).
+
+    `io_uring` offers FUSE_OVER_IO_URING at INIT when the kernel has it enabled and io_uring works
+    (else one log line says why); once INIT is answered, one queue per possible CPU is registered,
+    each served by `threads` / queues threads (at least one).
     """
 
     def __init__(self, server: FuseServer, fd: int, *, threads: int = 4, max_write: int = 1 << 20,
-                 mountpoint: str | None = None, passthrough: bool = False, max_stack_depth: int = 1) -> None:
+                 mountpoint: str | None = None, passthrough: bool = False, max_stack_depth: int = 1,
+                 io_uring: bool = False) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         if server.max_write > max_write:
@@ -392,6 +401,22 @@ class FuseDevSession:
                 server.backing = Backing(fd, max_stack_depth)
             else:
                 log.info("FUSE passthrough is off: %s; file data goes through the daemon", why)
+        self._uring: uring.UringQueues | None = None
+        self._uring_checked = False
+        if io_uring:
+            why = uring.unavailable()
+            if why is None:
+                try:
+                    queues = uring.possible_cpus()
+                    payload = max(8192, server.max_write, pages * _PAGE)
+                    self._uring = uring.UringQueues(fd, server.handle, payload, queues=queues,
+                                                    threads_per_queue=max(1, threads // queues))
+                except OSError as exc:
+                    why = f"its rings cannot be set up ({exc.strerror})"
+            if self._uring is None:
+                log.info("FUSE over io_uring is off: %s; requests come through /dev/fuse", why)
+            else:
+                server.want |= abi.FUSE_OVER_IO_URING
 
     def serve(self) -> None:
         """Serves requests until the file system is unmounted or `stop` is called, then returns.
@@ -408,12 +433,16 @@ class FuseDevSession:
                 worker.start()
             for worker in workers:
                 worker.join()
+            if self._uring is not None:
+                self._uring.join()
         finally:
             if any(worker.is_alive() for worker in workers):
                 # Interrupted (KeyboardInterrupt in join): take the mount down before leaving.
                 self.stop()
                 for worker in workers:
                     worker.join()
+                if self._uring is not None:
+                    self._uring.join()
             if self._stopping:
                 # A stop() on another thread (a signal's) may have ended the workers before it was
                 # done: aborting a busy mount fails their reads at once, and the detach comes after.
@@ -496,16 +525,35 @@ class FuseDevSession:
                 # ENOENT: the request was interrupted and is gone; nobody waits for the reply.
                 if exc.errno != errno.ENOENT:
                     log.error("the kernel refused a %d-byte reply: %s", length, exc)
+            if not self._uring_checked and self.server.initialized:
+                self._start_uring()
+
+    def _start_uring(self) -> None:
+        """After the INIT reply: registers the io_uring queues if INIT negotiated them."""
+        with self._lock:
+            if self._uring_checked:
+                return
+            self._uring_checked = True
+            conn = self.server.conn
+            if self._uring is None or conn is None:
+                return
+            if not conn.want & conn.capable & abi.FUSE_OVER_IO_URING:
+                log.info("FUSE over io_uring is off: the kernel did not offer it at INIT")
+                self._uring = None
+                return
+            log.info("FUSE over io_uring: %d queues", self._uring.queues)
+            self._uring.start()
 
 
 def serve_filesystem(fs: Filesystem, mountpoint: str, *, threads: int = 4, foreground: bool = True,
-                     max_write: int = 1 << 20, passthrough: bool = False, **mount_opts: Any) -> None:
+                     max_write: int = 1 << 20, passthrough: bool = False, io_uring: bool = False,
+                     **mount_opts: Any) -> None:
     """Mounts `fs` at `mountpoint` over /dev/fuse and serves it until it is unmounted, then returns.
 
     `mount_opts` are `mount`'s keyword arguments (fsname, subtype, allow_other, default_permissions,
-    options); `passthrough` is `FuseDevSession`'s. Called from the main thread, SIGTERM and SIGINT
-    unmount the file system (and so end the serving) while it runs; the previous handlers are
-    restored afterwards. `fs.destroy()` is called when the session ends.
+    options); `passthrough` and `io_uring` are `FuseDevSession`'s. Called from the main thread,
+    SIGTERM and SIGINT unmount the file system (and so end the serving) while it runs; the previous
+    handlers are restored afterwards. `fs.destroy()` is called when the session ends.
 
     With `foreground` False the process forks once the mount is in place: the parent returns at once,
     and the child, in a new session with its standard streams on /dev/null, serves and then exits
@@ -527,18 +575,18 @@ def serve_filesystem(fs: Filesystem, mountpoint: str, *, threads: int = 4, foreg
             os.dup2(null, std)
         os.close(null)
         try:
-            _serve(server, fd, mountpoint, threads, max_write, passthrough)
+            _serve(server, fd, mountpoint, threads, max_write, passthrough, io_uring)
         except BaseException:
             log.exception("serving %s failed", mountpoint)
             os._exit(1)
         os._exit(0)
-    _serve(server, fd, mountpoint, threads, max_write, passthrough)
+    _serve(server, fd, mountpoint, threads, max_write, passthrough, io_uring)
 
 
 def _serve(server: FuseServer, fd: int, mountpoint: str, threads: int, max_write: int,
-           passthrough: bool) -> None:
+           passthrough: bool, io_uring: bool) -> None:
     session = FuseDevSession(server, fd, threads=threads, max_write=max_write, mountpoint=mountpoint,
-                             passthrough=passthrough)
+                             passthrough=passthrough, io_uring=io_uring)
 
     def on_signal(signum: int, frame: object) -> None:
         # stop() takes a lock and unmounts; from a thread of its own, it can neither deadlock with a
