@@ -8,6 +8,7 @@ feature turned off) serve the same data through the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -24,9 +25,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_fusedev import DATA_PATHS, REPO, _take_down, _wait_for, mount_cli, mounted, start
+from tests.integration.test_fusedev import (
+    DATA_PATHS,
+    REPO,
+    _take_down,
+    _wait_for,
+    check_data_path,
+    mount_cli,
+    mounted,
+    start,
+    uring_enabled,
+)
 from vhostfs.fs.passthrough import Passthrough
-from vhostfs.fuse import fusedev
+from vhostfs.fuse import fusedev, uring
 from vhostfs.fuse.server import FuseServer
 
 _WAIT = 60.0
@@ -52,13 +63,14 @@ class Served:
     """A mounted in-process session of `Counting` on src, with its server and transport."""
 
     def __init__(self, src: Path, mnt: Path, passthrough: bool = True, max_stack_depth: int = 1,
-                 **opts) -> None:
+                 io_uring: bool = False, **opts) -> None:
         self.src, self.mnt = src, mnt
         self.fs = Counting(str(src), **opts)
         self.server = FuseServer(self.fs)
         self.fd = fusedev.mount(str(mnt))
         self.session = fusedev.FuseDevSession(self.server, self.fd, threads=2, mountpoint=str(mnt),
-                                              passthrough=passthrough, max_stack_depth=max_stack_depth)
+                                              passthrough=passthrough, max_stack_depth=max_stack_depth,
+                                              io_uring=io_uring)
         self.thread = threading.Thread(target=self.session.serve)
         self.thread.start()
         os.stat(mnt)  # INIT done
@@ -247,7 +259,7 @@ _WITHOUT_SYS_ADMIN = """
 import logging, os, sys, threading
 from vhostfs import caps
 from vhostfs.fs.passthrough import Passthrough
-from vhostfs.fuse import fusedev
+from vhostfs.fuse import fusedev, uring
 from vhostfs.fuse.server import FuseServer
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
 src, mnt = sys.argv[1:3]
@@ -293,13 +305,15 @@ _FIO_JOBS = (
 def cli_mount(request, tmp_path):
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     src.mkdir()
-    m = start(mount_cli("--shared-dir", str(src), str(mnt), *DATA_PATHS[request.param]), mnt,
-              tmp_path / "server.log")
-    try:
-        yield src, mnt, request.param
-    finally:
-        _take_down(mnt, m.proc)
+    with uring_enabled() if "io-uring" in request.param else contextlib.nullcontext():
+        m = start(mount_cli("--shared-dir", str(src), str(mnt), *DATA_PATHS[request.param]), mnt,
+                  tmp_path / "server.log")
+        try:
+            yield src, mnt, request.param
+        finally:
+            _take_down(mnt, m.proc)
     assert "Traceback" not in m.log_text(), m.log_text()
+    check_data_path(request.param, m.log_text())
 
 
 @pytest.mark.skipif(shutil.which("fio") is None and os.environ.get("CI") != "true",
@@ -395,3 +409,57 @@ def test_a_walk_over_20000_files_under_a_1024_fd_limit(big_tree, tmp_path, args,
     text = log.read_text()
     assert "Traceback" not in text and "Too many open files" not in text, text
     assert f"inodes are held by {mode}" in text, text
+
+
+# -- FUSE over io_uring, in this process ---------------------------------------------------------------
+
+def test_requests_come_on_the_io_uring_queues(dirs):
+    with uring_enabled():
+        s = Served(*dirs, passthrough=False, io_uring=True)
+        try:
+            queues = s.session._uring
+            assert queues is not None and queues.queues == uring.possible_cpus()
+            before = queues.served
+            data = os.urandom(3 << 20)
+            (s.mnt / "d").mkdir()
+            (s.mnt / "d" / "f").write_bytes(data)
+            assert (s.src / "d" / "f").read_bytes() == data
+            os.sync()
+            with open(s.mnt / "d" / "f", "rb") as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                assert f.read() == data
+            assert sorted(os.listdir(s.mnt / "d")) == ["f"]
+            os.rename(s.mnt / "d" / "f", s.mnt / "d" / "g")
+            os.unlink(s.mnt / "d" / "g")
+            os.rmdir(s.mnt / "d")
+            # mkdir, create, writes, flush, release, reads, readdir, rename, unlink, rmdir...
+            assert queues.served - before >= 10 and s.writes >= 1
+        finally:
+            s.close()
+        # The queue threads ended with the connection.
+        assert not any(t.is_alive() for t in queues._threads)
+
+
+def test_io_uring_and_passthrough_together(dirs):
+    with uring_enabled():
+        s = Served(*dirs, passthrough=True, io_uring=True)
+        try:
+            (s.mnt / "f").write_bytes(b"both" * 1000)
+            assert (s.src / "f").read_bytes() == b"both" * 1000
+            assert s.writes == 0 and s.session._uring.served > 0
+            s.wait_released()
+        finally:
+            s.close()
+
+
+def test_with_enable_uring_off_requests_come_through_dev_fuse(dirs, caplog):
+    caplog.set_level(logging.INFO, "vhostfs")
+    with uring_enabled(False):
+        s = Served(*dirs, passthrough=False, io_uring=True)
+        try:
+            (s.mnt / "f").write_bytes(b"plain")
+            assert (s.src / "f").read_bytes() == b"plain" and s.session._uring is None
+        finally:
+            s.close()
+    assert any("FUSE over io_uring is off: the fuse module's enable_uring parameter is off" in r.getMessage()
+               for r in caplog.records)
