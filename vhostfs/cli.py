@@ -215,11 +215,13 @@ def _setup_logging(level: str, use_syslog: bool) -> None:
 
 
 def _listen(path: str, group: int | None = None) -> tuple[socket.socket, int]:
-    """Binds the listening socket at `path`, guarded by a `<path>.pid` lock file.
+    """Listens on a Unix socket at `path`, guarded by a `<path>.pid` lock file.
 
-    The lock stops a second daemon from taking over a socket that is being served; a stale socket
-    left by a daemon that died is replaced. The socket is for its owner only (0600), or with a
-    `group` gid, owned by that group too (0660).
+    The socket is bound and set to listen under a temporary name in the same directory, then renamed
+    to `path`: a front end that connects as soon as the path exists is never refused. The lock stops
+    a second daemon from taking over a socket that is being served; a stale socket left by a daemon
+    that died is replaced, anything else at `path` is an error. The socket is for its owner only
+    (0600), or with a `group` gid, owned by that group too (0660).
     """
     pid_path = path + ".pid"
     lock_fd = os.open(pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -231,20 +233,42 @@ def _listen(path: str, group: int | None = None) -> tuple[socket.socket, int]:
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, f"{os.getpid()}\n".encode())
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.close(lock_fd)
+            raise SystemExit(f"vhostfs: {path} exists and is not a socket")
     except FileNotFoundError:
         pass
+    directory, name = os.path.split(os.path.abspath(path))
+    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Named through the directory fd, the temporary path stays short whatever the directory's length
+    # (sockaddr_un.sun_path holds 108 bytes); the lock makes the name ours alone.
+    temp = f".{name}.{os.getpid()}.new"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o077)
     try:
-        sock.bind(path)
+        try:
+            os.unlink(temp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(f"/proc/self/fd/{dir_fd}/{temp}")
+        finally:
+            os.umask(old_umask)
+        try:
+            if group is not None:
+                os.chown(temp, -1, group, dir_fd=dir_fd)
+                os.chmod(temp, 0o660, dir_fd=dir_fd)
+            sock.listen(1)
+            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            os.unlink(temp, dir_fd=dir_fd)
+            raise
+    except BaseException:
+        sock.close()
+        os.close(lock_fd)
+        raise
     finally:
-        os.umask(old_umask)
-    if group is not None:
-        os.chown(path, -1, group)
-        os.chmod(path, 0o660)
-    sock.listen(1)
+        os.close(dir_fd)
     return sock, lock_fd
 
 
