@@ -89,13 +89,13 @@ class QueueWorker:
 
     With `pool_size` > 0 the worker only takes chains off the ring and `pool_size` threads serve
     them, so a request that blocks (a lock, a slow host file system) does not hold up the others and
-    system calls of several requests overlap. The used ring is then shared: `used_lock` orders the
-    completions, and a head already in flight is never taken (nor completed) a second time.
+    system calls of several requests overlap. A head already in flight is never taken (nor
+    completed) a second time.
 
     In either mode a request that may wait without bound (`_may_wait`) is served on a thread of its
-    own (up to MAX_WAITING at a time, then in turn), and completes under `used_lock` like the pool's;
-    the inline path takes the lock only while such a request is out (`waiting`, head -> unique), since
-    no other thread touches the used ring then. `stop` ends those waits with `interrupt(unique)`
+    own (up to MAX_WAITING at a time, then in turn; `waiting` maps its head to its unique). Every
+    thread completes its chains through `_complete`, which writes the used ring under `used_lock`.
+    `stop` ends those waits with `interrupt(unique)`
     (the server's FuseServer.interrupt: the request answers EINTR) rather than waiting for a lock
     that may never come, and returns once they have completed.
     """
@@ -217,19 +217,17 @@ class QueueWorker:
                         chain = q.chain(head)
                     except ChainError as e:
                         log.error("queue %d: bad descriptor chain %d: %s", self.index, head, e)
-                        self._push(head, 0)
+                        self._complete(head, 0, None, batch=True)
                         served += 1
                         continue
                     if _may_wait(chain):
                         self._serve_apart(chain)
                         continue
-                    length = handle(chain.reader, chain.writer)
-                    if q.log is not None:
-                        q.log.mark_written(chain.writable_ranges, length)
-                    self._push(head, length)
+                    self._complete(head, handle(chain.reader, chain.writer), chain.writable_ranges,
+                                   batch=True)
                     served += 1
-                if served and self._notify_needed():
-                    self._signal()
+                if served:
+                    self._flush()
                 if self.stopping:
                     return
                 # Kicks stay disabled while polling. Each turn of the poll yields the CPU to whatever
@@ -244,20 +242,34 @@ class QueueWorker:
             log.error("queue %d: %s; the queue is stopped until it is reset", self.index, e)
             self.broken = True
 
+    def _complete(self, head: int, length: int, ranges: list[tuple[int, int]] | None, *,
+                  batch: bool = False) -> None:
+        """Returns chain `head` to the driver with `length` bytes written: the one place where the
+        queue's used ring is written, by whichever thread served the request.
 
-    def _push(self, head: int, length: int) -> None:
-        """q.push from the worker's own thread (inline mode)."""
-        if self.waiting:
-            with self.used_lock:
-                self.queue.push(head, length)
-        else:
-            self.queue.push(head, length)
+        `ranges` are the chain's writable guest ranges when they were recorded (dirty-page logging),
+        marked dirty up to `length`. The push happens under `used_lock`, as the worker, the pool and
+        the threads of waiting requests may all complete chains, and the head stops being in flight.
+        With `batch`, the interrupt is left to `_flush` (the worker signals once per burst).
+        """
+        q = self.queue
+        if ranges is not None:
+            assert q.log is not None
+            q.log.mark_written(ranges, length)
+        with self.used_lock:
+            q.push(head, length)
+            self.in_flight.discard(head)
+            self.waiting.pop(head, None)
+            notify = not batch and q.notify_needed()
+        if notify:
+            self._signal()
 
-    def _notify_needed(self) -> bool:
-        if self.waiting:
-            with self.used_lock:
-                return self.queue.notify_needed()
-        return self.queue.notify_needed()
+    def _flush(self) -> None:
+        """Signals the driver if it wants an interrupt for the chains completed with `batch`."""
+        with self.used_lock:
+            notify = self.queue.notify_needed()
+        if notify:
+            self._signal()
 
     def _serve_apart(self, chain) -> None:
         """Serves a request that may wait without bound on a thread of its own (both modes)."""
@@ -272,17 +284,10 @@ class QueueWorker:
                          daemon=True).start()
 
     def _serve_waiting(self, chain) -> None:
-        q = self.queue
         handle = self.handle
         while chain is not None:
-            length = handle(chain.reader, chain.writer)
-            if q.log is not None:
-                q.log.mark_written(chain.writable_ranges, length)
+            self._complete(chain.head, handle(chain.reader, chain.writer), chain.writable_ranges)
             with self.used_lock:
-                q.push(chain.head, length)
-                notify = q.notify_needed()
-                # Last: while `waiting` is not empty the inline path pushes under the lock.
-                del self.waiting[chain.head]
                 chain = self._backlog.popleft() if self._backlog else None
                 if chain is None:
                     self._waiters -= 1
@@ -290,8 +295,6 @@ class QueueWorker:
                     # stop() may have interrupted it before it was taken: once more, now.
                     self.interrupt(self.waiting[chain.head])
                 self._waiter_done.notify_all()
-            if notify:
-                self._signal()
 
     def _dispatch(self, head: int) -> None:
         """Hands chain `head` to the pool (pool mode)."""
@@ -306,29 +309,21 @@ class QueueWorker:
                 chain = q.chain(head)
             except ChainError as e:
                 log.error("queue %d: bad descriptor chain %d: %s", self.index, head, e)
-                q.push(head, 0)
-                if q.notify_needed():
-                    self._signal()
-                return
-            if not _may_wait(chain):
-                self.in_flight.add(head)
-                self.jobs.put(chain)
-                return
-        self._serve_apart(chain)
+                chain = None
+            else:
+                if not _may_wait(chain):
+                    self.in_flight.add(head)
+                    self.jobs.put(chain)
+                    return
+        if chain is None:
+            self._complete(head, 0, None)
+        else:
+            self._serve_apart(chain)
 
     def _serve_jobs(self) -> None:
-        q = self.queue
         handle = self.handle
         while (chain := self.jobs.get()) is not None:
-            length = handle(chain.reader, chain.writer)
-            if q.log is not None:
-                q.log.mark_written(chain.writable_ranges, length)
-            with self.used_lock:
-                self.in_flight.discard(chain.head)
-                q.push(chain.head, length)
-                notify = q.notify_needed()
-            if notify:
-                self._signal()
+            self._complete(chain.head, handle(chain.reader, chain.writer), chain.writable_ranges)
 
 
 class VirtioFsDevice:
