@@ -22,11 +22,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vhostfs import __version__
+from vhostfs import __version__, sandbox, seccomp
+from vhostfs.fs.filehandles import INODE_FILE_HANDLES
+from vhostfs.fs.passthrough import CACHE_POLICIES
 
 log = logging.getLogger("vhostfs")
 
-CACHE_MODES = ("never", "metadata", "auto", "always")
+CACHE_MODES = tuple(CACHE_POLICIES)
 #: virtiofsd's old "-o cache=" names.
 _CACHE_ALIASES = {"none": "never"}
 LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG,
@@ -106,14 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="poll a request queue that ran dry for up to US microseconds before sleeping: "
                         "a guest that waits on each reply gets the next one served sooner, for some CPU "
                         "time after each burst (default 500; 0: sleep at once)")
-    p.add_argument("--sandbox", choices=("namespace", "chroot", "none"), default="none",
+    p.add_argument("--sandbox", choices=sandbox.MODES, default="none",
                    help="confine the daemon to the shared directory: namespace (new mount, pid and net "
                         "namespaces, pivot_root into it; needs root), chroot (for containers), or none "
                         "(default)")
     p.add_argument("--modcaps", metavar="+CAP:-CAP",
                    help="adjust the capabilities the daemon keeps, e.g. +sys_admin:-mknod (names with or "
                         "without CAP_, colon-separated, each with + to keep or - to drop)")
-    p.add_argument("--seccomp", choices=("none", "kill", "log", "trap"), default="none",
+    p.add_argument("--seccomp", choices=("none", *seccomp.ACTIONS), default="none",
                    help="system calls outside the daemon's list: none (no filter, default), kill the "
                         "daemon, log them (kernel audit log) or trap (SIGSYS)")
     p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
@@ -177,7 +179,7 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
                    help="clear set-user/group-ID bits as the kernel asks (FUSE_HANDLE_KILLPRIV_V2)")
     p.add_argument("--posix-acl", action="store_true",
                    help="POSIX ACLs (FUSE_POSIX_ACL); implies --xattr")
-    p.add_argument("--inode-file-handles", choices=("never", "prefer", "mandatory"), default="never",
+    p.add_argument("--inode-file-handles", choices=INODE_FILE_HANDLES, default="never",
                    help="hold the files the kernel knows by file handles instead of open fds, so that "
                         "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
                         "can, mandatory: refuse to start otherwise (default: never)")
@@ -395,7 +397,7 @@ class _SocketFiles:
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     """Parses and checks the command line and sets up logging; returns the arguments, the socket's
     group id (or None) and the capabilities to keep. Errors exit with status 2."""
-    from vhostfs import caps, seccomp
+    from vhostfs import caps
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -461,7 +463,7 @@ def _confine(jail, keep_caps: tuple, args: argparse.Namespace) -> None:
     Last of the set-up and before the first worker thread starts: threads inherit the capabilities
     and the filter of the thread that creates them (see caps.py and seccomp.py).
     """
-    from vhostfs import caps, sandbox, seccomp
+    from vhostfs import caps
 
     try:
         jail.lock_down()
@@ -524,9 +526,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args, group, keep_caps = _parse(argv)
     set_rlimit_nofile(args.rlimit_nofile)
-
-    from vhostfs import sandbox
-
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     lock_fd = -1
