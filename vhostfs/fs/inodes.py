@@ -52,7 +52,7 @@ from collections.abc import Callable
 
 from vhostfs import native
 from vhostfs.fs.filehandles import INODE_FILE_HANDLES, FileHandle, MountFds, make_handle, mount_id, probe
-from vhostfs.fuse.filesystem import ROOT_ID
+from vhostfs.fuse.filesystem import ROOT_ID, fs_error
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,7 @@ _MAX_NAME_DEPTH = 4096
 
 def ebadf() -> OSError:
     """The error for an unknown or forgotten nodeid or file handle."""
-    return OSError(errno.EBADF, os.strerror(errno.EBADF))
-
-
-def _err(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
+    return fs_error(errno.EBADF)
 
 
 def default_fd_budget() -> int:
@@ -218,7 +214,7 @@ class InodeTable:
             if keep:
                 return fd
             os.close(fd)
-        raise _err(errno.EMFILE)
+        raise fs_error(errno.EMFILE)
 
     def shrink(self) -> int:
         """Closes the fds of all idle nodes that hold file handles, and of the least recently used
@@ -334,7 +330,7 @@ class InodeTable:
         try:
             handle = make_handle(fd)
             if handle.mount_id != mnt:
-                raise _err(errno.ESTALE)
+                raise fs_error(errno.ESTALE)
             if not self._mounts.acquire(mnt, fd, kind):
                 raise OSError(errno.EOPNOTSUPP, "no directory open on the file's mount")
         except OSError:
@@ -461,16 +457,16 @@ class InodeTable:
         """A new O_PATH fd of `inode` by its name in its parent (`location`), checked to be the same file."""
         parent, name = location
         if parent is None or name is None or depth >= _MAX_NAME_DEPTH:
-            raise _err(errno.ESTALE)
+            raise fs_error(errno.ESTALE)
         try:
             parent_inode = self.use(parent, depth + 1)
         except OSError as e:
-            raise _err(errno.ESTALE if e.errno == errno.EBADF else e.errno) from None
+            raise fs_error(errno.ESTALE if e.errno == errno.EBADF else e.errno) from None
         with parent_inode:
             try:
                 fd = self.open_fd(lambda: os.open(name, _O_PATH | os.O_NOFOLLOW, dir_fd=parent_inode.fd))
             except FileNotFoundError:
-                raise _err(errno.ESTALE) from None
+                raise fs_error(errno.ESTALE) from None
         return self._check_same(inode, fd)
 
     def _check_same(self, inode: Inode, fd: int) -> int:
@@ -484,7 +480,7 @@ class InodeTable:
             raise
         if not same:
             os.close(fd)
-            raise _err(errno.ESTALE)
+            raise fs_error(errno.ESTALE)
         return fd
 
     def unuse(self, inode: Inode) -> None:
