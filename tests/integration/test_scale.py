@@ -70,9 +70,13 @@ def test_file_handles_keep_the_daemon_within_a_small_fd_limit(tmp_path, share):
     assert "Traceback" not in daemon.log_text(), daemon.log_text()
 
 
-def test_without_file_handles_the_daemon_walks_past_its_fd_limit(tmp_path, share):
+@pytest.mark.parametrize("confined", [[], ["--sandbox", "namespace", "--seccomp", "kill"]],
+                         ids=["plain", "sandboxed"])
+def test_without_file_handles_the_daemon_walks_past_its_fd_limit(tmp_path, share, confined):
     """The default --inode-file-handles never: idle nodes are closed and found again by name."""
-    daemon = start_daemon(tmp_path, "--rlimit-nofile=512", shared=share)
+    if confined and os.geteuid() != 0:
+        pytest.skip("the namespace sandbox needs root")
+    daemon = start_daemon(tmp_path, "--rlimit-nofile=512", *confined, shared=share)
     try:
         with daemon.connect() as fe:
             fe.setup(queues=2)

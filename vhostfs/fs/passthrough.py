@@ -216,7 +216,8 @@ class Passthrough(Filesystem):
     - `inode_file_handles`: "never", "prefer" or "mandatory": hold the nodes the guest knows by file
       handles rather than fds (inodes.py); "mandatory" raises ValueError when the share cannot.
     - `fd_budget`: how many fds the daemon may hold for the guest (default: RLIMIT_NOFILE less a
-      reserve, see inodes.py); past it, requests that would open one more fail with EMFILE.
+      reserve, see inodes.py); near it, idle nodes are closed (found again by handle or by name),
+      and only when open files hold the rest do requests that would open one more fail with EMFILE.
     - `passthrough`: offer open regular files for FUSE passthrough (`Open.backing_fd`), where the
       transport can (/dev/fuse) and the options allow it; see `passthrough_refusal` and
       docs/fuse-passthrough.md for when they do not.
