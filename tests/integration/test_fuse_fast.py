@@ -1,9 +1,12 @@
-"""FUSE passthrough over a real /dev/fuse mount: the host kernel reads and writes the host files itself.
+"""/dev/fuse at the kernel's speed over real mounts: FUSE passthrough, FUSE over io_uring, and walks
+over trees far larger than the fd limit.
 
-The sessions run in threads of this process, so the tests can count what reached the daemon: with
+Most sessions run in threads of this process, so the tests can count what reached the daemon: with
 passthrough, data written through the mount is on the host file while the file system's read_into and
-write_from were never called. The fallbacks (no CAP_SYS_ADMIN, a backing file the kernel refuses, the
-feature turned off) serve the same data through the daemon.
+write_from were never called; with io_uring, requests were answered through the rings. The fallbacks
+(no CAP_SYS_ADMIN, a backing file the kernel refuses, enable_uring off, the features turned off)
+serve the same data through the daemon and /dev/fuse. fio --verify runs through `vhostfs mount` on
+every data path.
 """
 
 from __future__ import annotations

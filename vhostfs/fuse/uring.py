@@ -59,6 +59,8 @@ _IOVECS = struct.Struct("=QQQQ")
 # Completions that mean the connection is gone (unmounted, aborted) or the ring is being torn down.
 _GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV)
 _IN_HDR = abi.IN_HEADER.size
+# len, opcode, unique: the start of fuse_in_header.
+_IN_PREFIX = struct.Struct("<IIQ")
 _OUT_HDR = abi.OUT_HEADER.size
 
 
@@ -107,10 +109,14 @@ class _Entry:
         self.iov_addr = native.buffer_address(self.iov)
 
     def close(self) -> None:
+        """Unmaps the buffers; one a request's view still holds is left to the garbage collector."""
         self.hv.release()
         self.pv.release()
         for m in (self.header, self.payload, self.iov):
-            m.close()
+            try:
+                m.close()
+            except BufferError:
+                pass
 
 
 class UringQueues:
@@ -179,7 +185,7 @@ class UringQueues:
         """Serves the request in `entry` and leaves the reply there; returns its commit id."""
         hv, pv = entry.hv, entry.pv
         _, commit_id, payload_sz, _ = URING_ENT_IN_OUT.unpack_from(hv, _ENT_IN_OUT_OFFSET)
-        length, _, unique = struct.unpack_from("<IIQ", hv)
+        length, _, unique = _IN_PREFIX.unpack_from(hv)
         arg_size = length - _IN_HDR - payload_sz
         if not 0 <= arg_size <= FUSE_URING_OP_IN_OUT_SZ or payload_sz > len(pv):
             # Not what the kernel sends: answer EIO rather than guess at the layout.
