@@ -6,14 +6,16 @@ here the INIT negotiation, the open replies and the per-node bookkeeping are che
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
+from vhostfs import seccomp
 from vhostfs.fs.passthrough import Passthrough
-from vhostfs.fuse import abi
+from vhostfs.fuse import abi, fusedev
 from vhostfs.fuse.server import DEFAULT_WANT, FuseServer
 from vhostfs.iov import Reader, Writer
 
@@ -208,3 +210,77 @@ def test_the_session_end_forgets_every_backing_id(share):
     assert rec.closed == [1] and not rec.nodes
     assert stat.S_ISREG(os.stat(share / "f").st_mode)
     fs.close()
+
+
+# -- the /dev/fuse transport's Backing, with the ioctls recorded -----------------------------------
+
+class Kernel:
+    """fcntl.ioctl for FUSE_DEV_IOC_BACKING_OPEN/CLOSE: refuses while `refuse` is set, else hands out ids."""
+
+    def __init__(self) -> None:
+        self.refuse: int | None = None
+        self.open: dict[int, int] = {}  # backing id -> fd
+        self.calls: list[str] = []
+        self.next = 1
+
+    def ioctl(self, fd: int, request: int, arg: bytes | bytearray) -> int:
+        if request == fusedev.FUSE_DEV_IOC_BACKING_OPEN:
+            self.calls.append("open")
+            map_fd, flags, padding = fusedev.BACKING_MAP.unpack(bytes(arg))
+            assert (flags, padding) == (0, 0)
+            if self.refuse is not None:
+                raise OSError(self.refuse, os.strerror(self.refuse))
+            self.open[self.next] = map_fd
+            self.next += 1
+            return self.next - 1
+        assert request == fusedev.FUSE_DEV_IOC_BACKING_CLOSE
+        self.calls.append("close")
+        (backing_id,) = fusedev.BACKING_ID.unpack(bytes(arg))
+        del self.open[backing_id]
+        return 0
+
+
+@pytest.fixture
+def kernel(monkeypatch) -> Kernel:
+    k = Kernel()
+    monkeypatch.setattr(fusedev.fcntl, "ioctl", k.ioctl)
+    return k
+
+
+def test_backing_ids_per_node_closed_with_the_last_handle(kernel):
+    b = fusedev.Backing(99)
+    assert b.open(5, 1, 10) == 1 and b.open(5, 2, 11) == 1 and b.open(6, 3, 12) == 2
+    assert kernel.open == {1: 10, 2: 12} and len(b) == 2
+    b.release(1)
+    assert kernel.open == {1: 10, 2: 12}
+    b.release(2)
+    b.release(2)  # twice, or unknown: ignored
+    assert kernel.open == {2: 12}
+    b.clear()
+    assert kernel.open == {} and len(b) == 0
+
+
+def test_a_refused_node_stays_served_until_its_handles_are_gone(kernel, caplog):
+    b = fusedev.Backing(99)
+    kernel.refuse = errno.ENOMEM
+    assert b.open(5, 1, 10) is None
+    kernel.refuse = None
+    # The kernel would refuse a passed-through open next to the served one: no second try.
+    assert b.open(5, 2, 10) is None and kernel.calls == ["open"]
+    assert b.open(6, 3, 12) == 1
+    b.release(1)
+    b.release(2)
+    assert b.open(5, 4, 10) == 2
+    assert len([r for r in caplog.records if "refused a backing file" in r.getMessage()]) == 1
+
+
+def test_eperm_turns_registration_off_for_the_session(kernel):
+    b = fusedev.Backing(99)
+    kernel.refuse = errno.EPERM
+    assert b.open(5, 1, 10) is None
+    kernel.refuse = None
+    assert b.open(6, 2, 11) is None and kernel.calls == ["open"]
+
+
+def test_the_seccomp_list_lets_the_backing_ioctls_through():
+    assert "ioctl" in seccomp.SYSCALLS_X86_64  # on the list without argument checks

@@ -271,9 +271,11 @@ class Backing:
     the last of them (FUSE_DEV_IOC_BACKING_CLOSE). The kernel keeps its own reference to the host
     file for as long as files opened through the id are open, so closing the id never cuts I/O short.
 
-    When the kernel refuses a registration the handle is served through the file system, and the
-    first refusal of each kind is logged once; EPERM (no CAP_SYS_ADMIN in the initial user namespace,
-    or passthrough not negotiated) turns registration off for the rest of the session. Thread-safe.
+    When the kernel refuses a registration the handle is served through the file system, and so are
+    the node's other handles until the last of them is released (the kernel refuses a passed-through
+    open next to a served one); the first refusal of each kind is logged once. EPERM (no
+    CAP_SYS_ADMIN in the initial user namespace, or passthrough not negotiated) turns registration
+    off for the rest of the session. Thread-safe.
     """
 
     def __init__(self, fd: int, max_stack_depth: int = 1) -> None:
@@ -282,7 +284,7 @@ class Backing:
         self.fd = fd
         self.max_stack_depth = max_stack_depth
         self._lock = threading.Lock()
-        self._nodes: dict[int, list[int]] = {}  # nodeid -> [backing id, handles]
+        self._nodes: dict[int, list] = {}  # nodeid -> [backing id (None: refused), handles]
         self._handles: dict[int, int] = {}  # fh -> nodeid
         self._refused: set[int] = set()
         self._off = False
@@ -290,7 +292,7 @@ class Backing:
     def __len__(self) -> int:
         """The backing ids open now."""
         with self._lock:
-            return len(self._nodes)
+            return sum(entry[0] is not None for entry in self._nodes.values())
 
     def open(self, nodeid: int, fh: int, fd: int) -> int | None:
         """The backing id for handle `fh` of `nodeid`, registering `fd` if the node has none; None
@@ -305,7 +307,7 @@ class Backing:
                                              bytearray(BACKING_MAP.pack(fd, 0, 0)))
                 except OSError as exc:
                     self._refuse(exc)
-                    return None
+                    backing_id = None
                 entry = self._nodes[nodeid] = [backing_id, 0]
             entry[1] += 1
             self._handles[fh] = nodeid
@@ -332,12 +334,13 @@ class Backing:
             if entry[1]:
                 return
             del self._nodes[nodeid]
-        self._close(entry[0])
+        if entry[0] is not None:
+            self._close(entry[0])
 
     def clear(self) -> None:
         """Closes every backing id (the session ends)."""
         with self._lock:
-            ids = [entry[0] for entry in self._nodes.values()]
+            ids = [entry[0] for entry in self._nodes.values() if entry[0] is not None]
             self._nodes.clear()
             self._handles.clear()
         for backing_id in ids:
