@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-listening", action="store_true",
                    help="serve the next front end after one disconnects (default: exit, like virtiofsd)")
     p.add_argument("--shared-dir", help="the host directory to share")
+    p.add_argument("--mount", action="append", default=[], metavar="GUEST_PATH=HOST_DIR[:OPTIONS]",
+                   help="share HOST_DIR at GUEST_PATH of one tree of several file systems (repeatable; "
+                        "instead of --shared-dir). OPTIONS, comma-separated, override the passthrough "
+                        "options for this mount: ro, cache=MODE, xattr, no_submount, ...")
+    p.add_argument("--max-mounts", type=int, default=None, metavar="N",
+                   help="how many file systems --mount and the control API may mount at once (default 256)")
+    p.add_argument("--api-socket", metavar="PATH",
+                   help="serve the control API (HTTP/JSON: mount, umount, list at run time) on this Unix "
+                        "socket, for the daemon's owner only; see `vhostfs ctl`")
     p.add_argument("--tag", help="virtio-fs tag, served through the device configuration space")
     add_passthrough_options(p)
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
@@ -191,6 +200,26 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
+
+
+def vfs_specs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, str, dict]]:
+    """The parsed `--mount` options (see vhostfs.control.parse_mount_spec); a command-line error for
+    a malformed one, or for --mount beside --shared-dir: a file system at / is alone in the tree."""
+    from vhostfs import control
+
+    if args.mount and args.shared_dir is not None:
+        parser.error("--mount replaces --shared-dir (a directory at / would hide every other mount); "
+                     "use --mount /=DIR only, or --mount GUEST_PATH=DIR for each")
+    specs = []
+    for text in args.mount:
+        try:
+            specs.append(control.parse_mount_spec(text))
+        except ValueError as e:
+            parser.error(str(e))
+    for _, host, _ in specs:
+        if not os.path.isdir(host):
+            parser.error(f"--mount: {host!r} is not a directory")
+    return specs
 
 
 def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -343,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vhostfs import mount_cli
 
         return mount_cli.main(argv[1:])
+    if argv[:1] == ["ctl"]:
+        from vhostfs import control
+
+        return control.ctl_main(argv[1:])
     if "--print-capabilities" in argv:
         # The other options are ignored, as the back-end program conventions ask.
         print(json.dumps(capabilities(), indent=2))
@@ -353,12 +386,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging("debug" if args.debug else args.log_level, args.syslog)
     for item in args.ignored_o:
         log.warning("-o %s is accepted and has no effect", item)
-    if args.shared_dir is None:
-        parser.error("--shared-dir (or -o source=DIR) is required")
+    mounts = vfs_specs(parser, args)
+    if args.shared_dir is None and not mounts:
+        parser.error("--shared-dir (or -o source=DIR) or --mount is required")
+    if mounts and args.dax_window_size:
+        parser.error("--dax-window-size serves one --shared-dir, not --mount")
     if (args.socket_path is None) == (args.fd is None):
         parser.error("exactly one of --socket-path (--socket) or --fd is required")
-    if not os.path.isdir(args.shared_dir):
+    if args.shared_dir is not None and not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
+    # The sandbox's root: the share, or the first --mount's directory (the others are held by fds).
+    jail_dir = args.shared_dir if args.shared_dir is not None else mounts[0][1]
     group = None
     if args.socket_group is not None:
         if args.socket_path is None:
@@ -404,6 +442,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.socket_path is not None:
         socket_dir = os.open(os.path.dirname(os.path.abspath(args.socket_path)),
                              os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # The control API's socket, made before the sandbox closes in, and its directory likewise.
+    api_listener = api_dir = None
+    if args.api_socket is not None:
+        from vhostfs import control
+
+        api_dir = os.open(os.path.dirname(os.path.abspath(args.api_socket)),
+                          os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        api_listener = control.listen(args.api_socket)
 
     def remove_socket() -> None:
         if socket_dir >= 0:
@@ -413,18 +459,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                     os.unlink(path, dir_fd=socket_dir)
                 except FileNotFoundError:
                     pass
+        if api_dir is not None:
+            try:
+                os.unlink(os.path.basename(args.api_socket), dir_fd=api_dir)
+            except FileNotFoundError:
+                pass
 
     # Listen, enter the sandbox, build the file system (it opens the share and /proc/self/fd by
     # path), then lock the sandbox down: see vhostfs/sandbox.py. In namespace mode the process that
     # returns here is the sandboxed child; the outer one removes the socket when it is done.
     try:
-        jail = sandbox.prepare(args.sandbox, args.shared_dir, remove_socket)
+        jail = sandbox.prepare(args.sandbox, jail_dir, remove_socket)
     except sandbox.SandboxError as e:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
+    vfs = make_fs = None
     try:
-        fs = Passthrough(args.shared_dir, **passthrough_options(args))
-    except ValueError as e:
+        if mounts or api_listener is not None:
+            from vhostfs import control
+
+            # Held for the mounts the control API adds once /proc cannot be named any more.
+            proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            vfs, make_fs = control.build_vfs(args.shared_dir, mounts, passthrough_options(args), proc_fd,
+                                             max_mounts=args.max_mounts)
+            fs = vfs
+        else:
+            fs = Passthrough(args.shared_dir, **passthrough_options(args))
+    except (OSError, ValueError) as e:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
     window = None
@@ -456,7 +517,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sandbox != "namespace":
             remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
-    log.info("serving %s on %s", args.shared_dir, args.socket_path or f"fd {args.fd}")
+    if api_listener is not None:
+        from vhostfs import control
+
+        assert vfs is not None and make_fs is not None
+        control.ControlServer(vfs, api_listener, make_fs).start()
+        log.info("control API on %s", args.api_socket)
+    shared = args.shared_dir if vfs is None else ", ".join(f"{m.source} at {m.path}" for m in vfs.mounts())
+    log.info("serving %s on %s", shared or "no directory yet", args.socket_path or f"fd {args.fd}")
     stop = _Stop(listener)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
