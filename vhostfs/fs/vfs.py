@@ -31,7 +31,8 @@ own inode numbers stay below 2**48. Plain READDIR records keep the file system's
 
 Unmounting. `umount(path)` refuses with EBUSY while the client holds handles (open files or
 directories) on the mount, unless `force`. Then, or once idle, the mount leaves the tree, every later
-request on its node ids or handles gets ESTALE (RELEASE, RELEASEDIR and FORGET succeed quietly), the
+request on its node ids or handles gets ESTALE (FLUSH, RELEASE, RELEASEDIR and FORGET succeed quietly, so
+that the client can close what it held: nothing of the file system is left to flush), the
 file system's `destroy()` and, if it has one, `close()` are called, so a passthrough closes every host
 fd it held. A working directory inside a mount holds no handle: the server cannot see it, so it does not
 make a mount busy.
@@ -191,12 +192,14 @@ class _StaleFs(Filesystem):
     """What node ids of no mounted file system reach: ESTALE, except for the calls that take no answer."""
 
     forget = _quiet
+    flush = _quiet
     release = _quiet
     releasedir = _quiet
 
 
+_QUIET = ("init", "destroy", "forget", "flush", "release", "releasedir")
 for _name in dir(Filesystem):
-    if (not _name.startswith("_") and _name not in ("init", "destroy", "forget", "release", "releasedir")
+    if (not _name.startswith("_") and _name not in _QUIET
             and callable(getattr(Filesystem, _name))):
         setattr(_StaleFs, _name, _stale)
 
