@@ -590,7 +590,14 @@ class Vfs(Filesystem):
             if m is not None and m.node is not None:
                 return self._pseudo.entry(ctx, m.node.parent)
         fs = self._fs[tag]
-        return self._out(tag, fs, fs.lookup(ctx, inner, name))
+        e = fs.lookup(ctx, inner, name)
+        # _out's common case inline (the hottest request): a known node of a mount without remapping.
+        nid = e.nodeid
+        m = self._mounts[tag]
+        if m is not None and m.fs is fs and 1 < nid <= INNER_MASK and not self._xor[tag]:
+            e.nodeid = nid | m.base
+            return e
+        return self._out(tag, fs, e)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         self._fs[nodeid >> TAG_SHIFT].forget(nodeid & INNER_MASK, nlookup)
@@ -599,7 +606,7 @@ class Vfs(Filesystem):
         tag = nodeid >> TAG_SHIFT
         inner = nodeid & INNER_MASK
         attr, timeout = self._fs[tag].getattr(ctx, inner, fh)
-        if tag:
+        if tag and (inner == ROOT_ID or self._xor[tag]):
             attr = self._attr(tag, inner, attr)
         return attr, timeout
 
