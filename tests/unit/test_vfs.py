@@ -362,3 +362,15 @@ def test_node_ids_beyond_48_bits_are_refused():
     a = lookup(srv, ROOT_ID, b"a")[0]
     assert srv.call(abi.FUSE_LOOKUP, b"huge\0", a)[0] == errno.EOVERFLOW
     assert lookup(srv, a, b"small")[0] == a >> TAG_SHIFT << TAG_SHIFT | 5
+
+
+def test_a_request_using_the_root_keeps_its_fd_past_close(tmp_path):
+    fs = Passthrough(str(tmp_path))
+    inode = fs._inodes.use(ROOT_ID)
+    fd = inode.fd
+    fs.close()  # as a forced umount does, while a request still runs in the root directory
+    os.fstat(fd)
+    fs._inodes.unuse(inode)
+    with pytest.raises(OSError) as e:
+        os.fstat(fd)
+    assert e.value.errno == errno.EBADF
