@@ -8,9 +8,10 @@
 2. The daemon (`python -m vhostfs --mount ... --api-socket ...`) while the test front end runs a
    metadata workload (lookup, create, getattr, unlink) in one mount: 100 file systems are mounted and
    unmounted through the control API, `--cycles` times; the daemon's RSS and fd count are printed
-   before and after each cycle.
+   before and after each cycle. With `--guest`, a real guest (tests/e2e/guest.py) runs the metadata
+   workload instead (mkdir, create, stat, rename, unlink, rmdir, and listing the changing root).
 
-    python benchmarks/vfs.py [--requests N] [--rounds N] [--cycles N] [--mounts N]
+    python benchmarks/vfs.py [--requests N] [--rounds N] [--cycles N] [--mounts N] [--guest]
 """
 
 from __future__ import annotations
@@ -167,22 +168,16 @@ def churn(tmp: str, cycles: int, mounts: int) -> None:
             time.sleep(1)
             print(f"\nmount/unmount {mounts} file systems under a metadata workload ({cycles} cycles):")
             print(f"{'':<14}{'RSS KiB':>10}{'fds':>6}")
-            print(f"{'start':<14}{_rss_kib(daemon.pid):>10}{len(os.listdir(f'/proc/{daemon.pid}/fd')):>6}")
+            start_rss = _rss_kib(daemon.pid)
+            print(f"{'start':<14}{start_rss:>10}{len(os.listdir(f'/proc/{daemon.pid}/fd')):>6}")
+            began = time.monotonic()
             for cycle in range(cycles):
                 t = time.perf_counter()
-                for i, d in enumerate(dirs):
-                    fd = os.open(d, os.O_PATH | os.O_DIRECTORY)
-                    try:
-                        status, answer = control.request(api, "PUT", {"mountpoint": f"/m/{i}"}, fds=[fd])
-                    finally:
-                        os.close(fd)
-                    assert status == 201, answer
+                _mount_all(api, dirs)
                 mounted = time.perf_counter() - t
                 peak = _rss_kib(daemon.pid), len(os.listdir(f"/proc/{daemon.pid}/fd"))
                 t = time.perf_counter()
-                for i in range(mounts):
-                    status, answer = control.request(api, "DELETE", {"mountpoint": f"/m/{i}"})
-                    assert status == 204, answer
+                _umount_all(api, mounts)
                 unmounted = time.perf_counter() - t
                 time.sleep(0.3)
                 print(f"{'cycle ' + str(cycle + 1) + ' peak':<14}{peak[0]:>10}{peak[1]:>6}")
@@ -190,13 +185,100 @@ def churn(tmp: str, cycles: int, mounts: int) -> None:
                       f"{len(os.listdir(f'/proc/{daemon.pid}/fd')):>6}   "
                       f"(mount {1e3 * mounted / mounts:.1f} ms, "
                       f"umount {1e3 * unmounted / mounts:.1f} ms each)")
+            churned = time.monotonic() - began
+            churn_rss = _rss_kib(daemon.pid)
+            rounds = done[0]
+            # The same time with the workload alone: how much of the growth is the workload's own.
+            time.sleep(churned)
+            alone_rss = _rss_kib(daemon.pid)
             stop.set()
             worker.join(10)
-            print(f"workload: {done[0]} create/getattr/lookup/unlink rounds alongside")
+            print(f"workload: {rounds} create/getattr/lookup/unlink rounds alongside; RSS grew "
+                  f"{churn_rss - start_rss} KiB in {churned:.1f} s with the mounts, then "
+                  f"{alone_rss - churn_rss} KiB in as long with the workload alone")
     finally:
         stop.set()
         daemon.terminate()
         daemon.wait(30)
+
+
+def _mount_all(api: str, dirs: list[Path]) -> None:
+    for i, d in enumerate(dirs):
+        fd = os.open(d, os.O_PATH | os.O_DIRECTORY)
+        try:
+            status, answer = control.request(api, "PUT", {"mountpoint": f"/m/{i}"}, fds=[fd])
+        finally:
+            os.close(fd)
+        assert status == 201, answer
+
+
+def _umount_all(api: str, count: int) -> None:
+    for i in range(count):
+        status, answer = control.request(api, "DELETE", {"mountpoint": f"/m/{i}"})
+        assert status == 204, answer
+
+
+GUEST_WORKLOAD = """
+touch /mnt/base/started
+n=0
+while [ ! -e /mnt/base/stop ]; do
+    cd /mnt/base
+    mkdir d && touch d/f && stat d/f >/dev/null && mv d/f d/g && rm d/g && rmdir d
+    ls /mnt /mnt/m >/dev/null 2>&1
+    n=$((n + 1))
+done
+echo "ROUNDS $n"
+"""
+
+
+def churn_with_guest(tmp: str, cycles: int, mounts: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.e2e.guest import boot_guest
+
+    base = Path(tmp, "guest-base")
+    base.mkdir()
+    dirs = []
+    for i in range(mounts):
+        d = Path(tmp, f"g{i}")
+        d.mkdir()
+        dirs.append(d)
+    api = os.path.join(tmp, "guest-api.sock")
+    rows: list[str] = []
+
+    def host(pid: int) -> None:
+        try:
+            deadline = time.monotonic() + 600
+            while not (base / "started").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(2)
+            rows.append(f"{'start':<14}{_rss_kib(pid):>10}{len(os.listdir(f'/proc/{pid}/fd')):>6}")
+            for cycle in range(cycles):
+                _mount_all(api, dirs)
+                peak = _rss_kib(pid), len(os.listdir(f"/proc/{pid}/fd"))
+                _umount_all(api, mounts)
+                time.sleep(0.5)
+                rows.append(f"{'cycle ' + str(cycle + 1) + ' peak':<14}{peak[0]:>10}{peak[1]:>6}")
+                rows.append(f"{'cycle ' + str(cycle + 1) + ' end':<14}{_rss_kib(pid):>10}"
+                            f"{len(os.listdir(f'/proc/{pid}/fd')):>6}")
+        finally:
+            (base / "stop").touch()
+
+    threads: list[threading.Thread] = []
+
+    def started(pid: int) -> None:
+        threads.append(threading.Thread(target=host, args=(pid,), daemon=True))
+        threads[0].start()
+
+    daemon = [sys.executable, "-m", "vhostfs", "--socket-path", "{sock}", "--mount", "/base={dir}",
+              "--api-socket", api, "--log-level", "error", "--max-mounts", str(mounts + 1)]
+    result = boot_guest(GUEST_WORKLOAD, base, daemon, timeout=1200, daemon_started=started)
+    for t in threads:
+        t.join(30)
+    print(f"\nmount/unmount {mounts} file systems while a guest runs a metadata workload ({cycles} cycles):")
+    print(f"{'':<14}{'RSS KiB':>10}{'fds':>6}")
+    print("\n".join(rows))
+    rounds = " ".join(result.lines_starting("ROUNDS ")) or "?"
+    print(f"guest: {rounds} rounds, exit status {result.exit_status}")
 
 
 def main() -> None:
@@ -205,6 +287,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--mounts", type=int, default=100)
+    ap.add_argument("--guest", action="store_true", help="the metadata workload in a real guest (QEMU)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         share = os.path.join(tmp, "share")
@@ -213,6 +296,8 @@ def main() -> None:
             f.write(os.urandom(1 << 20))
         per_request(share, args.requests, args.rounds)
         churn(tmp, args.cycles, args.mounts)
+        if args.guest:
+            churn_with_guest(tmp, args.cycles, args.mounts)
 
 
 if __name__ == "__main__":
