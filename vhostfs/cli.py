@@ -22,11 +22,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vhostfs import __version__
+from vhostfs import __version__, sandbox, seccomp
+from vhostfs.fs.filehandles import INODE_FILE_HANDLES
+from vhostfs.fs.passthrough import CACHE_POLICIES
 
 log = logging.getLogger("vhostfs")
 
-CACHE_MODES = ("never", "metadata", "auto", "always")
+CACHE_MODES = tuple(CACHE_POLICIES)
 #: virtiofsd's old "-o cache=" names.
 _CACHE_ALIASES = {"none": "never"}
 LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG,
@@ -115,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="poll a request queue that ran dry for up to US microseconds before sleeping: "
                         "a guest that waits on each reply gets the next one served sooner, for some CPU "
                         "time after each burst (default 500; 0: sleep at once)")
-    p.add_argument("--sandbox", choices=("namespace", "chroot", "none"), default="none",
+    p.add_argument("--sandbox", choices=sandbox.MODES, default="none",
                    help="confine the daemon to the shared directory: namespace (new mount, pid and net "
                         "namespaces, pivot_root into it; needs root), chroot (for containers), or none "
                         "(default)")
     p.add_argument("--modcaps", metavar="+CAP:-CAP",
                    help="adjust the capabilities the daemon keeps, e.g. +sys_admin:-mknod (names with or "
                         "without CAP_, colon-separated, each with + to keep or - to drop)")
-    p.add_argument("--seccomp", choices=("none", "kill", "log", "trap"), default="none",
+    p.add_argument("--seccomp", choices=("none", *seccomp.ACTIONS), default="none",
                    help="system calls outside the daemon's list: none (no filter, default), kill the "
                         "daemon, log them (kernel audit log) or trap (SIGSYS)")
     p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
@@ -186,7 +188,7 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
                    help="clear set-user/group-ID bits as the kernel asks (FUSE_HANDLE_KILLPRIV_V2)")
     p.add_argument("--posix-acl", action="store_true",
                    help="POSIX ACLs (FUSE_POSIX_ACL); implies --xattr")
-    p.add_argument("--inode-file-handles", choices=("never", "prefer", "mandatory"), default="never",
+    p.add_argument("--inode-file-handles", choices=INODE_FILE_HANDLES, default="never",
                    help="hold the files the kernel knows by file handles instead of open fds, so that "
                         "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
                         "can, mandatory: refuse to start otherwise (default: never)")
@@ -244,11 +246,13 @@ def _setup_logging(level: str, use_syslog: bool) -> None:
 
 
 def _listen(path: str, group: int | None = None) -> tuple[socket.socket, int]:
-    """Binds the listening socket at `path`, guarded by a `<path>.pid` lock file.
+    """Listens on a Unix socket at `path`, guarded by a `<path>.pid` lock file.
 
-    The lock stops a second daemon from taking over a socket that is being served; a stale socket
-    left by a daemon that died is replaced. The socket is for its owner only (0600), or with a
-    `group` gid, owned by that group too (0660).
+    The socket is bound and set to listen under a temporary name in the same directory, then renamed
+    to `path`: a front end that connects as soon as the path exists is never refused. The lock stops
+    a second daemon from taking over a socket that is being served; a stale socket left by a daemon
+    that died is replaced, anything else at `path` is an error. The socket is for its owner only
+    (0600), or with a `group` gid, owned by that group too (0660).
     """
     pid_path = path + ".pid"
     lock_fd = os.open(pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -260,20 +264,42 @@ def _listen(path: str, group: int | None = None) -> tuple[socket.socket, int]:
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, f"{os.getpid()}\n".encode())
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.close(lock_fd)
+            raise SystemExit(f"vhostfs: {path} exists and is not a socket")
     except FileNotFoundError:
         pass
+    directory, name = os.path.split(os.path.abspath(path))
+    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Named through the directory fd, the temporary path stays short whatever the directory's length
+    # (sockaddr_un.sun_path holds 108 bytes); the lock makes the name ours alone.
+    temp = f".{name}.{os.getpid()}.new"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o077)
     try:
-        sock.bind(path)
+        try:
+            os.unlink(temp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(f"/proc/self/fd/{dir_fd}/{temp}")
+        finally:
+            os.umask(old_umask)
+        try:
+            if group is not None:
+                os.chown(temp, -1, group, dir_fd=dir_fd)
+                os.chmod(temp, 0o660, dir_fd=dir_fd)
+            sock.listen(1)
+            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            os.unlink(temp, dir_fd=dir_fd)
+            raise
+    except BaseException:
+        sock.close()
+        os.close(lock_fd)
+        raise
     finally:
-        os.umask(old_umask)
-    if group is not None:
-        os.chown(path, -1, group)
-        os.chmod(path, 0o660)
-    sock.listen(1)
+        os.close(dir_fd)
     return sock, lock_fd
 
 
@@ -366,7 +392,174 @@ class _Stop:
                     pass  # already closed, or a listener that was never connected
 
 
+class _StartError(Exception):
+    """Start-up failed: the daemon exits with this message, after removing its socket."""
+
+
+class _SocketFiles:
+    """The socket at `path` and, with `lock`, its lock file (None: an inherited socket, nothing to
+    remove).
+
+    The directory is held open so that the files can be removed after a chroot too.
+    """
+
+    def __init__(self, path: str | None, lock: bool = True) -> None:
+        self.name = os.path.basename(path) if path is not None else ""
+        self.lock = lock
+        self.dir_fd = -1 if path is None else os.open(
+            os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def remove(self) -> None:
+        if self.dir_fd >= 0:
+            for name in (self.name, self.name + ".pid") if self.lock else (self.name,):
+                try:
+                    os.unlink(name, dir_fd=self.dir_fd)
+                except FileNotFoundError:
+                    pass
+
+    def disown(self) -> None:
+        """Leaves the removal to another process (the namespace sandbox's outer one): `remove` does
+        nothing from now on, and no directory fd outside the share stays open."""
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
+    """Parses and checks the command line and sets up logging; returns the arguments, the socket's
+    group id (or None) and the capabilities to keep. Errors exit with status 2."""
+    from vhostfs import caps
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _apply_o_options(parser, args)
+    _setup_logging("debug" if args.debug else args.log_level, args.syslog)
+    for item in args.ignored_o:
+        log.warning("-o %s is accepted and has no effect", item)
+    args.mounts = vfs_specs(parser, args)
+    if args.shared_dir is None and not args.mounts:
+        parser.error("--shared-dir (or -o source=DIR) or --mount is required")
+    if args.mounts and args.dax_window_size:
+        parser.error("--dax-window-size serves one --shared-dir, not --mount")
+    if (args.socket_path is None) == (args.fd is None):
+        parser.error("exactly one of --socket-path (--socket) or --fd is required")
+    if args.shared_dir is not None and not os.path.isdir(args.shared_dir):
+        parser.error(f"shared directory {args.shared_dir!r} is not a directory")
+    group = None
+    if args.socket_group is not None:
+        if args.socket_path is None:
+            parser.error("--socket-group needs --socket-path (an inherited socket is the launcher's)")
+        try:
+            group = grp.getgrnam(args.socket_group).gr_gid
+        except KeyError:
+            parser.error(f"--socket-group: no group named {args.socket_group!r}")
+    if args.rlimit_nofile is not None and args.rlimit_nofile < 0:
+        parser.error("--rlimit-nofile must not be negative")
+    try:
+        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles).
+        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never")
+    except caps.CapabilityError as e:
+        parser.error(str(e))
+    if (args.security_label and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None
+            and not os.path.isdir("/sys/fs/selinux")):
+        # Without SELinux to decide, the host lets only CAP_SYS_ADMIN set security.* attributes.
+        log.warning("--security-label: the host will refuse security.* labels without SELinux; keep "
+                    "CAP_SYS_ADMIN (--modcaps=+sys_admin) or store them elsewhere with --xattrmap")
+    if args.seccomp != "none" and not seccomp.supported():
+        parser.error(f"--seccomp={args.seccomp}: {seccomp.UNSUPPORTED}")
+    return args, group, keep_caps
+
+
+def _build_device(args: argparse.Namespace, api: bool):
+    """The file system, FUSE server and virtio-fs device the options describe, and with --mount or
+    the control API (`api`) the Vfs and the factory of its mounts (None, None otherwise)."""
+    from vhostfs.device import VirtioFsDevice
+    from vhostfs.fs.passthrough import Passthrough
+    from vhostfs.fuse.server import FuseServer
+
+    vfs = make_fs = None
+    try:
+        if args.mounts or api:
+            from vhostfs import control
+
+            # Held for the mounts the control API adds once /proc cannot be named any more.
+            proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            vfs, make_fs = control.build_vfs(args.shared_dir, args.mounts, passthrough_options(args),
+                                             proc_fd, max_mounts=args.max_mounts)
+            fs = vfs
+        else:
+            fs = Passthrough(args.shared_dir, **passthrough_options(args))
+    except (OSError, ValueError) as e:
+        raise _StartError(str(e)) from None
+    window = None
+    if args.dax_window_size:
+        from vhostfs.dax import DaxFilesystem, DaxWindow
+
+        window = DaxWindow(args.dax_window_size)
+        fs = DaxFilesystem(fs, window)
+    server = FuseServer(fs, map_alignment=window.alignment_log2 if window is not None else None)
+    return VirtioFsDevice(server, tag=args.tag, thread_pool_size=args.thread_pool_size,
+                          dax_window=window, poll_us=args.poll_us), vfs, make_fs
+
+
+def _confine(jail, keep_caps: tuple, args: argparse.Namespace) -> None:
+    """Locks the sandbox down, drops capabilities and installs the seccomp filter, in that order.
+
+    Last of the set-up and before the first worker thread starts: threads inherit the capabilities
+    and the filter of the thread that creates them (see caps.py and seccomp.py).
+    """
+    from vhostfs import caps
+
+    try:
+        jail.lock_down()
+        caps.drop(*keep_caps)
+        if args.seccomp != "none":
+            seccomp.install(args.seccomp, syslog=args.syslog)
+    except (sandbox.SandboxError, caps.CapabilityError, seccomp.SeccompError) as e:
+        raise _StartError(str(e)) from None
+
+
+def _serve(listener: socket.socket, device, keep_listening: bool) -> None:
+    """Serves front ends on `listener` until one disconnects (every one with `keep_listening`) or a
+    SIGTERM/SIGINT arrives."""
+    from vhostfs.vhost_user.connection import Connection
+    from vhostfs.vhost_user.handler import Session
+
+    stop = _Stop(listener)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stop.requested:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            if stop.requested:
+                break
+            raise
+        stop.conn = conn
+        if stop.requested:
+            conn.close()
+            break
+        if not keep_listening:
+            listener.close()
+        log.info("front end connected")
+        # A new session per connection; on disconnect it resets the device (queues, FUSE state), so
+        # the next front end starts from scratch.
+        Session(device).serve(Connection(conn))
+        stop.conn = None
+        if not keep_listening:
+            break
+        log.info("waiting for the next front end")
+    if stop.requested:
+        log.info("terminated by signal")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the daemon (or `vhostfs mount`, or --print-capabilities); returns the exit status.
+
+    The steps: parse the command line, listen on the socket, enter the sandbox, build the device (the
+    file system opens the share and /proc/self/fd by path), confine the process, serve. A failure
+    after listening removes the socket and its lock file and exits with a message.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["mount"]:
         from vhostfs import mount_cli
@@ -380,55 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The other options are ignored, as the back-end program conventions ask.
         print(json.dumps(capabilities(), indent=2))
         return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _apply_o_options(parser, args)
-    _setup_logging("debug" if args.debug else args.log_level, args.syslog)
-    for item in args.ignored_o:
-        log.warning("-o %s is accepted and has no effect", item)
-    mounts = vfs_specs(parser, args)
-    if args.shared_dir is None and not mounts:
-        parser.error("--shared-dir (or -o source=DIR) or --mount is required")
-    if mounts and args.dax_window_size:
-        parser.error("--dax-window-size serves one --shared-dir, not --mount")
-    if (args.socket_path is None) == (args.fd is None):
-        parser.error("exactly one of --socket-path (--socket) or --fd is required")
-    if args.shared_dir is not None and not os.path.isdir(args.shared_dir):
-        parser.error(f"shared directory {args.shared_dir!r} is not a directory")
-    # The sandbox's root: the share, or the first --mount's directory (the others are held by fds).
-    jail_dir = args.shared_dir if args.shared_dir is not None else mounts[0][1]
-    group = None
-    if args.socket_group is not None:
-        if args.socket_path is None:
-            parser.error("--socket-group needs --socket-path (an inherited socket is the launcher's)")
-        try:
-            group = grp.getgrnam(args.socket_group).gr_gid
-        except KeyError:
-            parser.error(f"--socket-group: no group named {args.socket_group!r}")
-
-    if args.rlimit_nofile is not None and args.rlimit_nofile < 0:
-        parser.error("--rlimit-nofile must not be negative")
+    args, group, keep_caps = _parse(argv)
     set_rlimit_nofile(args.rlimit_nofile)
-
-    from vhostfs import caps, sandbox, seccomp
-    from vhostfs.device import VirtioFsDevice
-    from vhostfs.fs.passthrough import Passthrough
-    from vhostfs.fuse.server import FuseServer
-    from vhostfs.vhost_user.connection import Connection
-    from vhostfs.vhost_user.handler import Session
-
-    try:
-        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles).
-        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never")
-    except caps.CapabilityError as e:
-        parser.error(str(e))
-    if (args.security_label and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None
-            and not os.path.isdir("/sys/fs/selinux")):
-        # Without SELinux to decide, the host lets only CAP_SYS_ADMIN set security.* attributes.
-        log.warning("--security-label: the host will refuse security.* labels without SELinux; keep "
-                    "CAP_SYS_ADMIN (--modcaps=+sys_admin) or store them elsewhere with --xattrmap")
-    if args.seccomp != "none" and not seccomp.supported():
-        parser.error(f"--seccomp={args.seccomp}: {seccomp.UNSUPPORTED}")
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     lock_fd = -1
@@ -436,122 +582,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         listener = socket.socket(fileno=args.fd)
     else:
         listener, lock_fd = _listen(args.socket_path, group)
+    files = _SocketFiles(args.socket_path)
+    # The control API's socket is made before the sandbox closes in, like the front end's.
+    api_files = _SocketFiles(args.api_socket, lock=False)
+    api_listener = None
 
-    # The socket's directory, held so that the socket can be removed after a chroot too.
-    socket_dir = -1
-    if args.socket_path is not None:
-        socket_dir = os.open(os.path.dirname(os.path.abspath(args.socket_path)),
-                             os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    # The control API's socket, made before the sandbox closes in, and its directory likewise.
-    api_listener = api_dir = None
-    if args.api_socket is not None:
-        from vhostfs import control
+    def remove_sockets() -> None:
+        files.remove()
+        api_files.remove()
 
-        api_dir = os.open(os.path.dirname(os.path.abspath(args.api_socket)),
-                          os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        api_listener = control.listen(args.api_socket)
-
-    def remove_socket() -> None:
-        if socket_dir >= 0:
-            name = os.path.basename(args.socket_path)
-            for path in (name, name + ".pid"):
-                try:
-                    os.unlink(path, dir_fd=socket_dir)
-                except FileNotFoundError:
-                    pass
-        if api_dir is not None:
-            try:
-                os.unlink(os.path.basename(args.api_socket), dir_fd=api_dir)
-            except FileNotFoundError:
-                pass
-
-    # Listen, enter the sandbox, build the file system (it opens the share and /proc/self/fd by
-    # path), then lock the sandbox down: see vhostfs/sandbox.py. In namespace mode the process that
-    # returns here is the sandboxed child; the outer one removes the socket when it is done.
     try:
-        jail = sandbox.prepare(args.sandbox, jail_dir, remove_socket)
-    except sandbox.SandboxError as e:
-        remove_socket()
-        raise SystemExit(f"vhostfs: {e}") from None
-    vfs = make_fs = None
-    try:
-        if mounts or api_listener is not None:
+        if args.api_socket is not None:
             from vhostfs import control
 
-            # Held for the mounts the control API adds once /proc cannot be named any more.
-            proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            vfs, make_fs = control.build_vfs(args.shared_dir, mounts, passthrough_options(args), proc_fd,
-                                             max_mounts=args.max_mounts)
-            fs = vfs
-        else:
-            fs = Passthrough(args.shared_dir, **passthrough_options(args))
-    except (OSError, ValueError) as e:
-        remove_socket()
-        raise SystemExit(f"vhostfs: {e}") from None
-    window = None
-    if args.dax_window_size:
-        from vhostfs.dax import DaxFilesystem, DaxWindow
-
-        window = DaxWindow(args.dax_window_size)
-        fs = DaxFilesystem(fs, window)
-    server = FuseServer(fs, map_alignment=window.alignment_log2 if window is not None else None)
-    device = VirtioFsDevice(server, tag=args.tag, thread_pool_size=args.thread_pool_size,
-                            dax_window=window, poll_us=args.poll_us)
-    if args.sandbox == "namespace" and socket_dir >= 0:
-        # The outer process removes the socket; a directory fd outside the share has no place inside.
-        os.close(socket_dir)
-        socket_dir = -1
-    try:
-        jail.lock_down()
-    except sandbox.SandboxError as e:
-        if args.sandbox != "namespace":
-            remove_socket()
-        raise SystemExit(f"vhostfs: {e}") from None
-    # Last, with everything set up and before the first worker thread starts (threads inherit the
-    # capabilities and the filter of the thread that creates them): see caps.py and seccomp.py.
-    try:
-        caps.drop(*keep_caps)
-        if args.seccomp != "none":
-            seccomp.install(args.seccomp, syslog=args.syslog)
-    except (caps.CapabilityError, seccomp.SeccompError) as e:
-        if args.sandbox != "namespace":
-            remove_socket()
-        raise SystemExit(f"vhostfs: {e}") from None
-    if api_listener is not None:
-        from vhostfs import control
-
-        assert vfs is not None and make_fs is not None
-        control.ControlServer(vfs, api_listener, make_fs).start()
-        log.info("control API on %s", args.api_socket)
-    shared = args.shared_dir if vfs is None else ", ".join(f"{m.source} at {m.path}" for m in vfs.mounts())
-    log.info("serving %s on %s", shared or "no directory yet", args.socket_path or f"fd {args.fd}")
-    stop = _Stop(listener)
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        while not stop.requested:
             try:
-                conn, _ = listener.accept()
-            except OSError:
-                if stop.requested:
-                    break
-                raise
-            stop.conn = conn
-            if stop.requested:
-                conn.close()
-                break
-            if not args.keep_listening:
-                listener.close()
-            log.info("front end connected")
-            # A new session per connection; on disconnect it resets the device (queues, FUSE
-            # state), so the next front end starts from scratch.
-            Session(device).serve(Connection(conn))
-            stop.conn = None
-            if not args.keep_listening:
-                break
-            log.info("waiting for the next front end")
-        if stop.requested:
-            log.info("terminated by signal")
+                api_listener = control.listen(args.api_socket)
+            except OSError as e:
+                raise _StartError(f"--api-socket {args.api_socket}: {e}") from None
+        # In namespace mode the process that returns here is the sandboxed child; the outer one
+        # removes the sockets when it is done (see vhostfs/sandbox.py). The sandbox's root is the
+        # share, or the first --mount's directory (the others are held by fds).
+        jail_dir = args.shared_dir if args.shared_dir is not None else args.mounts[0][1]
+        jail = sandbox.prepare(args.sandbox, jail_dir, remove_sockets)
+        if args.sandbox == "namespace":
+            files.disown()
+            api_files.disown()
+        device, vfs, make_fs = _build_device(args, api_listener is not None)
+        _confine(jail, keep_caps, args)
+        if api_listener is not None:
+            control.ControlServer(vfs, api_listener, make_fs).start()
+            log.info("control API on %s", args.api_socket)
+        shared = (args.shared_dir if vfs is None
+                  else ", ".join(f"{m.source} at {m.path}" for m in vfs.mounts()))
+        log.info("serving %s on %s", shared or "no directory yet", args.socket_path or f"fd {args.fd}")
+        _serve(listener, device, args.keep_listening)
+    except (_StartError, sandbox.SandboxError) as e:
+        raise SystemExit(f"vhostfs: {e}") from None
     except SystemExit:
         log.info("terminated by signal")
     finally:
@@ -560,8 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # default action for the handlers set above but keeps SIG_IGN.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if args.sandbox != "namespace":
-            remove_socket()
+        remove_sockets()
         if lock_fd >= 0:
             os.close(lock_fd)
     return 0

@@ -84,7 +84,8 @@ _PSEUDO_MODE = stat.S_IFDIR | 0o555
 
 
 def _err(code: int, why: str | None = None) -> OSError:
-    return OSError(code, why or os.strerror(code))
+    """`fs_error(code)`, or with `why` as the message (for the callers of mount and umount)."""
+    return OSError(code, why) if why else fs_error(code)
 
 
 @dataclass(frozen=True, slots=True)
