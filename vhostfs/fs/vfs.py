@@ -64,6 +64,7 @@ from vhostfs.fuse.filesystem import (
     Stat,
     StatVfs,
     Statx,
+    fs_error,
 )
 
 if TYPE_CHECKING:
