@@ -374,3 +374,16 @@ def test_a_request_using_the_root_keeps_its_fd_past_close(tmp_path):
     with pytest.raises(OSError) as e:
         os.fstat(fd)
     assert e.value.errno == errno.EBADF
+
+
+def test_a_new_session_drops_the_old_ones_handles(vfs, dirs):
+    vfs.mount(Passthrough(str(dirs[0])), "/a")
+    srv = Server(vfs)
+    srv.init(DEFAULT_WANT)
+    f = lookup(srv, lookup(srv, ROOT_ID, b"a")[0], b"file")[0]
+    open_read(srv, f)
+    assert vfs.mounts()[0].counters["open_handles"] == 1
+    assert srv.call(abi.FUSE_DESTROY)[0] == 0
+    srv.init(DEFAULT_WANT)
+    assert vfs.mounts()[0].counters["open_handles"] == 0
+    vfs.umount("/a")

@@ -576,12 +576,15 @@ class Vfs(Filesystem):
             self.agreed = replace(conn, want=agreed, extra=dict(conn.extra))
 
     def destroy(self) -> None:
-        """The session ended: every mounted file system's `destroy`; the mounts stay."""
+        """The session ended: every mounted file system's `destroy`; the mounts stay, and the handles the
+        client held are gone with the session."""
         with self._lock:
             self.agreed = None
-            fss = [m.fs for m in self._by_path.values()]
-        for fs in fss:
-            fs.destroy()
+            mounts = list(self._by_path.values())
+        for m in mounts:
+            with m.lock:
+                m.open_handles = 0
+            m.fs.destroy()
 
     # -- names --------------------------------------------------------------------------------------
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
