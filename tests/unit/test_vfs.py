@@ -387,3 +387,40 @@ def test_a_new_session_drops_the_old_ones_handles(vfs, dirs):
     srv.init(DEFAULT_WANT)
     assert vfs.mounts()[0].counters["open_handles"] == 0
     vfs.umount("/a")
+
+
+def test_requests_racing_a_forced_umount_never_see_the_next_mount(vfs, dirs):
+    import threading
+
+    (dirs[2] / "file").write_bytes(b"xxxxxxxxx")
+    vfs.mount(Passthrough(str(dirs[0])), "/a")
+    srv = Server(vfs)
+    srv.init(DEFAULT_WANT)
+    a = lookup(srv, ROOT_ID, b"a")[0]
+    f = lookup(srv, a, b"file")[0]
+    fh, _ = open_read(srv, f)
+    seen: set = set()
+    stop = threading.Event()
+
+    def reader() -> None:
+        # The same FuseServer, with uniques of its own.
+        mine = Server(vfs)
+        mine.server, mine.unique = srv.server, 1 << 40
+        while not stop.is_set():
+            err, data = mine.call(abi.FUSE_READ, abi.READ_IN.pack(fh, 0, 100, 0, 0, 0), f)
+            seen.add(data if not err else err)
+            err, _ = mine.call(abi.FUSE_LOOKUP, b"file\0", a)
+            seen.add(err or "lookup ok")
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(20):
+            vfs.umount("/a", force=True)
+            vfs.mount(Passthrough(str(dirs[2])), "/a")
+    finally:
+        stop.set()
+        t.join()
+    assert b"xxxxxxxxx" not in seen
+    assert seen <= {b"oneoneone", "lookup ok", errno.ESTALE, errno.EBADF}, seen
+    assert errno.ESTALE in seen
