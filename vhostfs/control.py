@@ -15,6 +15,7 @@ closed, and the daemon goes on.
 
 from __future__ import annotations
 
+import argparse
 import array
 import errno
 import json
@@ -358,8 +359,6 @@ def request(api_socket: str, method: str, body: dict[str, Any] | None = None, *,
 
 def ctl_main(argv: list[str]) -> int:
     """`vhostfs ctl`: the control API from the command line (see docs/control-api.md)."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="vhostfs ctl", description="Mount, unmount and list a vhostfs daemon's "
                                 "file systems through its --api-socket.")
     p.add_argument("--api-socket", required=True, help="the daemon's control socket")
@@ -464,7 +463,7 @@ def build_vfs(shared_dir: str | None, specs: Sequence[tuple[str, str, dict[str, 
                 fs_kw, mount_options = split_options(options)
             except ApiError as e:
                 raise ValueError(f"--mount {guest}: {e}") from None
-            fs = make_fs(os.open(host, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), fs_kw)
+            fs = Passthrough(host, proc_fd=proc_fd, **{**base_options, **fs_kw})
             try:
                 vfs.mount(fs, guest, options=mount_options, source=os.path.realpath(host),
                           fstype="passthrough", extra=fs_kw)

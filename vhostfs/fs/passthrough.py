@@ -246,8 +246,13 @@ class Passthrough(Filesystem):
         # /proc itself, not /proc/self/fd: "self" is then resolved at each use, so the names stay right
         # in a process forked after the constructor (serve_filesystem's background mode).
         # A daemon in its sandbox can no longer name /proc: it passes an fd of it, duplicated here.
-        self._proc_fd = (os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if proc_fd is None
-                         else os.dup(proc_fd))
+        try:
+            self._proc_fd = (os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if proc_fd is None
+                             else os.dup(proc_fd))
+        except OSError:
+            if isinstance(root, int):
+                os.close(root)
+            raise
         try:
             if isinstance(root, int):
                 root_fd = root
