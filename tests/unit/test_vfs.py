@@ -424,3 +424,19 @@ def test_requests_racing_a_forced_umount_never_see_the_next_mount(vfs, dirs):
     assert b"xxxxxxxxx" not in seen
     assert seen <= {b"oneoneone", "lookup ok", errno.ESTALE, errno.EBADF}, seen
     assert errno.ESTALE in seen
+
+
+def test_entries_carry_the_mounts_generation(vfs, dirs):
+    srv = Server(vfs)
+    srv.init(DEFAULT_WANT)
+    gens = []
+    for _ in range(3):
+        vfs.mount(Passthrough(str(dirs[0])), "/a")
+        a = lookup(srv, ROOT_ID, b"a")
+        f = lookup(srv, a[0], b"file")
+        # The mount point keeps generation 0: Linux gives a submount's root that one.
+        assert a[1] == 0 and f[1] != 0
+        gens.append(f[1] & 0xFFFFFFFF)
+        vfs.umount("/a", force=True)
+    # A client keeping only the low 32 bits still tells the mounts apart.
+    assert len(set(gens)) == 3

@@ -12,8 +12,12 @@ bits) names the mount. Tag 0 is the pseudo tree, whose node 1 is the root (`ROOT
 integer operations, a shift and a mask, and one list index; nothing is allocated per request. Tags are
 given out round-robin over 1..65535 and a tag comes back only once every other free one has been
 used, so a node id of an unmounted file system names nothing (ESTALE) for at least the next 65,535 -
-`max_mounts` mounts, and is never taken for a node of the mount that follows it. A file system
-mounted at "/" is then alone in the Vfs (no pseudo tree); client node id 1 is its root.
+`max_mounts` mounts, and is never taken for a node of the mount that follows it. Beyond that, every
+entry but a mount's root carries the mount's serial number in its generation (xor'd with the file
+system's own): a client that meets a node id again with another generation (Linux does, in fuse_iget)
+treats its old inode as stale. Mount roots keep generation 0, which Linux assumes for a submount's root
+(and checks when it revalidates the mount point). A file system mounted at "/" is alone in the Vfs (no
+pseudo tree); client node id 1 is its root.
 
 File handles need no mapping: every request that carries one also carries its node id (both for
 COPY_FILE_RANGE), which names the mount.
@@ -150,16 +154,18 @@ class MountInfo:
 class _Mount:
     """A mounted file system and what the Vfs keeps about it."""
 
-    __slots__ = ("path", "parts", "fs", "tag", "base", "root_outer", "options", "source", "fstype", "extra",
-                 "node", "lock", "open_handles", "opens")
+    __slots__ = ("path", "parts", "fs", "tag", "base", "generation", "root_outer", "options", "source",
+                 "fstype", "extra", "node", "lock", "open_handles", "opens")
 
-    def __init__(self, path: str, parts: tuple[bytes, ...], fs: Filesystem, tag: int, options: MountOptions,
-                 source: str, fstype: str, extra: dict[str, Any]) -> None:
+    def __init__(self, path: str, parts: tuple[bytes, ...], fs: Filesystem, tag: int, generation: int,
+                 options: MountOptions, source: str, fstype: str, extra: dict[str, Any]) -> None:
         self.path = path
         self.parts = parts
         self.fs = fs
         self.tag = tag
         self.base = tag << TAG_SHIFT
+        # Mixed into every entry's generation: the client keeps the low 32 bits (i_generation).
+        self.generation = generation
         # The client node id of the file system's root: 1 for the file system at "/".
         self.root_outer = ROOT_ID if not parts else self.base | ROOT_ID
         self.options = options
@@ -364,6 +370,7 @@ class Vfs(Filesystem):
         self._mounts: list[_Mount | None] = [None] * _TAGS
         self._by_path: dict[tuple[bytes, ...], _Mount] = {}
         self._next_tag = 1
+        self._mounted = 0
         self._root: _Mount | None = None
         #: The INIT agreement of the running session (None before INIT and after DESTROY).
         self.agreed: ConnectionInfo | None = None
@@ -406,7 +413,8 @@ class Vfs(Filesystem):
             if len(self._by_path) >= self.options.max_mounts:
                 raise _err(errno.ENOSPC, f"the mount limit ({self.options.max_mounts}) is reached")
             tag = self._take_tag()
-            m = _Mount(_canonical(parts), parts, fs, tag, options, source,
+            self._mounted += 1
+            m = _Mount(_canonical(parts), parts, fs, tag, self._mounted & 0xFFFFFFFF, options, source,
                        fstype or type(fs).__name__, dict(extra or {}))
             agreed = self.agreed
             if agreed is not None:
@@ -516,6 +524,7 @@ class Vfs(Filesystem):
                     e.attr = _with_ino(e.attr, self._xor[m.tag] or m.base)
             else:
                 e.nodeid = nid | m.base
+                e.generation ^= m.generation
                 xor = self._xor[m.tag]
                 if xor:
                     e.attr = _with_ino(e.attr, xor)
@@ -601,6 +610,7 @@ class Vfs(Filesystem):
         m = self._mounts[tag]
         if m is not None and m.fs is fs and 1 < nid <= INNER_MASK and not self._xor[tag]:
             e.nodeid = nid | m.base
+            e.generation ^= m.generation
             return e
         return self._out(tag, fs, e)
 
@@ -610,10 +620,10 @@ class Vfs(Filesystem):
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
         tag = nodeid >> TAG_SHIFT
         inner = nodeid & INNER_MASK
-        attr, timeout = self._fs[tag].getattr(ctx, inner, fh)
+        answer = self._fs[tag].getattr(ctx, inner, fh)
         if tag and (inner == ROOT_ID or self._xor[tag]):
-            attr = self._attr(tag, inner, attr)
-        return attr, timeout
+            return self._attr(tag, inner, answer[0]), answer[1]
+        return answer
 
     def statx(self, ctx: Context, nodeid: int, fh: int | None, flags: int, mask: int) -> tuple[Statx, float]:
         tag = nodeid >> TAG_SHIFT
