@@ -25,6 +25,7 @@ from typing import Any
 from vhostfs import __version__, sandbox, seccomp
 from vhostfs.fs.filehandles import INODE_FILE_HANDLES
 from vhostfs.fs.passthrough import CACHE_POLICIES
+from vhostfs.fs.vfs import MAX_MOUNTS
 
 log = logging.getLogger("vhostfs")
 
@@ -439,6 +440,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     args.mounts = vfs_specs(parser, args)
     if args.shared_dir is None and not args.mounts:
         parser.error("--shared-dir (or -o source=DIR) or --mount is required")
+    if args.max_mounts is not None and not 1 <= args.max_mounts <= MAX_MOUNTS:
+        parser.error(f"--max-mounts must be 1..{MAX_MOUNTS}")
     if args.mounts and args.dax_window_size:
         parser.error("--dax-window-size serves one --shared-dir, not --mount")
     if (args.socket_path is None) == (args.fd is None):

@@ -449,7 +449,7 @@ def build_vfs(shared_dir: str | None, specs: Sequence[tuple[str, str, dict[str, 
 
     vfs = Vfs(VfsOptions(writeback=bool(base_options.get("writeback")),
                          killpriv_v2=bool(base_options.get("killpriv_v2")),
-                         max_mounts=max_mounts or DEFAULT_MAX_MOUNTS))
+                         max_mounts=DEFAULT_MAX_MOUNTS if max_mounts is None else max_mounts))
 
     def make_fs(fd: int, options: dict[str, Any]) -> Filesystem:
         return Passthrough(fd, proc_fd=proc_fd, **{**base_options, **options})

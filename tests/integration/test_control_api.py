@@ -256,7 +256,8 @@ def test_mount_replaces_shared_dir_and_checks_specs(tmp_path, dirs):
 
     for args in (("--shared-dir", str(dirs["one"]), "--mount", f"/a={dirs['two']}"),
                  ("--mount", "nonsense"), ("--mount", f"/a={tmp_path / 'missing'}"),
-                 ("--mount", f"/a={dirs['one']}:bogus_option")):
+                 ("--mount", f"/a={dirs['one']}:bogus_option"),
+                 ("--mount", f"/a={dirs['one']}", "--max-mounts", "0")):
         done = run(*args)
         assert done.returncode == 2, (args, done.stderr)
     done = run("--mount", f"/a={dirs['one']}", "--mount", f"/a={dirs['two']}")
