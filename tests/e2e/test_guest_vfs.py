@@ -1,11 +1,12 @@
-"""A guest on a daemon serving several file systems (--mount), changed through the control API while it runs.
+"""A guest on a daemon serving several file systems (--mount), changed through the control API while it
+runs.
 
-One boot, sandboxed as the daemon's defaults are becoming (--sandbox namespace --seccomp kill): the guest
-starts with /a (shown as a submount) and /b (no_submount), runs file operations in both and across them,
-then waits for marker files that the host side (a thread of this test) creates after each API call:
-a third file system is mounted at /c while the guest runs and the guest reads and writes it; /c is then
-unmounted under it, busy first (a file is open), then forced, and the guest's open file and working
-directory there go stale.
+One boot on each main stack, sandboxed as the daemon's defaults are becoming (--sandbox namespace
+--seccomp kill): the guest starts with /a (shown as a submount) and /b (no_submount), runs file
+operations in both and across them, then waits for marker files that the host side (a thread of this
+test) creates after each API call: a third file system is mounted at /c while the guest runs and the
+guest reads and writes it; /c is then unmounted under it, busy first (a file is open), then forced,
+and the guest's open file and working directory there go stale.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 
 from vhostfs import control
 
-from .guest import GuestImages, GuestResult, boot_guest, running_in_ci
+from .guest import GuestResult, boot_guest, running_in_ci
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
@@ -189,9 +190,10 @@ def renamex(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def boot(guest_images: GuestImages, renamex: bytes, tmp_path_factory: pytest.TempPathFactory
+def boot(guest_stack: str, renamex: bytes, tmp_path_factory: pytest.TempPathFactory
          ) -> tuple[GuestResult, Host, dict[str, Path]]:
-    base = tmp_path_factory.mktemp("vfs")
+    """One boot per main stack (Debian 12's and 13's QEMU and kernel)."""
+    base = tmp_path_factory.mktemp(f"vfs-{guest_stack}")
     dirs = {name: base / name for name in ("a", "b", "c", "canary")}
     for name, d in dirs.items():
         d.mkdir()
@@ -203,7 +205,7 @@ def boot(guest_images: GuestImages, renamex: bytes, tmp_path_factory: pytest.Tem
               "--mount", f"/b={dirs['b']}:no_submount", "--api-socket", api,
               "--sandbox", "namespace", "--seccomp", "kill"]
     result = boot_guest(SCRIPT, dirs["a"], daemon, timeout=1200, daemon_started=host.started,
-                        files={"renamex": renamex})
+                        files={"renamex": renamex}, stack=guest_stack)
     if host.thread is not None:
         host.thread.join(10)
     return result, host, dirs
