@@ -1,12 +1,12 @@
 """A guest on a daemon serving several file systems (--mount), changed through the control API while it
 runs.
 
-One boot on each main stack, sandboxed as the daemon's defaults are becoming (--sandbox namespace
---seccomp kill): the guest starts with /a (shown as a submount) and /b (no_submount), runs file
-operations in both and across them, then waits for marker files that the host side (a thread of this
-test) creates after each API call: a third file system is mounted at /c while the guest runs and the
-guest reads and writes it; /c is then unmounted under it, busy first (a file is open), then forced,
-and the guest's open file and working directory there go stale.
+One boot on each main stack, with the daemon sandboxed (--sandbox namespace --seccomp kill): the
+guest starts with /a (shown as a submount) and /b (no_submount), runs file operations in both and
+across them, then waits for marker files that the host side (a thread of this test) creates after each
+API call: a third file system is mounted at /c while the guest runs and the guest reads and writes it;
+/c is then unmounted under it, busy first (a file is open), then forced, and the guest's open file and
+working directory there go stale.
 """
 
 from __future__ import annotations
