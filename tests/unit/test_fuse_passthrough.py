@@ -31,7 +31,7 @@ class Recorder:
     def __init__(self, refuse: bool = False) -> None:
         self.refuse = refuse
         self.nodes: dict[int, list[int]] = {}
-        self.handles: dict[int, int] = {}
+        self.handles: set[tuple[int, int]] = set()
         self.opened: list[tuple[int, int, int]] = []
         self.closed: list[int] = []
 
@@ -45,13 +45,13 @@ class Recorder:
             used = {e[0] for e in self.nodes.values()}
             entry = self.nodes[nodeid] = [min(set(range(1, len(used) + 2)) - used), 0]
         entry[1] += 1
-        self.handles[fh] = nodeid
+        self.handles.add((nodeid, fh))
         return entry[0]
 
-    def release(self, fh: int) -> None:
-        nodeid = self.handles.pop(fh, None)
-        if nodeid is None:
+    def release(self, nodeid: int, fh: int) -> None:
+        if (nodeid, fh) not in self.handles:
             return
+        self.handles.discard((nodeid, fh))
         entry = self.nodes[nodeid]
         entry[1] -= 1
         if not entry[1]:
@@ -251,10 +251,12 @@ def test_backing_ids_per_node_closed_with_the_last_handle(kernel):
     b = fusedev.Backing(99)
     assert b.open(5, 1, 10) == 1 and b.open(5, 2, 11) == 1 and b.open(6, 3, 12) == 2
     assert kernel.open == {1: 10, 2: 12} and len(b) == 2
-    b.release(1)
+    b.release(5, 1)
     assert kernel.open == {1: 10, 2: 12}
-    b.release(2)
-    b.release(2)  # twice, or unknown: ignored
+    b.release(6, 2)  # another node's fh: ignored (fhs need only be unique per node)
+    assert kernel.open == {1: 10, 2: 12}
+    b.release(5, 2)
+    b.release(5, 2)  # twice: ignored
     assert kernel.open == {2: 12}
     b.clear()
     assert kernel.open == {} and len(b) == 0
@@ -268,8 +270,8 @@ def test_a_refused_node_stays_served_until_its_handles_are_gone(kernel, caplog):
     # The kernel would refuse a passed-through open next to the served one: no second try.
     assert b.open(5, 2, 10) is None and kernel.calls == ["open"]
     assert b.open(6, 3, 12) == 1
-    b.release(1)
-    b.release(2)
+    b.release(5, 1)
+    b.release(5, 2)
     assert b.open(5, 4, 10) == 2
     assert len([r for r in caplog.records if "refused a backing file" in r.getMessage()]) == 1
 

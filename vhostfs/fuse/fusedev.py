@@ -285,7 +285,7 @@ class Backing:
         self.max_stack_depth = max_stack_depth
         self._lock = threading.Lock()
         self._nodes: dict[int, list] = {}  # nodeid -> [backing id (None: refused), handles]
-        self._handles: dict[int, int] = {}  # fh -> nodeid
+        self._handles: set[tuple[int, int]] = set()  # (nodeid, fh) of the handles counted
         self._refused: set[int] = set()
         self._off = False
 
@@ -310,7 +310,7 @@ class Backing:
                     backing_id = None
                 entry = self._nodes[nodeid] = [backing_id, 0]
             entry[1] += 1
-            self._handles[fh] = nodeid
+            self._handles.add((nodeid, fh))
             return entry[0]
 
     def _refuse(self, exc: OSError) -> None:
@@ -323,12 +323,13 @@ class Backing:
                         "serving file data through the daemon from now on" if self._off
                         else "serving such files' data through the daemon")
 
-    def release(self, fh: int) -> None:
-        """Drops handle `fh`'s reference; the node's backing id closes with its last handle."""
+    def release(self, nodeid: int, fh: int) -> None:
+        """Drops the reference of handle `fh` of `nodeid`; the node's backing id closes with its last
+        handle."""
         with self._lock:
-            nodeid = self._handles.pop(fh, None)
-            if nodeid is None:
+            if (nodeid, fh) not in self._handles:
                 return
+            self._handles.discard((nodeid, fh))
             entry = self._nodes[nodeid]
             entry[1] -= 1
             if entry[1]:

@@ -341,15 +341,16 @@ class BackingFiles(Protocol):
     system layers may lie under a backing file. `open` registers the open host file `fd` of handle
     `fh` of node `nodeid` with the kernel, or takes one more reference to the node's backing file if
     it has one, and returns the backing id; None when the kernel refused (the handle is then served
-    through the file system). `release` drops the reference of handle `fh` (unknown fhs are ignored):
-    the node's backing id is closed with its last handle. `clear` forgets them all (session end).
+    through the file system). `release` drops the reference of handle `fh` of `nodeid` (unknown ones
+    are ignored; a file system's fhs need only be unique per node): the node's backing id is closed
+    with its last handle. `clear` forgets them all (session end).
     """
 
     max_stack_depth: int
 
     def open(self, nodeid: int, fh: int, fd: int) -> int | None: ...
 
-    def release(self, fh: int) -> None: ...
+    def release(self, nodeid: int, fh: int) -> None: ...
 
     def clear(self) -> None: ...
 
@@ -841,7 +842,7 @@ class FuseServer:
         """Releases a handle whose open reply cannot be delivered: the guest will never know it."""
         self.fs.release(ctx, nodeid, handle.fh, flags)
         if self.backing is not None:
-            self.backing.release(handle.fh)
+            self.backing.release(nodeid, handle.fh)
 
     def _create(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                 writer: Writer) -> int:
@@ -948,7 +949,7 @@ class FuseServer:
             self.fs.release(ctx, nodeid, fh, flags)
         finally:
             if self.backing is not None:
-                self.backing.release(fh)
+                self.backing.release(nodeid, fh)
         return _ok(writer, unique)
 
     def _fsync(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
