@@ -50,6 +50,8 @@ SOURCE = r"""
 #include <stdio.h>
 #include <string.h>
 #include <sys/fsuid.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/syscall.h>
@@ -423,6 +425,21 @@ long vhostfs_getdents(int fd, uint8_t *buf, size_t size);
 int vhostfs_index_dirents(const uint8_t *data, size_t start, size_t len, uint32_t *offsets, uint32_t max);
 uint32_t vhostfs_pack_dirents(const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
                               uint32_t count, uint8_t *out, uint32_t size, uint32_t *next);
+struct vhostfs_stat {
+    uint64_t dev; uint64_t ino; uint64_t mnt_id; uint64_t size; uint64_t blocks;
+    int64_t atime; int64_t mtime; int64_t ctime;
+    uint32_t atimensec; uint32_t mtimensec; uint32_t ctimensec; uint32_t mode; uint32_t nlink;
+    uint32_t uid; uint32_t gid; uint32_t rdev; uint32_t blksize; uint32_t attr_flags;
+    int32_t err; uint32_t has_mnt_id;
+};
+uint32_t vhostfs_direntplus_fit(const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
+                                uint32_t count, uint32_t size);
+void vhostfs_stat_dirents(int dirfd, const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
+                          uint32_t count, struct vhostfs_stat *out);
+uint32_t vhostfs_pack_direntplus(const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
+                                 uint32_t count, const struct vhostfs_stat *st, const uint64_t *nodeids,
+                                 uint64_t entry_sec, uint32_t entry_nsec, uint64_t attr_sec,
+                                 uint32_t attr_nsec, uint8_t *out, uint32_t size, uint32_t *packed);
 """
 
 DIRENT_SOURCE = r"""
@@ -502,6 +519,149 @@ uint32_t vhostfs_pack_dirents(const uint8_t *data, size_t len, const uint32_t *o
         pos += rec;
     }
     *next = i;
+    return pos;
+}
+
+/* struct vhostfs_stat: what stat(2) and statx(2) STATX_MNT_ID say of one file, in host byte order;
+ * err is 0 or the errno of the call, has_mnt_id whether the kernel reported the mount id. */
+struct vhostfs_stat {
+    uint64_t dev; uint64_t ino; uint64_t mnt_id; uint64_t size; uint64_t blocks;
+    int64_t atime; int64_t mtime; int64_t ctime;
+    uint32_t atimensec; uint32_t mtimensec; uint32_t ctimensec; uint32_t mode; uint32_t nlink;
+    uint32_t uid; uint32_t gid; uint32_t rdev; uint32_t blksize; uint32_t attr_flags;
+    int32_t err; uint32_t has_mnt_id;
+};
+/* fuse_direntplus: fuse_entry_out (128 bytes: nodeid, generation, entry_valid, attr_valid, their nsec,
+ * fuse_attr) then fuse_dirent. */
+#define FDP_ENTRY 128
+#define FDP_NAME (FDP_ENTRY + FD_NAME)
+
+static int vd_is_dots(const uint8_t *name, long namelen)
+{
+    return (namelen == 1 && name[0] == '.') || (namelen == 2 && name[0] == '.' && name[1] == '.');
+}
+
+/* How many entries first.. of offsets[0:count) fit whole as fuse_direntplus records in size bytes
+ * (fewer where a record is malformed). */
+uint32_t vhostfs_direntplus_fit(const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
+                                uint32_t count, uint32_t size)
+{
+    uint32_t pos = 0, i;
+    for (i = first; i < count; i++) {
+        long namelen = vd_namelen(data, len, offsets[i]);
+        uint32_t rec;
+        if (namelen <= 0)
+            break;
+        rec = (FDP_NAME + (uint32_t)namelen + 7) & ~7u;
+        if (rec > size - pos)
+            break;
+        pos += rec;
+    }
+    return i - first;
+}
+
+/* statx(2) of each of `count` entries from `first` (not following symlinks) into out[0:count): one
+ * system call gives the attributes and the mount id. b"." and b".." are not looked at (zeroed); a
+ * malformed record gets EINVAL. */
+void vhostfs_stat_dirents(int dirfd, const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
+                          uint32_t count, struct vhostfs_stat *out)
+{
+    uint32_t i;
+    for (i = 0; i < count; i++) {
+        struct vhostfs_stat *s = &out[i];
+        size_t off = offsets[first + i];
+        long namelen = vd_namelen(data, len, off);
+        const char *name = (const char *)data + off + VD_NAME;
+        struct statx x;
+        memset(s, 0, sizeof(*s));
+        if (namelen <= 0) {
+            s->err = EINVAL;
+            continue;
+        }
+        if (vd_is_dots((const uint8_t *)name, namelen))
+            continue;
+        if (syscall(SYS_statx, dirfd, name, AT_SYMLINK_NOFOLLOW | AT_STATX_SYNC_AS_STAT,
+                    STATX_BASIC_STATS | STATX_MNT_ID, &x) < 0) {
+            s->err = errno;
+            continue;
+        }
+        /* The dev_t encodings of stat(2) (the kernel's new_encode_dev) and glibc's makedev agree
+         * for every major below 4096, which is all the kernel has. */
+        s->dev = makedev(x.stx_dev_major, x.stx_dev_minor);
+        s->ino = x.stx_ino;
+        s->mnt_id = x.stx_mnt_id;
+        s->has_mnt_id = (x.stx_mask & STATX_MNT_ID) != 0;
+        s->size = x.stx_size;
+        s->blocks = x.stx_blocks;
+        s->atime = x.stx_atime.tv_sec;
+        s->mtime = x.stx_mtime.tv_sec;
+        s->ctime = x.stx_ctime.tv_sec;
+        s->atimensec = x.stx_atime.tv_nsec;
+        s->mtimensec = x.stx_mtime.tv_nsec;
+        s->ctimensec = x.stx_ctime.tv_nsec;
+        s->mode = x.stx_mode;
+        s->nlink = x.stx_nlink;
+        s->uid = x.stx_uid;
+        s->gid = x.stx_gid;
+        s->rdev = (uint32_t)makedev(x.stx_rdev_major, x.stx_rdev_minor);
+        s->blksize = x.stx_blksize;
+    }
+}
+
+/* Packs entries first..first+count of offsets as fuse_direntplus records into out (size bytes), entry
+ * i with cookie i + 1, its node nodeids[i - first] and attributes st[i - first]: a node id of 0 sends
+ * no node (the ino and type of the host record), an entry whose err is set is left out. *packed is how
+ * many entries were dealt with (count unless out filled or a record was malformed). Returns the bytes
+ * written. */
+uint32_t vhostfs_pack_direntplus(const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
+                                 uint32_t count, const struct vhostfs_stat *st, const uint64_t *nodeids,
+                                 uint64_t entry_sec, uint32_t entry_nsec, uint64_t attr_sec,
+                                 uint32_t attr_nsec, uint8_t *out, uint32_t size, uint32_t *packed)
+{
+    uint32_t pos = 0, k;
+    for (k = 0; k < count; k++) {
+        size_t off = offsets[first + k];
+        long namelen = vd_namelen(data, len, off);
+        const struct vhostfs_stat *s = &st[k];
+        uint8_t *r = out + pos;
+        uint32_t rec, type, nl;
+        uint64_t ino, cookie = (uint64_t)first + k + 1, nodeid = nodeids[k];
+        if (namelen <= 0)
+            break;
+        if (s->err)
+            continue;
+        rec = (FDP_NAME + (uint32_t)namelen + 7) & ~7u;
+        if (rec > size - pos)
+            break;
+        memset(r, 0, FDP_ENTRY);
+        if (nodeid) {
+            uint64_t u64[6] = {nodeid, 0, entry_sec, attr_sec, 0, 0};
+            uint32_t u32[2] = {entry_nsec, attr_nsec};
+            uint32_t a32[9] = {s->atimensec, s->mtimensec, s->ctimensec, s->mode, s->nlink, s->uid, s->gid,
+                               s->rdev, s->blksize};
+            memcpy(r, u64, 32);                 /* nodeid, generation, entry_valid, attr_valid */
+            memcpy(r + 32, u32, 8);             /* entry_valid_nsec, attr_valid_nsec */
+            u64[0] = s->ino; u64[1] = s->size; u64[2] = s->blocks;
+            u64[3] = (uint64_t)s->atime; u64[4] = (uint64_t)s->mtime; u64[5] = (uint64_t)s->ctime;
+            memcpy(r + 40, u64, 48);            /* fuse_attr: ino, size, blocks, atime, mtime, ctime */
+            memcpy(r + 88, a32, 36);            /* their nsec, mode, nlink, uid, gid, rdev, blksize */
+            memcpy(r + 124, &s->attr_flags, 4); /* flags */
+            ino = s->ino;
+            type = (s->mode & S_IFMT) >> 12;
+        } else {
+            memcpy(&ino, data + off, 8);
+            type = data[off + 18];
+        }
+        nl = (uint32_t)namelen;
+        memcpy(r + FDP_ENTRY, &ino, 8);
+        memcpy(r + FDP_ENTRY + 8, &cookie, 8);
+        memcpy(r + FDP_ENTRY + 16, &nl, 4);
+        memcpy(r + FDP_ENTRY + 20, &type, 4);
+        memcpy(r + FDP_NAME, data + off + VD_NAME, (size_t)namelen);
+        memset(r + FDP_NAME + namelen, 0, rec - FDP_NAME - nl);
+        pos += rec;
+    }
+    *packed = k;
     return pos;
 }
 """

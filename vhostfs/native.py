@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from array import array
@@ -191,6 +192,31 @@ def index_dirents(data: bytes, start: int = 0) -> array:
         raise ValueError("malformed linux_dirent64 record")
     del offsets[n:]
     return offsets
+
+
+#: struct vhostfs_stat (host byte order): dev, ino, mount id, size, blocks, atime, mtime, ctime (s),
+#: their ns, mode, nlink, uid, gid, rdev (32-bit encoding), blksize, attr_flags (fuse_attr.flags the
+#: file system sets), err (0 or errno), has_mnt_id (whether the kernel reported the mount id).
+STAT = struct.Struct("=5Q3q10IiI")
+assert STAT.size == ffi.sizeof("struct vhostfs_stat") == 112
+#: Where err and has_mnt_id lie in a STAT record, and the (dev, ino, mount id) key that starts it.
+STAT_ERR = struct.Struct("=iI")
+STAT_ERR_OFFSET = 104
+STAT_KEY = struct.Struct("=3Q")
+
+
+def stat_dirents(dirfd: int, data: bytes, offsets: array, first: int, count: int) -> bytearray:
+    """STAT records of entries first..first+count of the linux_dirent64 records of `data` at
+    `offsets`, by statx(2) of each name in directory `dirfd` (not following symlinks): one system call
+    per entry gives the attributes and the mount id. b"." and b".." come back zeroed, and an entry the
+    call failed for (one that vanished) with its errno in `err`."""
+    if not 0 <= first <= first + count <= len(offsets):
+        raise ValueError("entries outside the listing")
+    out = bytearray(STAT.size * count)
+    with (ffi.from_buffer("uint8_t[]", data) as src, ffi.from_buffer("uint32_t[]", offsets) as offs,
+          ffi.from_buffer("struct vhostfs_stat[]", out) as dst):
+        lib.vhostfs_stat_dirents(dirfd, src, len(data), offs, first, count, dst)
+    return out
 
 
 def mount_id(fd: int, name: bytes = b"") -> int | None:

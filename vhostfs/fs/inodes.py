@@ -414,6 +414,21 @@ class InodeTable:
                 self._locate(inode, parent, name)
             return inode
 
+    def ref_known_many(self, keys: list[tuple[int, int, int] | None], parent: int,
+                       names: list[bytes]) -> list[Inode | None]:
+        """`ref_known` of each key (None: not asked) with its name in `parent`, under one lock."""
+        out: list[Inode | None] = []
+        with self._lock:
+            by_key = self._by_key
+            for key, name in zip(keys, names, strict=True):
+                inode = by_key.get(key) if key is not None else None
+                if inode is not None:
+                    inode.nlookup += 1
+                    if inode.parent != parent or inode.name != name:
+                        self._locate(inode, parent, name)
+                out.append(inode)
+        return out
+
     def ref(self, nodeid: int) -> Inode:
         """Counts one more kernel reference to known `nodeid` (a lookup of "." or ".."); EBADF if unknown."""
         with self._lock:

@@ -91,6 +91,7 @@ from vhostfs.fuse.filesystem import (
     Entry,
     Filesystem,
     HostDirents,
+    HostDirentsPlus,
     Lock,
     Open,
     SetAttr,
@@ -147,6 +148,24 @@ _ALWAYS_READY = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLL
 _ACL_FLAGS = FUSE_POSIX_ACL | FUSE_DONT_MASK | FUSE_SETXATTR_EXT
 _ACL_DEFAULT = "system.posix_acl_default"
 _CLONE_FS = 0x200  # <sched.h>: unshare(2) the working directory, root and umask
+class _PlusListing(HostDirentsPlus):
+    """A READDIRPLUS listing of directory node `nodeid` of passthrough `fs`, from `listing`'s records."""
+
+    __slots__ = ("_fs", "_nodeid")
+
+    def __init__(self, fs: Passthrough, nodeid: int, listing: HostDirents) -> None:
+        super().__init__(listing.data, listing.offsets, listing.start)
+        self._fs = fs
+        self._nodeid = nodeid
+
+    def __iter__(self) -> Iterator[DirEntry]:
+        return self._fs._entries(self._nodeid, HostDirents(self.data, self.offsets, self.start))
+
+    def lookup(self, first: int, count: int) -> tuple[bytearray, array, float, float]:
+        stats, nodeids = self._fs._lookup_listed(self._nodeid, self, first, count)
+        return stats, nodeids, self._fs._timeout, self._fs._timeout
+
+
 # Which threads have their own working directory (see Passthrough._proc_as_cwd).
 _own_fs = threading.local()
 _FLOCK_OPS = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.F_UNLCK: fcntl.LOCK_UN}
@@ -1025,11 +1044,11 @@ class Passthrough(Filesystem):
         Entry i of the snapshot has cookie i + 1. Without `plus` the snapshot itself is the answer
         (HostDirents: the host's own records).
 
-        With `plus`, every entry but b"." and b".." carries a lookup Entry, counted when the entry is
-        produced; the lookup of each entry is made only when the consumer asks for it, so entries
-        never pulled count nothing, and the consumer forgets a pulled entry it did not send (as the
-        server does). An entry that vanished before its lookup is skipped. Errors for the handle
-        itself are raised here, before any entry is produced.
+        With `plus`, the answer is a HostDirentsPlus: every entry but b"." and b".." carries a lookup,
+        counted when the entry is produced (iterated, or in `lookup` batches); entries never produced
+        count nothing, and the consumer forgets a produced entry it did not send (as the server
+        does). An entry that vanished before its lookup is skipped. Errors for the handle itself are
+        raised here, before any entry is produced.
         """
         with self._handles.use(fh) as handle:
             if not handle.is_dir:
@@ -1038,7 +1057,7 @@ class Passthrough(Filesystem):
                 if offset == 0 or handle.listing is None:
                     handle.listing = self._snapshot(handle)
                 listing = HostDirents(handle.listing.data, handle.listing.offsets, max(offset, 0))
-        return self._entries(handle.nodeid, listing) if plus else listing
+        return _PlusListing(self, handle.nodeid, listing) if plus else listing
 
     def _snapshot(self, handle: Handle) -> HostDirents:
         """All entries of directory `handle`, read with getdents64(2) from the start; b"." and b".."
@@ -1068,6 +1087,78 @@ class Passthrough(Filesystem):
                     continue
                 yield DirEntry(d.name, entry.attr.st_ino, stat.S_IFMT(entry.attr.st_mode) >> 12, d.offset,
                                entry)
+
+    def _lookup_listed(self, nodeid: int, listing: HostDirents, first: int,
+                       count: int) -> tuple[bytearray, array]:
+        """HostDirentsPlus.lookup of entries first..first+count of `listing` in directory `nodeid`: one
+        statx(2) per entry gives the attributes and the key the table knows a node by, the known
+        nodes are counted under one lock, and only a new node is opened (as `_lookup_at`)."""
+        data, offsets = listing.data, listing.offsets
+        with self._dir(nodeid) as dir_inode:
+            dir_fd = dir_inode.fd
+            stats = native.stat_dirents(dir_fd, data, offsets, first, count)
+            size, err_at = native.STAT.size, native.STAT_ERR_OFFSET
+            err_of, key_of = native.STAT_ERR, native.STAT_KEY
+            keys: list[tuple[int, int, int] | None] = []
+            names = []
+            for i in range(count):
+                name_at = offsets[first + i] + LINUX_DIRENT64.size
+                names.append(data[name_at:data.index(b"\0", name_at)])
+                err, has_mnt_id = err_of.unpack_from(stats, i * size + err_at)
+                if err and err != errno.ENOENT:
+                    raise OSError(err, os.strerror(err))
+                keys.append(key_of.unpack_from(stats, i * size) if has_mnt_id and not err else None)
+            inodes = self._inodes.ref_known_many(keys, nodeid, names)
+            counted = [inode.nodeid for inode in inodes if inode is not None]
+            nodeids = array("Q", bytes(8 * count))
+            try:
+                for i, inode in enumerate(inodes):
+                    if inode is None:
+                        if names[i] in _DOTS or err_of.unpack_from(stats, i * size + err_at)[0]:
+                            continue
+                        inode = self._add_listed(dir_fd, nodeid, names[i], stats, i * size)
+                        if inode is None:
+                            continue
+                        counted.append(inode.nodeid)
+                    nodeids[i] = inode.nodeid
+                if self._submounts:
+                    self._flag_submounts(dir_fd, stats, count)
+            except BaseException:
+                for counted_id in counted:
+                    self._inodes.forget(counted_id, 1)
+                raise
+        return stats, nodeids
+
+    def _add_listed(self, dir_fd: int, parent: int, name: bytes, stats: bytearray, at: int) -> Inode | None:
+        """Opens and counts a listed entry the table does not know, and writes the attributes of the
+        fd it is held by into the STAT record at `at`; None (the record's err ENOENT) if it vanished."""
+        try:
+            fd = self._inodes.open_fd(lambda: os.open(name, _O_PATH, dir_fd=dir_fd))
+        except FileNotFoundError:
+            native.STAT_ERR.pack_into(stats, at + native.STAT_ERR_OFFSET, errno.ENOENT, 0)
+            return None
+        try:
+            st = os.stat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        inode = self._inodes.add(fd, st, parent, name)
+        (at_s, at_ns), (mt_s, mt_ns), (ct_s, ct_ns) = (divmod(t, 1_000_000_000) for t in (
+            st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns))
+        native.STAT.pack_into(stats, at, st.st_dev, st.st_ino, inode.key[2], st.st_size, st.st_blocks, at_s,
+                              mt_s, ct_s, at_ns, mt_ns, ct_ns, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
+                              st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0, 0, 1)
+        return inode
+
+    def _flag_submounts(self, dir_fd: int, stats: bytearray, count: int) -> None:
+        """Sets FUSE_ATTR_SUBMOUNT in the STAT records of the directories on another host file
+        system than directory `dir_fd` (see announce_submounts)."""
+        dev = os.stat(dir_fd).st_dev
+        for i in range(count):
+            record = native.STAT.unpack_from(stats, i * native.STAT.size)
+            if not record[18] and stat.S_ISDIR(record[11]) and record[0] != dev:
+                native.STAT.pack_into(stats, i * native.STAT.size, *record[:17], FUSE_ATTR_SUBMOUNT,
+                                      *record[18:])
 
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
         """Forgets directory handle `fh` and its snapshot."""

@@ -187,6 +187,28 @@ class HostDirents:
             yield DirEntry(data[name_at:data.index(b"\0", name_at, off + reclen)], ino, dtype, index + 1)
 
 
+class HostDirentsPlus(HostDirents):
+    """A READDIRPLUS listing of host records whose lookups the file system makes in batches.
+
+    The FUSE server packs a reply from it in native calls, without an object per entry: it works out
+    how many entries from `start` fit and asks `lookup(first, count)` for them (and for more while
+    room is left). Iterating yields DirEntry
+    objects with their `entry` set, a lookup counted as each one is pulled, for any other consumer
+    (such as a file system that wraps this one and changes the entries).
+    """
+
+    __slots__ = ()
+
+    def lookup(self, first: int, count: int) -> tuple[bytearray, array, float, float]:
+        """Counts a lookup of each of entries first..first+count (entry i has cookie i + 1) and
+        returns (stats, nodeids,
+        entry_timeout, attr_timeout): `stats` holds `count` `vhostfs.native.STAT` records (their
+        `err` set for an entry that vanished, which counts nothing and is not listed) and `nodeids`
+        (array "Q") the node of each, 0 for b"." and b".." (listed without a node). Raises OSError,
+        with nothing counted, for an error other than a vanished entry."""
+        raise NotImplementedError
+
+
 #: SetAttr.atime/mtime value meaning "now" (UTIME_NOW).
 TIME_NOW = -1
 

@@ -34,6 +34,7 @@ from vhostfs.fuse.filesystem import (
     Entry,
     Filesystem,
     HostDirents,
+    HostDirentsPlus,
     Lock,
     Open,
     SetAttr,
@@ -1074,6 +1075,8 @@ class FuseServer:
         listing = self.fs.readdir(ctx, nodeid, fh, offset, plus)
         if not plus and isinstance(listing, HostDirents):
             return _send_payload(writer, unique, _pack_host_dirents(listing, limit))
+        if plus and isinstance(listing, HostDirentsPlus):
+            return _send_payload(writer, unique, self._pack_host_direntsplus(listing, limit))
         entries = iter(listing)
         buf = bytearray()
         # Nodeids whose lookup reference rides in `buf`: handed back if the reply is never sent.
@@ -1102,6 +1105,55 @@ class FuseServer:
             if close is not None:
                 close()
         return _send_payload(writer, unique, buf)
+
+    def _pack_host_direntsplus(self, listing: HostDirentsPlus, limit: int) -> memoryview:
+        """fuse_direntplus records for the entries of `listing` that fit whole in `limit` bytes, their
+        lookups made in batches (`HostDirentsPlus.lookup`) of as many as the room left can hold, so
+        that entries gone meanwhile leave room for the next; EINVAL when not even the first fits."""
+        ffi, lib = native.ffi, native.lib
+        total = len(listing.offsets)
+        index = min(max(listing.start, 0), total)
+        out = bytearray(limit)
+        packed = ffi.new("uint32_t *")
+        pos = 0
+        with (ffi.from_buffer("uint8_t[]", listing.data) as data,
+              ffi.from_buffer("uint32_t[]", listing.offsets) as offsets,
+              ffi.from_buffer("uint8_t[]", out) as dst):
+            while index < total:
+                count = lib.vhostfs_direntplus_fit(data, len(listing.data), offsets, index, total,
+                                                   limit - pos)
+                if not count:
+                    break
+                stats, nodeids, entry_timeout, attr_timeout = listing.lookup(index, count)
+                try:
+                    if len(stats) != count * native.STAT.size or len(nodeids) != count:
+                        raise RuntimeError(f"lookup of {count} entries gave {len(stats)} bytes and "
+                                           f"{len(nodeids)} nodes")
+                    ev, evn = _timeout(entry_timeout)
+                    av, avn = _timeout(attr_timeout)
+                    with (ffi.from_buffer("struct vhostfs_stat[]", stats) as st,
+                          ffi.from_buffer("uint64_t[]", nodeids) as ids):
+                        pos += lib.vhostfs_pack_direntplus(data, len(listing.data), offsets, index, count,
+                                                           st, ids, ev, evn, av, avn, dst + pos, limit - pos,
+                                                           packed)
+                except BaseException:
+                    self._forget_listed(stats, nodeids, 0)
+                    raise
+                if packed[0] < count:
+                    # A malformed record ends the reply; the lookups of what it kept out go back.
+                    self._forget_listed(stats, nodeids, packed[0])
+                    break
+                index += count
+        if not pos and index < total:
+            raise _invalid()
+        return memoryview(out)[:pos]
+
+    def _forget_listed(self, stats: bytearray, nodeids, first: int) -> None:
+        """Forgets the lookups of entries first.. of a HostDirentsPlus.lookup answer."""
+        for i in range(first, min(len(nodeids), len(stats) // native.STAT.size)):
+            if nodeids[i] and not native.STAT_ERR.unpack_from(stats, i * native.STAT.size
+                                                              + native.STAT_ERR_OFFSET)[0]:
+                self.fs.forget(nodeids[i], 1)
 
     def _unsent(self, d: DirEntry, plus: bool) -> None:
         if plus and d.entry is not None and d.entry.nodeid:
