@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads serving each request queue (default 0: the queue's own thread)")
     p.add_argument("--poll-us", type=_non_negative, default=500, metavar="US",
                    help="poll a request queue that ran dry for up to US microseconds before sleeping: "
-                        "a guest that waits on each reply gets the next one served sooner, for some CPU "
-                        "time after each burst (default 500; 0: sleep at once)")
+                        "a guest that waits on each reply gets the next one served sooner; the poll "
+                        "shrinks while requests come later than that, and grows back when they come "
+                        "sooner (default 500; 0: sleep at once)")
     p.add_argument("--sandbox", choices=sandbox.MODES, default="none",
                    help="confine the daemon to the shared directory: namespace (new mount, pid and net "
                         "namespaces, pivot_root into it; needs root), chroot (for containers), or none "

@@ -5,11 +5,13 @@ Queue 0 is the high-priority queue (FORGET, INTERRUPT), queues 1.. are request q
 available ring through the FUSE server, returns the chains on the used ring and signals the call
 eventfd when the driver wants it.
 
-A request queue that runs dry is polled for a while (`poll_us`) before its worker sleeps: a guest
-waiting on each reply (synchronous I/O, metadata loops) puts its next request on the ring soon after
-the interrupt, and picking it up by polling saves the driver its kick and the worker its wake-up, the
+A request queue that runs dry is polled for a while before its worker sleeps: a guest waiting on
+each reply (synchronous I/O, metadata loops) puts its next request on the ring soon after the
+interrupt, and picking it up by polling saves the driver its kick and the worker its wake-up, the
 largest fixed costs of a round trip. Kicks stay disabled while polling (virtio 1.2, 2.7.10), so the
-driver does not even notify.
+driver does not even notify. How long is adaptive (PollBudget, up to `poll_us`): polling goes on only
+while the next request comes within it, so that a guest that pauses longer does not have the worker
+spin after every burst, on a core its own vCPU may need.
 
 A request that may wait without bound (FUSE_SETLKW: a lock another owner holds, perhaps one whose
 unlock is queued behind it) is served on a thread of its own, so that the queue goes on; the server
@@ -24,6 +26,7 @@ import queue
 import select
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -58,6 +61,36 @@ MAX_REQUEST_QUEUES = 16
 
 #: Requests of one queue waiting on threads of their own at a time; later ones queue for a thread.
 MAX_WAITING = 64
+
+#: Where an adaptive poll budget starts growing from (as KVM's halt_poll_ns_grow_start).
+POLL_GROW_START_NS = 10_000
+
+
+class PollBudget:
+    """How long a request queue that ran dry is polled before its worker sleeps, adapted as KVM's halt
+    polling adapts halt_poll_ns (Documentation/virt/kvm/halt-polling.rst).
+
+    A poll that finds a request keeps the budget. A queue that slept instead reports how long after
+    running dry its next request came (`slept`): sooner than `max_ns` means a longer poll would have
+    caught it, so the budget doubles (from POLL_GROW_START_NS, up to `max_ns`); later means polling
+    only burns CPU time, so it halves, and below the start it is 0 (no polling until a request comes
+    soon again). `max_ns` 0 never polls. Not thread-safe: one queue's worker owns it.
+    """
+
+    __slots__ = ("max_ns", "ns")
+
+    def __init__(self, max_ns: int) -> None:
+        self.max_ns = max_ns
+        self.ns = max_ns
+
+    def slept(self, idle_ns: int) -> None:
+        """The queue ran dry, polled `ns` in vain and slept; its next request came `idle_ns` after it
+        ran dry."""
+        if idle_ns < self.max_ns:
+            self.ns = min(self.max_ns, max(self.ns * 2, POLL_GROW_START_NS))
+        else:
+            self.ns = self.ns // 2 if self.ns // 2 >= POLL_GROW_START_NS else 0
+
 
 DEVICE_FEATURES = (
     1 << vu.VIRTIO_F_VERSION_1
@@ -121,7 +154,9 @@ class QueueWorker:
         self._backlog: deque = deque()
         self._waiters = 0
         self._waiter_done = threading.Condition(self.used_lock)
-        self.poll_ns = poll_us * 1000
+        self.poll = PollBudget(poll_us * 1000)
+        # When the queue last ran dry and then slept (0: it did not), for the poll budget.
+        self._dry_since = 0
         # Set to end a poll early: stop() and a new memory table must not wait for its timeout.
         self._poll_wake = native.ffi.new("uint32_t *")
 
@@ -184,6 +219,9 @@ class QueueWorker:
                     os.eventfd_read(self.kick_fd)
                 except BlockingIOError:
                     pass
+                if self._dry_since:
+                    self.poll.slept(time.monotonic_ns() - self._dry_since)
+                    self._dry_since = 0
                 self._drain()
         except Exception:
             log.exception("queue %d: worker failed", self.index)
@@ -231,9 +269,12 @@ class QueueWorker:
                 # Kicks stay disabled while polling. Each turn of the poll yields the CPU to whatever
                 # else is runnable: on a host with few cores that is often the VMM thread that must
                 # deliver the interrupt first. A stop or a new memory table ends the poll.
-                if self.poll_ns and q.wait_avail(self.poll_ns, self._poll_wake):
+                dry = time.monotonic_ns() if self.poll.max_ns else 0
+                budget = self.poll.ns
+                if budget and q.wait_avail(budget, self._poll_wake):
                     continue
                 if not q.enable_kicks():
+                    self._dry_since = dry
                     return
         except QueueBroken as e:
             # virtio 1.2, 2.7.13.3: the ring cannot be trusted any more; stop serving it.
