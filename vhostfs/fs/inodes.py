@@ -349,9 +349,11 @@ class InodeTable:
             return None
         return handle
 
-    def add(self, fd: int, st: os.stat_result, parent: int | None = None, name: bytes | None = None) -> Inode:
+    def add(self, fd: int, st: os.stat_result, parent: int | None = None, name: bytes | None = None,
+            mnt: int | None = None) -> Inode:
         """Registers a lookup of the host file open as O_PATH `fd` with attributes `st`, seen as `name`
-        in directory node `parent` when they are given.
+        in directory node `parent` when they are given; `mnt` is the file's mount id if the caller
+        knows it (asked of the kernel otherwise).
 
         Takes ownership of `fd`. If the file is already known (same st_dev, st_ino and mount) its
         `nlookup` goes up by one and `fd` is closed, or kept as its cached fd if it had none; otherwise
@@ -359,7 +361,7 @@ class InodeTable:
         file that has no handle (and closes `fd`).
         """
         try:
-            key = (st.st_dev, st.st_ino, mount_id(fd, self._proc_fd))
+            key = (st.st_dev, st.st_ino, mount_id(fd, self._proc_fd) if mnt is None else mnt)
         except BaseException:
             os.close(fd)
             raise

@@ -384,12 +384,13 @@ class Passthrough(Filesystem):
             entry.attr_flags = FUSE_ATTR_SUBMOUNT
         return entry
 
-    def _open_new(self, fd: int, flags: int, parent: int | None = None,
+    def _open_new(self, fd: int, flags: int, dir_inode: Inode,
                   name: bytes | None = None) -> tuple[Entry, Open]:
         """The Entry and file handle of a file just created and open as `fd` (which they then own),
-        as `name` in `parent` (None for an unnamed O_TMPFILE)."""
+        as `name` in `dir_inode` (not seen there for an unnamed O_TMPFILE)."""
         try:
-            entry = self._add_fd(fd, parent, name)
+            # A file just made in a directory is on the directory's mount (it cannot be a mount point).
+            entry = self._add_fd(fd, dir_inode.nodeid if name is not None else None, name, dir_inode.key[2])
         except BaseException:
             os.close(fd)
             raise
@@ -405,9 +406,10 @@ class Passthrough(Filesystem):
         """Releases `fh` (EBADF if unknown) and its node's pin."""
         self._inodes.unpin(self._handles.remove(fh).nodeid)
 
-    def _add_fd(self, fd: int, parent: int | None = None, name: bytes | None = None) -> Entry:
+    def _add_fd(self, fd: int, parent: int | None = None, name: bytes | None = None,
+                mnt: int | None = None) -> Entry:
         """Counts a lookup of the file open as `fd` (any open mode), seen as `name` in `parent`, and
-        returns its Entry."""
+        returns its Entry; `mnt` is its mount id if known."""
         path_fd = self._inodes.open_fd(
             lambda: os.open(_fd_name(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd))
         try:
@@ -415,7 +417,7 @@ class Passthrough(Filesystem):
         except BaseException:
             os.close(path_fd)
             raise
-        return self._entry(self._inodes.add(path_fd, st, parent, name), st)
+        return self._entry(self._inodes.add(path_fd, st, parent, name, mnt), st)
 
     @contextmanager
     def _as_caller(self, ctx: Context) -> Iterator[None]:
@@ -846,7 +848,7 @@ class Passthrough(Filesystem):
             except BaseException:
                 os.close(fd)
                 raise
-            return self._open_new(fd, flags, dir_inode.nodeid, name)
+            return self._open_new(fd, flags, dir_inode, name)
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         """pread(2) on `fh` (the copying path; the server uses read_into)."""
@@ -969,7 +971,7 @@ class Passthrough(Filesystem):
             except BaseException:
                 os.close(fd)
                 raise
-            return self._open_new(fd, flags)
+            return self._open_new(fd, flags, dir_inode)
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         """fdatasync(2) or fsync(2) on `fh`."""
