@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-dir", help="the host directory to share")
     p.add_argument("--tag", help="virtio-fs tag, served through the device configuration space")
     add_passthrough_options(p)
+    add_overlay_options(p)
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
@@ -184,6 +185,40 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--security-label", action="store_true",
                    help="set the security context the kernel gives a new file (FUSE_SECURITY_CTX) as an "
                         "extended attribute on the host file; implies --xattr")
+
+
+def add_overlay_options(p: argparse.ArgumentParser) -> None:
+    """Adds the options that turn the shared directory into the upper layer of an overlay (see
+    `shared_filesystem`): the same spellings for `vhostfs` and `vhostfs mount`."""
+    p.add_argument("--overlay-lower", action="append", default=[], metavar="DIR",
+                   help="serve an overlay: DIR is a read-only lower layer under the shared directory, "
+                        "which becomes the writable upper layer, in the on-disk format of the kernel's "
+                        "overlayfs; repeat for more layers, topmost first (as the kernel's lowerdir)")
+    p.add_argument("--overlay-userxattr", action="store_true",
+                   help="keep the overlay's markers in user.overlay.* extended attributes instead of "
+                        "trusted.overlay.* (the kernel's userxattr option)")
+
+
+def shared_filesystem(args: argparse.Namespace) -> Any:
+    """The file system the options of add_passthrough_options and add_overlay_options describe: the
+    passthrough of `args.shared_dir`, or with --overlay-lower, the overlay of the lower directories
+    under it. Raises ValueError (or OSError) for a configuration that cannot be served."""
+    if args.overlay_lower:
+        from vhostfs.fs.overlay import OverlayFs
+
+        options = passthrough_options(args)
+        if options.pop("readonly"):
+            raise ValueError("--readonly cannot be combined with --overlay-lower (the upper layer is "
+                             "written)")
+        xattr = options.pop("xattr") or options["posix_acl"] or options["security_label"]
+        for lower in args.overlay_lower:
+            if not os.path.isdir(lower):
+                raise ValueError(f"--overlay-lower {lower!r} is not a directory")
+        return OverlayFs.from_dirs(args.shared_dir, args.overlay_lower, userxattr=args.overlay_userxattr,
+                                   xattr=xattr, **options)
+    from vhostfs.fs.passthrough import Passthrough
+
+    return Passthrough(args.shared_dir, **passthrough_options(args))
 
 
 def _non_negative(text: str) -> int:
@@ -374,7 +409,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from vhostfs import caps, sandbox, seccomp
     from vhostfs.device import VirtioFsDevice
-    from vhostfs.fs.passthrough import Passthrough
     from vhostfs.fuse.server import FuseServer
     from vhostfs.vhost_user.connection import Connection
     from vhostfs.vhost_user.handler import Session
@@ -423,8 +457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
     try:
-        fs = Passthrough(args.shared_dir, **passthrough_options(args))
-    except ValueError as e:
+        fs = shared_filesystem(args)
+    except (OSError, ValueError) as e:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
     window = None

@@ -1,6 +1,7 @@
 """`vhostfs mount`: serves a host directory on the host itself, through the kernel's FUSE client.
 
     vhostfs mount --shared-dir SRC MOUNTPOINT [--threads N] [PASSTHROUGH OPTIONS]
+                  [--overlay-lower DIR ...]
                   [-o allow_other,default_permissions,...]
 
 The passthrough options (--cache, --readonly, --xattr, --posix-acl, --xattrmap, ... and their `-o`
@@ -22,8 +23,7 @@ import logging
 import os
 import sys
 
-from vhostfs.cli import add_passthrough_options, apply_passthrough_o, passthrough_options
-from vhostfs.fs.passthrough import Passthrough
+from vhostfs.cli import add_overlay_options, add_passthrough_options, apply_passthrough_o, shared_filesystem
 from vhostfs.fuse.fusedev import serve_filesystem
 
 log = logging.getLogger("vhostfs")
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-dir", required=True, help="the host directory to serve")
     p.add_argument("--threads", type=_positive, default=4, help="worker threads (default: 4)")
     add_passthrough_options(p)
+    add_overlay_options(p)
     p.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: allow_other, default_permissions (both on by default for root; "
                         "no_allow_other, no_default_permissions turn them off), fsname=NAME, subtype=NAME, "
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> int:
     if not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
     try:
-        fs = Passthrough(args.shared_dir, **passthrough_options(args))
+        fs = shared_filesystem(args)
     except (OSError, ValueError) as exc:  # a bad --xattrmap, no file handles with "mandatory"
         log.error("%s: %s", args.shared_dir, exc)
         return 1
