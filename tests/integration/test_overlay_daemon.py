@@ -1,0 +1,78 @@
+"""The daemon serving an overlay (--overlay-lower) through the project's front end, in the sandbox and
+under the seccomp filter that are its defaults elsewhere: lower layers outside the shared directory
+stay readable after pivot_root, copy-up and whiteouts work with the filter's system calls, and
+option combinations that cannot work are refused at start."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from vhostfs.fuse import abi
+from vhostfs.testing.fuse_client import FuseClient, expect_errno
+
+from .conftest import start_daemon, stop_daemon
+
+ROOT = abi.ROOT_ID
+
+
+@pytest.mark.parametrize("sandbox", ["namespace", "chroot", "none"])
+def test_daemon_serves_an_overlay_in_its_sandbox(tmp_path, sandbox):
+    if os.geteuid() != 0:
+        pytest.skip("whiteouts and the sandbox need root")
+    upper, lower1, lower2 = tmp_path / "share", tmp_path / "lower1", tmp_path / "lower2"
+    for d in (upper, lower1, lower2):
+        d.mkdir()
+    (lower2 / "base").write_bytes(b"from the bottom layer")
+    (lower1 / "top").write_bytes(b"from the top layer")
+    (lower2 / "top").write_bytes(b"hidden")
+    d = start_daemon(tmp_path, f"--sandbox={sandbox}", "--seccomp=kill", "--xattr",
+                     "--overlay-lower", str(lower1), "--overlay-lower", str(lower2), shared=upper)
+    try:
+        with d.connect() as fe:
+            fe.setup(queues=2)
+            client = FuseClient(fe)
+            client.init()
+            assert sorted(client.readdir_names(ROOT)) == [b".", b"..", b"base", b"top"]
+            top = client.lookup(ROOT, b"top")[0]
+            fh = client.open(top)
+            assert client.read(top, fh, 0, 100) == b"from the top layer"
+            client.release(top, fh)
+            base = client.lookup(ROOT, b"base")[0]
+            fh = client.open(base, os.O_RDWR)
+            assert client.write(base, fh, 0, b"FROM") == 4
+            client.release(base, fh)
+            client.unlink(ROOT, b"top")
+            expect_errno(errno.ENOENT, client.lookup, ROOT, b"top")
+            expect_errno(errno.EPERM, client.call, abi.FUSE_MKNOD, ROOT,
+                         abi.MKNOD_IN.pack(stat.S_IFCHR | 0o644, 0, 0) + b"forged\0")
+            assert sorted(client.readdir_names(ROOT)) == [b".", b"..", b"base"]
+    finally:
+        stop_daemon(d)
+    log = d.log_text()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert d.proc.returncode == 0, log
+    assert (upper / "base").read_bytes() == b"FROM the bottom layer"
+    assert (lower2 / "base").read_bytes() == b"from the bottom layer"
+    st = os.lstat(upper / "top")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert sorted(os.listdir(upper)) == ["base", "top"]
+
+
+@pytest.mark.parametrize("extra", [["--readonly"], ["--xattrmap", ":map:trusted.:user.virtiofs.:"],
+                                   ["--overlay-lower", "/nonexistent-lower"]])
+def test_overlay_option_combinations_that_cannot_work_are_refused(tmp_path, extra):
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (tmp_path / "share").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "vhostfs", "--socket-path", str(tmp_path / "s.sock"),
+                           "--shared-dir", str(tmp_path / "share"), "--overlay-lower", str(lower), *extra],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "overlay" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
