@@ -23,13 +23,16 @@ import logging
 import os
 import sys
 
-from vhostfs.cli import add_overlay_options, add_passthrough_options, apply_passthrough_o, shared_filesystem
+from vhostfs.cli import (
+    LOG_LEVELS,
+    add_overlay_options,
+    add_passthrough_options,
+    apply_passthrough_o,
+    shared_filesystem,
+)
 from vhostfs.fuse.fusedev import serve_filesystem
 
 log = logging.getLogger("vhostfs")
-
-_LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
-
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "passthrough's: cache=, xattrmap= and the switches xattr, posix_acl, writeback, "
                         "readdirplus, flock, posix_lock, allow_direct_io, announce_submounts, killpriv_v2, "
                         "security_label with their no_ forms")
-    p.add_argument("--log-level", default="info", choices=tuple(_LOG_LEVELS))
+    p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
     return p
 
 
@@ -92,7 +95,7 @@ def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     mount_opts = _mount_options(parser, args.o, args)
-    logging.basicConfig(level=_LOG_LEVELS[args.log_level],
+    logging.basicConfig(level=LOG_LEVELS[args.log_level],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")

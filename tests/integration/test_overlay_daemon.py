@@ -65,6 +65,7 @@ def test_daemon_serves_an_overlay_in_its_sandbox(tmp_path, sandbox):
 
 
 @pytest.mark.parametrize("extra", [["--readonly"], ["--xattrmap", ":map:trusted.:user.virtiofs.:"],
+                                   ["--posix-acl"], ["--writeback"], ["--security-label"],
                                    ["--overlay-lower", "/nonexistent-lower"]])
 def test_overlay_option_combinations_that_cannot_work_are_refused(tmp_path, extra):
     lower = tmp_path / "lower"
