@@ -463,8 +463,10 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     if args.rlimit_nofile is not None and args.rlimit_nofile < 0:
         parser.error("--rlimit-nofile must not be negative")
     try:
-        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles).
-        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never")
+        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles), and an
+        # overlay's trusted.overlay.* markers CAP_SYS_ADMIN (unless --overlay-userxattr).
+        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never",
+                                trusted_xattrs=bool(args.overlay_lower) and not args.overlay_userxattr)
     except caps.CapabilityError as e:
         parser.error(str(e))
     if (args.security_label and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None

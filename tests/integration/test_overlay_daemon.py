@@ -31,6 +31,10 @@ def test_daemon_serves_an_overlay_in_its_sandbox(tmp_path, sandbox):
     (lower2 / "base").write_bytes(b"from the bottom layer")
     (lower1 / "top").write_bytes(b"from the top layer")
     (lower2 / "top").write_bytes(b"hidden")
+    (lower2 / "opq").mkdir()
+    (lower2 / "opq" / "below").write_bytes(b"hidden by the opaque directory above")
+    (lower1 / "opq").mkdir()
+    os.setxattr(lower1 / "opq", b"trusted.overlay.opaque", b"y")
     d = start_daemon(tmp_path, f"--sandbox={sandbox}", "--seccomp=kill", "--xattr",
                      "--overlay-lower", str(lower1), "--overlay-lower", str(lower2), shared=upper)
     try:
@@ -38,7 +42,9 @@ def test_daemon_serves_an_overlay_in_its_sandbox(tmp_path, sandbox):
             fe.setup(queues=2)
             client = FuseClient(fe)
             client.init()
-            assert sorted(client.readdir_names(ROOT)) == [b".", b"..", b"base", b"top"]
+            assert sorted(client.readdir_names(ROOT)) == [b".", b"..", b"base", b"opq", b"top"]
+            opq = client.lookup(ROOT, b"opq")[0]
+            assert sorted(client.readdir_names(opq)) == [b".", b".."]
             top = client.lookup(ROOT, b"top")[0]
             fh = client.open(top)
             assert client.read(top, fh, 0, 100) == b"from the top layer"
@@ -51,7 +57,7 @@ def test_daemon_serves_an_overlay_in_its_sandbox(tmp_path, sandbox):
             expect_errno(errno.ENOENT, client.lookup, ROOT, b"top")
             expect_errno(errno.EPERM, client.call, abi.FUSE_MKNOD, ROOT,
                          abi.MKNOD_IN.pack(stat.S_IFCHR | 0o644, 0, 0) + b"forged\0")
-            assert sorted(client.readdir_names(ROOT)) == [b".", b"..", b"base"]
+            assert sorted(client.readdir_names(ROOT)) == [b".", b"..", b"base", b"opq"]
     finally:
         stop_daemon(d)
     log = d.log_text()
