@@ -306,3 +306,45 @@ def test_lower_layer_changing_underneath(make, layers, tmp_path):
     # held), nothing under the symlink was reached, and the upper holds no symlink.
     assert (canary / "secret").read_bytes() == b"do not touch"
     assert not any(p.is_symlink() for p in upper.rglob("*"))
+
+
+def test_forgotten_nodes_release_every_layer_node_and_handle(make, layers):
+    upper, l1, l2 = layers
+    (l2 / "d").mkdir()
+    (l2 / "d" / "f").write_bytes(b"f")
+    (l1 / "d").mkdir()
+    (l1 / "d" / "g").write_bytes(b"g")
+    (l1 / "h").write_bytes(b"h")
+    fs = make()
+    counts: dict[int, int] = {}
+
+    def count(entry):
+        counts[entry.nodeid] = counts.get(entry.nodeid, 0) + 1
+        return entry
+
+    d = count(fs.lookup(CTX, ROOT_ID, b"d")).nodeid
+    f = count(fs.lookup(CTX, d, b"f")).nodeid
+    count(fs.lookup(CTX, d, b"g"))
+    count(fs.lookup(CTX, d, b".."))
+    fh = fs.opendir(CTX, d, os.O_RDONLY).fh
+    for entry in fs.readdir(CTX, d, fh, 0, True):
+        if entry.entry is not None:
+            count(entry.entry)
+    fs.releasedir(CTX, d, fh)
+    fh = fs.open(CTX, f, os.O_RDWR).fh
+    fs.write(CTX, f, fh, 0, b"F", 0)
+    fs.release(CTX, f, fh, 0)
+    fs.rename(CTX, d, b"f", ROOT_ID, b"f2", 0)
+    count(fs.link(CTX, f, d, b"f3"))
+    fs.unlink(CTX, ROOT_ID, b"h")
+    entry, opened = fs.create(CTX, d, b"new", 0o644, os.O_RDWR, 0)
+    count(entry)
+    fs.release(CTX, entry.nodeid, opened.fh, 0)
+    for nodeid, n in counts.items():
+        fs.forget(nodeid, n)
+    for layer in fs._layers:
+        assert len(layer._inodes) == 1, "a layer node outlived the overlay's nodes"
+        assert not layer._handles._by_fh, "a layer handle outlived the overlay's"
+    assert set(fs._nodes) == {ROOT_ID}
+    assert sorted(os.listdir(upper)) == ["d", "f2", "h"]
+    assert sorted(os.listdir(upper / "d")) == ["f", "f3", "new"]

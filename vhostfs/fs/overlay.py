@@ -105,6 +105,8 @@ _DT_DIR = stat.S_IFDIR >> 12
 _RENAME_NOREPLACE = 1
 _RENAME_WHITEOUT = 4
 _COPY_CHUNK = 1 << 20
+#: How many missing names a directory node remembers (see _Node.misses).
+_MAX_MISSES = 4096
 #: Layer inode numbers below this get the layer's file system index in the bits above (see _Ino).
 _XINO_SHIFT = 56
 
@@ -132,10 +134,15 @@ class _Node:
     pairs: for a directory its lower directories, topmost first, for a non-directory the one lower
     file it shows while not copied up. `refs` counts the client's lookups, `children` the child nodes
     that keep this one (their parent) alive.
+
+    `misses` remembers, for a directory, the names its lower directories were found not to have:
+    lower layers are read-only, so a name missing there stays missing (the kernel's overlayfs keeps
+    negative dentries in them just the same, and a lower layer changed underneath gives undefined
+    results). It lets a lookup through many lower layers skip the layers that lack the name.
     """
 
     __slots__ = ("nodeid", "parent", "name", "kind", "ino", "upper", "lowers", "opaque", "refs", "children",
-                 "lower_nlink")
+                 "lower_nlink", "misses")
 
     def __init__(self, nodeid: int, parent: _Node | None, name: bytes, kind: int, ino: int,
                  upper: int | None, lowers: list[tuple[int, int]], opaque: bool, lower_nlink: int) -> None:
@@ -150,6 +157,8 @@ class _Node:
         self.refs = 0
         self.children = 0
         self.lower_nlink = lower_nlink
+        # (layer, name) pairs that a lower directory of this one does not have (see _find).
+        self.misses: set[tuple[int, bytes]] = set()
 
     @property
     def is_dir(self) -> bool:
@@ -329,9 +338,14 @@ class OverlayFs(Filesystem):
                 opaque = kind == stat.S_IFDIR and self._is_opaque(0, upper.nodeid)
                 if kind != stat.S_IFDIR or opaque:
                     return _Found(upper, lowers, opaque)
+        misses = parent.misses
         for layer, dir_id in parent.lowers:
+            if (layer, name) in misses:
+                continue
             entry = self._layer_lookup(layer, dir_id, name)
             if entry is None:
+                if len(misses) < _MAX_MISSES:
+                    misses.add((layer, name))
                 continue
             this = stat.S_IFMT(entry.attr.st_mode)
             if is_whiteout(entry.attr) or (kind is not None and (kind != stat.S_IFDIR or this != kind)):
@@ -417,18 +431,22 @@ class OverlayFs(Filesystem):
             parent.children -= 1
             node = parent
 
-    def _attr(self, node: _Node) -> tuple[Stat, float]:
-        """The node's attributes as the overlay shows them, and their timeout."""
-        layer, nodeid = node.top()
-        attr, timeout = self._layers[layer].getattr(_ROOT, nodeid, None)
+    def _attr(self, node: _Node, fresh: Entry | None = None) -> tuple[Stat, float]:
+        """The node's attributes as the overlay shows them, and their timeout: from `fresh`, the top
+        real node's Entry if the caller just looked it up, or else from the layer's getattr."""
+        if fresh is not None:
+            attr, timeout = fresh.attr, fresh.attr_timeout
+        else:
+            layer, nodeid = node.top()
+            attr, timeout = self._layers[layer].getattr(_ROOT, nodeid, None)
         nlink = 1 if node.merged else attr.st_nlink
         return Stat(node.ino, attr.st_mode, nlink, attr.st_uid, attr.st_gid, attr.st_rdev, attr.st_size,
                     attr.st_blocks, attr.st_blksize, attr.st_atime_ns, attr.st_mtime_ns,
                     attr.st_ctime_ns), timeout
 
-    def _entry(self, node: _Node, timeouts: Entry | None = None) -> Entry:
-        """Counts one client lookup of `node` and returns its Entry."""
-        attr, timeout = self._attr(node)
+    def _entry(self, node: _Node, timeouts: Entry | None = None, fresh: Entry | None = None) -> Entry:
+        """Counts one client lookup of `node` and returns its Entry (`fresh` as for `_attr`)."""
+        attr, timeout = self._attr(node, fresh)
         node.refs += 1
         entry_timeout = timeouts.entry_timeout if timeouts is not None else timeout
         return Entry(node.nodeid, attr, entry_timeout=entry_timeout, attr_timeout=timeout)
@@ -664,9 +682,9 @@ class OverlayFs(Filesystem):
             found = self._find(p, name)
             if found is None:
                 raise _err(errno.ENOENT)
-            timeouts = found.top[1]
+            layer, top = found.top
             node = self._node_for(p, name, found)
-            return self._entry(node, timeouts)
+            return self._entry(node, top, top if node.top() == (layer, top.nodeid) else None)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         """Drops `nlookup` client references; a node without any lets go of its layers' nodes."""
