@@ -13,6 +13,8 @@ import os
 import stat
 from pathlib import Path
 
+from vhostfs import native
+
 USER_A = 1234
 GROUP_A = 5678
 #: The kernel's own markers, which vhostfs does not write (see vhostfs/fs/overlay.py).
@@ -68,6 +70,9 @@ def make_layers(base: Path) -> tuple[Path, list[Path]]:
     (l1 / "pre1").write_bytes(b"pre-linked\n")
     os.link(l1 / "pre1", l1 / "pre2")
     (l1 / "inofile").write_bytes(b"ino\n")
+    (l1 / "xa").write_bytes(b"exchanged\n")
+    (l2 / "xdir").mkdir()
+    (l2 / "xdir" / "f").write_bytes(b"")
     (l1 / "tofdir").write_bytes(b"file, then a directory\n")
     (l1 / "d2").mkdir()
     (l1 / "d2" / "child").write_bytes(b"child\n")
@@ -90,6 +95,17 @@ def _try(results: list, label: str, fn, *args) -> None:
 def _append(path: Path, data: bytes) -> None:
     with open(path, "ab") as f:
         f.write(data)
+
+
+def _exchange(a: Path, name_a: str, b: Path, name_b: str) -> None:
+    """renameat2(2) with RENAME_EXCHANGE, which os.rename cannot ask for."""
+    fd_a = os.open(a, os.O_PATH | os.O_DIRECTORY)
+    fd_b = os.open(b, os.O_PATH | os.O_DIRECTORY)
+    try:
+        native.renameat2(fd_a, name_a.encode(), fd_b, name_b.encode(), 2)
+    finally:
+        os.close(fd_a)
+        os.close(fd_b)
 
 
 def run_script(m: Path) -> list:
@@ -144,6 +160,14 @@ def run_script(m: Path) -> list:
     _try(r, "write ino file", _append, m / "inofile", b"more\n")
     r.append(("st_ino kept across copy-up", os.lstat(m / "inofile").st_ino == ino))
     r.append(("hidden", os.path.lexists(m / "hidden"), sorted(os.listdir(m / "opq"))))
+    _try(r, "create for exchange", (m / "xb").write_bytes, b"new\n")
+    _try(r, "exchange lower file", _exchange, m, "xa", m, "xb")
+    _try(r, "exchange with missing", _exchange, m, "xa", m, "nothing")
+    _try(r, "mkdir for exchange", os.mkdir, m / "xnew")
+    _try(r, "exchange lower dir", _exchange, m, "xdir", m, "xnew")
+    _try(r, "exchange new dir and file", _exchange, m, "xnew", m / "merged", "from_l2")
+    r.append(("exchanged", (m / "xa").read_bytes(), (m / "xb").read_bytes(),
+              sorted(os.listdir(m / "merged"))))
     return r
 
 

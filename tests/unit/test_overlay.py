@@ -348,3 +348,25 @@ def test_forgotten_nodes_release_every_layer_node_and_handle(make, layers):
     assert set(fs._nodes) == {ROOT_ID}
     assert sorted(os.listdir(upper)) == ["d", "f2", "h"]
     assert sorted(os.listdir(upper / "d")) == ["f", "f3", "new"]
+
+
+def test_dax_window_maps_the_real_files(make, layers):
+    from tests.unit.test_dax import PAGE, SIZE, RecordingMapper
+    from vhostfs.dax import DaxFilesystem, DaxWindow
+    from vhostfs.fuse import abi
+
+    upper, l1, _ = layers
+    (l1 / "f").write_bytes(b"z" * 2 * PAGE)
+    window = DaxWindow(SIZE, PAGE)
+    window.mapper = RecordingMapper()
+    fs = DaxFilesystem(make(), window)
+    f = walk(fs.fs, "f")
+    ro = fs.open(CTX, f, os.O_RDONLY).fh
+    fs.setupmapping(CTX, f, ro, 0, PAGE, abi.FUSE_SETUPMAPPING_FLAG_READ, 0)
+    write, read_ = abi.FUSE_SETUPMAPPING_FLAG_WRITE, abi.FUSE_SETUPMAPPING_FLAG_READ
+    assert errno_of(fs.setupmapping, CTX, f, ro, 0, PAGE, write, PAGE) == errno.EACCES
+    rw = fs.open(CTX, f, os.O_RDWR).fh
+    fs.setupmapping(CTX, f, rw, 0, PAGE, abi.FUSE_SETUPMAPPING_FLAG_WRITE, PAGE)
+    assert window.mapper.calls == [("map", 0, PAGE, 0, False), ("map", PAGE, PAGE, 0, True)]
+    assert (upper / "f").read_bytes() == (l1 / "f").read_bytes()
+    assert errno_of(fs.setupmapping, CTX, ROOT_ID, rw, 0, PAGE, read_, 0) == errno.EBADF

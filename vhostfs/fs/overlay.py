@@ -22,8 +22,8 @@ can be mounted by the kernel's overlayfs (and the other way round) and shows the
 - Removing a name that a lower layer has leaves a whiteout in the upper; a directory made where a
   whiteout was is made opaque; a non-directory is renamed with RENAME_WHITEOUT when its old name must
   stay hidden. Renaming a directory that a lower layer has (a merged or lower-only directory) fails
-  with EXDEV, as without redirect_dir: `mv` then copies. RENAME_EXCHANGE and RENAME_WHITEOUT from the
-  guest are refused with EINVAL.
+  with EXDEV, as without redirect_dir: `mv` then copies. RENAME_EXCHANGE swaps two upper nodes (after
+  copying them up); RENAME_WHITEOUT from the guest is refused with EINVAL, as by the kernel's overlayfs.
 - Inode numbers: a node keeps the st_ino of the real inode the overlay first met it as, through
   copy-up, for as long as the overlay runs, where the kernel keeps it: not for a lower regular file
   with more than one link, whose copy-up breaks the hard link (index=off) and which then shows the
@@ -103,6 +103,7 @@ _DOTS = (b".", b"..")
 _DT_CHR = stat.S_IFCHR >> 12
 _DT_DIR = stat.S_IFDIR >> 12
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 _RENAME_WHITEOUT = 4
 _COPY_CHUNK = 1 << 20
 #: How many missing names a directory node remembers (see _Node.misses).
@@ -817,10 +818,12 @@ class OverlayFs(Filesystem):
 
     def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
                flags: int) -> None:
-        """Renames within the upper (copying the source up); EXDEV for a directory a lower layer has."""
+        """Renames within the upper (copying the source up); EXDEV for a directory a lower layer has.
+
+        RENAME_NOREPLACE and RENAME_EXCHANGE are honoured; RENAME_WHITEOUT is EINVAL."""
         _check_name(name)
         _check_name(newname)
-        if flags & ~_RENAME_NOREPLACE:
+        if flags & ~(_RENAME_NOREPLACE | _RENAME_EXCHANGE) or flags == _RENAME_NOREPLACE | _RENAME_EXCHANGE:
             raise _err(errno.EINVAL)
         with self._lock:
             p = self._dir_node(parent)
@@ -830,8 +833,53 @@ class OverlayFs(Filesystem):
                     raise _err(errno.ENOENT)
                 self._rename(p, name, src, np, newname, dst, flags)
 
+    def _movable(self, node: _Node, newparent: _Node) -> None:
+        """Refuses (EXDEV) to move a directory a lower layer has; makes a directory that moves into a
+        merged one opaque, so that it does not show what lower layers have under its new name."""
+        if not node.is_dir:
+            return
+        if node.lowers:
+            raise _err(errno.EXDEV)
+        if not node.opaque and newparent.lowers:
+            self._copy_up(newparent)
+            self._layers[0].setxattr(_ROOT, node.upper, self._opaque_name, b"y", 0)
+            node.opaque = True
+
+    def _move(self, node: _Node, old: _Node, name: bytes, new: _Node, newname: bytes) -> None:
+        """Records that `node` went from `old`/`name` to `new`/`newname`."""
+        self._detach(old, name, node)
+        if node.parent is not new:
+            # (A hard-linked node's parent is where it was first found, not always `old`.)
+            previous = node.parent
+            new.children += 1
+            node.parent = new
+            previous.children -= 1  # type: ignore[union-attr]
+            self._drop(previous)  # type: ignore[arg-type]
+        node.name = newname
+        if node.is_dir:
+            self._by_upper[node.upper] = node  # type: ignore[index]
+
+    def _exchange(self, p: _Node, name: bytes, src: _Node, np: _Node, newname: bytes,
+                  dst: _Node | None) -> None:
+        if dst is None:
+            raise _err(errno.ENOENT)
+        if dst is src:
+            return
+        if (src.is_dir and src.lowers) or (dst.is_dir and dst.lowers):
+            raise _err(errno.EXDEV)
+        for node in (p, np, src, dst):
+            self._copy_up(node)
+        self._movable(src, np)
+        self._movable(dst, p)
+        self._layers[0].rename(_ROOT, p.upper, name, np.upper, newname, _RENAME_EXCHANGE)
+        self._move(src, p, name, np, newname)
+        self._move(dst, np, newname, p, name)
+
     def _rename(self, p: _Node, name: bytes, src: _Node, np: _Node, newname: bytes, dst: _Node | None,
                 flags: int) -> None:
+        if flags & _RENAME_EXCHANGE:
+            self._exchange(p, name, src, np, newname, dst)
+            return
         if src.is_dir and src.lowers:
             raise _err(errno.EXDEV)
         if dst is not None:
@@ -853,10 +901,7 @@ class OverlayFs(Filesystem):
             self._clear_whiteouts(dst.upper)
         elif dst is None or dst.upper is None:
             self._drop_whiteout(np.upper, newname)
-        if src.is_dir and not src.opaque and np.lowers:
-            # A directory moved into a merged one must not show what lower layers have there.
-            upper.setxattr(_ROOT, src.upper, self._opaque_name, b"y", 0)
-            src.opaque = True
+        self._movable(src, np)
         positive = self._lower_positive(p, name)
         if positive and not src.is_dir:
             upper.rename(_ROOT, p.upper, name, np.upper, newname, _RENAME_WHITEOUT)
@@ -866,14 +911,7 @@ class OverlayFs(Filesystem):
                 self._whiteout(p.upper, name)
         if dst is not None:
             self._detach(np, newname, dst)
-        self._detach(p, name, src)
-        if src.parent is not np:
-            src.parent.children -= 1  # type: ignore[union-attr]
-            np.children += 1
-            src.parent = np
-        src.name = newname
-        if src.is_dir:
-            self._by_upper[src.upper] = src  # type: ignore[index]
+        self._move(src, p, name, np, newname)
 
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         """Copies the node up and hard-links it in the upper: both names are then one file."""
