@@ -370,3 +370,20 @@ def test_dax_window_maps_the_real_files(make, layers):
     assert window.mapper.calls == [("map", 0, PAGE, 0, False), ("map", PAGE, PAGE, 0, True)]
     assert (upper / "f").read_bytes() == (l1 / "f").read_bytes()
     assert errno_of(fs.setupmapping, CTX, ROOT_ID, rw, 0, PAGE, read_, 0) == errno.EBADF
+
+
+def test_an_upper_without_unnamed_files_is_refused(layers):
+    upper, l1, _ = layers
+
+    class NoTmpfile(Passthrough):
+        def tmpfile(self, ctx, parent, mode, flags, umask):
+            raise OSError(errno.EOPNOTSUPP, "not here")
+
+    up, low = NoTmpfile(str(upper), xattr=True), Passthrough(str(l1), xattr=True, readonly=True)
+    try:
+        with pytest.raises(ValueError, match="O_TMPFILE"):
+            OverlayFs(up, [low])
+    finally:
+        up.close()
+        low.close()
+    assert os.listdir(upper) == []

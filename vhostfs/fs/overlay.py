@@ -237,6 +237,7 @@ class OverlayFs(Filesystem):
         self._by_upper: dict[int, _Node] = {}
         self._by_name: dict[tuple[int, bytes], _Node] = {}
         self._root = self._new_root()
+        self._check_tmpfile()
 
     @classmethod
     def from_dirs(cls, upper_dir: str, lower_dirs: Sequence[str], *, userxattr: bool = False,
@@ -272,6 +273,18 @@ class OverlayFs(Filesystem):
             close = getattr(layer, "close", None)
             if close is not None:
                 close()
+
+    def _check_tmpfile(self) -> None:
+        """Raises ValueError unless the upper layer makes unnamed files (the atomic copy-up needs them);
+        the one made to find out is gone once closed."""
+        upper = self._layers[0]
+        try:
+            entry, opened = upper.tmpfile(_ROOT, ROOT_ID, 0o600, os.O_RDWR, 0)
+        except OSError as exc:
+            raise ValueError(f"the upper layer cannot make O_TMPFILE files for copy-up: "
+                             f"{exc.strerror}") from None
+        upper.release(_ROOT, entry.nodeid, opened.fh, os.O_RDWR)
+        upper.forget(entry.nodeid, 1)
 
     # -- the tree -------------------------------------------------------------------------------
     def _new_root(self) -> _Node:
@@ -903,9 +916,17 @@ class OverlayFs(Filesystem):
             self._drop_whiteout(np.upper, newname)
         self._movable(src, np)
         positive = self._lower_positive(p, name)
+        whiteout_left = False
         if positive and not src.is_dir:
-            upper.rename(_ROOT, p.upper, name, np.upper, newname, _RENAME_WHITEOUT)
-        else:
+            try:
+                upper.rename(_ROOT, p.upper, name, np.upper, newname, _RENAME_WHITEOUT)
+                whiteout_left = True
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+        if not whiteout_left:
+            # Directories, and upper file systems without RENAME_WHITEOUT: the whiteout follows,
+            # inside the namespace lock.
             upper.rename(_ROOT, p.upper, name, np.upper, newname, 0)
             if positive:
                 self._whiteout(p.upper, name)
