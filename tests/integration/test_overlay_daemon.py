@@ -83,3 +83,51 @@ def test_overlay_option_combinations_that_cannot_work_are_refused(tmp_path, extr
     assert proc.returncode != 0
     assert "overlay" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_lower_layer_changing_under_the_daemon(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("whiteouts and the sandbox need root")
+    upper, lower, canary = tmp_path / "share", tmp_path / "lower", tmp_path / "canary"
+    for d in (upper, lower, canary):
+        d.mkdir()
+    (canary / "secret").write_bytes(b"do not touch")
+    (lower / "d").mkdir()
+    (lower / "d" / "f").write_bytes(b"f")
+    (lower / "g").write_bytes(b"g")
+    d = start_daemon(tmp_path, "--sandbox=namespace", "--seccomp=kill", "--xattr",
+                     "--overlay-lower", str(lower), shared=upper)
+    try:
+        with d.connect() as fe:
+            fe.setup(queues=2)
+            client = FuseClient(fe)
+            client.init()
+            dir_id = client.lookup(ROOT, b"d")[0]
+            f = client.lookup(dir_id, b"f")[0]
+            g = client.lookup(ROOT, b"g")[0]
+            fh = client.open(g)
+            # The lower layer changes: the directory becomes a symlink out of it, the files go.
+            (lower / "d" / "f").unlink()
+            (lower / "d").rmdir()
+            os.symlink(canary, lower / "d")
+            (lower / "g").unlink()
+            assert client.read(g, fh, 0, 10) == b"g"  # the open file is still the old one
+            client.release(g, fh)
+            for call in (lambda: client.open(g, os.O_RDWR), lambda: client.open(f, os.O_RDWR),
+                         lambda: client.lookup(dir_id, b"secret"), lambda: client.readdir_names(dir_id),
+                         lambda: client.create(dir_id, b"new"), lambda: client.unlink(ROOT, b"d"),
+                         lambda: client.lookup(client.lookup(ROOT, b"d")[0], b"secret")):
+                try:
+                    call()
+                except OSError:
+                    pass
+            assert client.getattr(ROOT)
+            assert b"d" in client.readdir_names(ROOT)
+    finally:
+        stop_daemon(d)
+    log = d.log_text()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert d.proc.returncode == 0, log
+    assert sorted(os.listdir(canary)) == ["secret"]
+    assert (canary / "secret").read_bytes() == b"do not touch"
+    assert not any(p.is_symlink() for p in upper.rglob("*"))
