@@ -387,3 +387,18 @@ def test_an_upper_without_unnamed_files_is_refused(layers):
         up.close()
         low.close()
     assert os.listdir(upper) == []
+
+
+def test_st_ino_of_a_copy_stays_and_goes_with_it(make, layers):
+    upper, l1, _ = layers
+    (l1 / "f").write_bytes(b"f")
+    lower_ino = os.lstat(l1 / "f").st_ino
+    fs = make()
+    f = walk(fs, "f")
+    write(fs, "f", b"F")
+    assert fs.getattr(CTX, f, None)[0].st_ino == lower_ino
+    fs.forget(f, 2)  # the walk and the write's walk
+    assert fs.getattr(CTX, walk(fs, "f"), None)[0].st_ino == lower_ino, "st_ino changed after forget"
+    assert fs._origin_ino
+    fs.unlink(CTX, ROOT_ID, b"f")
+    assert not fs._origin_ino

@@ -828,6 +828,14 @@ class OverlayFs(Filesystem):
             del self._by_name[(p.nodeid, name)]
         if node.is_dir and node.upper is not None and self._by_upper.get(node.upper) is node:
             del self._by_upper[node.upper]
+        if node.upper is not None:
+            try:
+                attr = self._layers[0].getattr(_ROOT, node.upper, None)[0]
+            except OSError:
+                return
+            if attr.st_nlink == 0:
+                # Gone from the upper: a new file may get its inode number, and must not get its st_ino.
+                self._origin_ino.pop((getattr(attr, "st_dev", 0), attr.st_ino), None)
 
     def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
                flags: int) -> None:
