@@ -90,6 +90,8 @@ from vhostfs.fuse.filesystem import (
     SetAttr,
     Stat,
     StatVfs,
+    check_name,
+    fs_error,
 )
 
 if TYPE_CHECKING:
@@ -110,17 +112,6 @@ _COPY_CHUNK = 1 << 20
 _MAX_MISSES = 4096
 #: Layer inode numbers below this get the layer's file system index in the bits above (see _Ino).
 _XINO_SHIFT = 56
-
-
-def _err(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
-
-
-def _check_name(name: bytes) -> None:
-    if not name or b"/" in name or b"\0" in name or name in _DOTS:
-        raise _err(errno.EINVAL)
-    if len(name) > 255:
-        raise _err(errno.ENAMETOOLONG)
 
 
 def is_whiteout(attr: Attr) -> bool:
@@ -306,13 +297,13 @@ class OverlayFs(Filesystem):
     def _node(self, nodeid: int) -> _Node:
         node = self._nodes.get(nodeid)
         if node is None:
-            raise _err(errno.ENOENT if nodeid == 0 else errno.EBADF)
+            raise fs_error(errno.ENOENT if nodeid == 0 else errno.EBADF)
         return node
 
     def _dir_node(self, nodeid: int) -> _Node:
         node = self._node(nodeid)
         if not node.is_dir:
-            raise _err(errno.ENOTDIR)
+            raise fs_error(errno.ENOTDIR)
         return node
 
     def _layer_lookup(self, layer: int, parent: int, name: bytes) -> Entry | None:
@@ -616,7 +607,7 @@ class OverlayFs(Filesystem):
             return False
         self._forget(0, entry.nodeid)
         if not is_whiteout(entry.attr):
-            raise _err(errno.EEXIST)
+            raise fs_error(errno.EEXIST)
         self._layers[0].unlink(_ROOT, upper_dir, name)
         return True
 
@@ -692,10 +683,10 @@ class OverlayFs(Filesystem):
                 return self._entry(p)
             if name == b"..":
                 return self._entry(p.parent or p)
-            _check_name(name)
+            check_name(name)
             found = self._find(p, name)
             if found is None:
-                raise _err(errno.ENOENT)
+                raise fs_error(errno.ENOENT)
             layer, top = found.top
             node = self._node_for(p, name, found)
             return self._entry(node, top, top if node.top() == (layer, top.nodeid) else None)
@@ -738,11 +729,11 @@ class OverlayFs(Filesystem):
     def _prepare_new(self, parent: int, name: bytes) -> tuple[_Node, bool]:
         """Copies `parent` up for a new `name` (EEXIST if it shows one) and removes a whiteout in the
         way; returns the parent and whether there was one."""
-        _check_name(name)
+        check_name(name)
         p = self._dir_node(parent)
         with self._pinned(self._child(p, name)) as existing:
             if existing is not None:
-                raise _err(errno.EEXIST)
+                raise fs_error(errno.EEXIST)
         self._copy_up(p)
         return p, self._drop_whiteout(p.upper, name)
 
@@ -759,7 +750,7 @@ class OverlayFs(Filesystem):
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
         """A new node in the upper; a character device 0/0 (a whiteout) is refused with EPERM."""
         if stat.S_ISCHR(mode) and rdev == 0:
-            raise _err(errno.EPERM)
+            raise fs_error(errno.EPERM)
         with self._lock:
             p, _ = self._prepare_new(parent, name)
             return self._new_node(p, name, self._layers[0].mknod(ctx, p.upper, name, mode, rdev, umask))
@@ -784,28 +775,28 @@ class OverlayFs(Filesystem):
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         """Removes a non-directory: from the upper, leaving a whiteout if a lower layer has the name."""
-        _check_name(name)
+        check_name(name)
         with self._lock:
             p = self._dir_node(parent)
             with self._pinned(self._child(p, name)) as node:
                 if node is None:
-                    raise _err(errno.ENOENT)
+                    raise fs_error(errno.ENOENT)
                 if node.is_dir:
-                    raise _err(errno.EISDIR)
+                    raise fs_error(errno.EISDIR)
                 self._remove(p, name, node)
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         """Removes an empty directory (whiteouts inside do not count), leaving a whiteout if needed."""
-        _check_name(name)
+        check_name(name)
         with self._lock:
             p = self._dir_node(parent)
             with self._pinned(self._child(p, name)) as node:
                 if node is None:
-                    raise _err(errno.ENOENT)
+                    raise fs_error(errno.ENOENT)
                 if not node.is_dir:
-                    raise _err(errno.ENOTDIR)
+                    raise fs_error(errno.ENOTDIR)
                 if self._merged_listing(node):
-                    raise _err(errno.ENOTEMPTY)
+                    raise fs_error(errno.ENOTEMPTY)
                 self._remove(p, name, node)
 
     def _remove(self, p: _Node, name: bytes, node: _Node) -> None:
@@ -842,16 +833,16 @@ class OverlayFs(Filesystem):
         """Renames within the upper (copying the source up); EXDEV for a directory a lower layer has.
 
         RENAME_NOREPLACE and RENAME_EXCHANGE are honoured; RENAME_WHITEOUT is EINVAL."""
-        _check_name(name)
-        _check_name(newname)
+        check_name(name)
+        check_name(newname)
         if flags & ~(_RENAME_NOREPLACE | _RENAME_EXCHANGE) or flags == _RENAME_NOREPLACE | _RENAME_EXCHANGE:
-            raise _err(errno.EINVAL)
+            raise fs_error(errno.EINVAL)
         with self._lock:
             p = self._dir_node(parent)
             np = self._dir_node(newparent)
             with self._pinned(self._child(p, name)) as src, self._pinned(self._child(np, newname)) as dst:
                 if src is None:
-                    raise _err(errno.ENOENT)
+                    raise fs_error(errno.ENOENT)
                 self._rename(p, name, src, np, newname, dst, flags)
 
     def _movable(self, node: _Node, newparent: _Node) -> None:
@@ -860,7 +851,7 @@ class OverlayFs(Filesystem):
         if not node.is_dir:
             return
         if node.lowers:
-            raise _err(errno.EXDEV)
+            raise fs_error(errno.EXDEV)
         if not node.opaque and newparent.lowers:
             self._copy_up(newparent)
             self._layers[0].setxattr(_ROOT, node.upper, self._opaque_name, b"y", 0)
@@ -883,11 +874,11 @@ class OverlayFs(Filesystem):
     def _exchange(self, p: _Node, name: bytes, src: _Node, np: _Node, newname: bytes,
                   dst: _Node | None) -> None:
         if dst is None:
-            raise _err(errno.ENOENT)
+            raise fs_error(errno.ENOENT)
         if dst is src:
             return
         if (src.is_dir and src.lowers) or (dst.is_dir and dst.lowers):
-            raise _err(errno.EXDEV)
+            raise fs_error(errno.EXDEV)
         for node in (p, np, src, dst):
             self._copy_up(node)
         self._movable(src, np)
@@ -902,18 +893,18 @@ class OverlayFs(Filesystem):
             self._exchange(p, name, src, np, newname, dst)
             return
         if src.is_dir and src.lowers:
-            raise _err(errno.EXDEV)
+            raise fs_error(errno.EXDEV)
         if dst is not None:
             if flags & _RENAME_NOREPLACE:
-                raise _err(errno.EEXIST)
+                raise fs_error(errno.EEXIST)
             if dst is src:
                 return
             if src.is_dir and not dst.is_dir:
-                raise _err(errno.ENOTDIR)
+                raise fs_error(errno.ENOTDIR)
             if dst.is_dir and not src.is_dir:
-                raise _err(errno.EISDIR)
+                raise fs_error(errno.EISDIR)
             if dst.is_dir and self._merged_listing(dst):
-                raise _err(errno.ENOTEMPTY)
+                raise fs_error(errno.ENOTEMPTY)
         self._copy_up(p)
         self._copy_up(np)
         self._copy_up(src)
@@ -947,7 +938,7 @@ class OverlayFs(Filesystem):
         with self._lock:
             node = self._node(nodeid)
             if node.is_dir:
-                raise _err(errno.EPERM)
+                raise fs_error(errno.EPERM)
             np, _ = self._prepare_new(newparent, newname)
             self._copy_up(node)
             entry = self._layers[0].link(_ROOT, node.upper, np.upper, newname)
@@ -958,7 +949,7 @@ class OverlayFs(Filesystem):
     def _handle(self, fh: int) -> _Handle:
         handle = self._handles.get(fh)
         if handle is None:
-            raise _err(errno.EBADF)
+            raise fs_error(errno.EBADF)
         return handle
 
     def _add_handle(self, handle: _Handle) -> Open:
@@ -981,13 +972,13 @@ class OverlayFs(Filesystem):
                umask: int) -> tuple[Entry, Open]:
         """Creates the file in the upper (an existing name is opened, unless O_EXCL)."""
         with self._lock:
-            _check_name(name)
+            check_name(name)
             p = self._dir_node(parent)
             existing = self._child(p, name)
             if existing is not None:
                 with self._pinned(existing):
                     if flags & os.O_EXCL:
-                        raise _err(errno.EEXIST)
+                        raise fs_error(errno.EEXIST)
                     entry = self._entry(existing)
                 try:
                     return entry, self.open(ctx, existing.nodeid, flags)
@@ -1075,10 +1066,10 @@ class OverlayFs(Filesystem):
         """The real file's fd for the DAX window (vhostfs.dax), from a layer that lends them."""
         h = self._current(self._handle(fh))
         if h.node.nodeid != nodeid:
-            raise _err(errno.EBADF)
+            raise fs_error(errno.EBADF)
         lend = getattr(self._layers[h.layer], "fd_for_mapping", None)
         if lend is None:
-            raise _err(errno.EOPNOTSUPP)
+            raise fs_error(errno.EOPNOTSUPP)
         with lend(h.lnode, h.fh) as lent:
             yield lent
 
@@ -1092,7 +1083,7 @@ class OverlayFs(Filesystem):
         """The merged listing (b"." and b".." first); offset 0 takes a fresh snapshot."""
         h = self._handle(fh)
         if h.lock is None:
-            raise _err(errno.ENOTDIR)
+            raise fs_error(errno.ENOTDIR)
         with h.lock:
             if offset == 0 or h.listing is None:
                 with self._lock:
@@ -1145,7 +1136,7 @@ class OverlayFs(Filesystem):
         mask &= os.R_OK | os.W_OK | os.X_OK
         if ctx.uid == 0:
             if mask & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
-                raise _err(errno.EACCES)
+                raise fs_error(errno.EACCES)
             return
         if st.st_uid == ctx.uid:
             granted = st.st_mode >> 6
@@ -1154,7 +1145,7 @@ class OverlayFs(Filesystem):
         else:
             granted = st.st_mode
         if mask & ~granted & 0o7:
-            raise _err(errno.EACCES)
+            raise fs_error(errno.EACCES)
 
     def syncfs(self, ctx: Context, nodeid: int) -> None:
         self._layers[0].syncfs(ctx, ROOT_ID)
@@ -1163,7 +1154,7 @@ class OverlayFs(Filesystem):
     def _real_xattr(self, name: bytes) -> bytes:
         """The layer name of guest attribute `name`: the overlay's own names are escaped."""
         if not self._xattr:
-            raise _err(errno.ENOSYS)
+            raise fs_error(errno.ENOSYS)
         if name.startswith(self._prefix):
             return self._escape + name[len(self._prefix):]
         return name
@@ -1177,7 +1168,7 @@ class OverlayFs(Filesystem):
     def listxattr(self, ctx: Context, nodeid: int) -> list[bytes]:
         """The real node's attributes; the overlay's markers hidden, escaped names unescaped."""
         if not self._xattr:
-            raise _err(errno.ENOSYS)
+            raise fs_error(errno.ENOSYS)
         with self._lock:
             layer, node = self._node(nodeid).top()
         out = []
