@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,11 @@ r symlink ln -s file $M/sl
 r mkfifo mkfifo $M/fifo
 r mknod-whiteout mknod $M/forged c 0 0
 r set-opaque setfattr -n trusted.overlay.opaque -v y $M/d2
+as_user() { $SETPRIV --reuid 1234 --regid 5678 --clear-groups "$@"; }
+r user-append as_user sh -c "echo by-user >> $M/userfile"
+r user-create as_user sh -c "echo u > $M/d1/byuser"
+r user-mkdir as_user mkdir $M/d1/userdir
+r user-denied as_user sh -c "echo no >> $M/file"
 echo "OVL d2 $(ls $M/d2)"
 echo "OVL hl_a $(cat $M/hl_a | tr '\n' ' ')"
 echo "OVL pre2 $(cat $M/pre2 | tr '\n' ' ')"
@@ -71,7 +77,7 @@ def _steps(output: str) -> list[str]:
     return [line.strip() for line in output.splitlines() if line.startswith("OVL ")]
 
 
-def test_guest_overlay_matches_the_kernels(tmp_path: Path) -> None:
+def test_guest_overlay_matches_the_kernels(guest_images, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         message = "the kernel overlay on the host, whiteouts and the sandbox need root"
         if running_in_ci():
@@ -87,19 +93,24 @@ def test_guest_overlay_matches_the_kernels(tmp_path: Path) -> None:
         options = ["--sandbox", "namespace", "--seccomp", "kill", "--xattr"]
         for lower in v_lowers:
             options += ["--overlay-lower", str(lower)]
-        result = boot_guest("M=/mnt\n" + SCRIPT, v_upper, [*daemon_command(), *options], timeout=900)
+        # busybox's setpriv has no --reuid: the guest has util-linux's as /bin/setpriv.
+        result = boot_guest("M=/mnt SETPRIV=/bin/setpriv\n" + SCRIPT, v_upper, [*daemon_command(), *options],
+                            timeout=900)
         assert result.mounted and result.exit_status == 0, result.describe()
         guest_steps = _steps(result.console_output)
         assert "OVL have-setfattr" in guest_steps, "the guest has no setfattr (package attr)"
 
-        k_mnt = top / "k" / "mnt"
+        # The guest user must reach the mount point, which pytest's private directory would hide.
+        k_mnt = Path(tempfile.mkdtemp(prefix="vhostfs-overlay-"))
+        k_mnt.chmod(0o755)
         _kernel_mount(k_upper, k_lowers, top / "k" / "work", k_mnt)
         try:
-            host = subprocess.run(["sh", "-c", SCRIPT], env={**os.environ, "M": str(k_mnt)},
-                                  capture_output=True, text=True, timeout=120)
+            host = subprocess.run(["sh", "-c", SCRIPT], capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "M": str(k_mnt), "SETPRIV": "setpriv"})
             k_view = snapshot(k_mnt)
         finally:
             subprocess.run(["umount", str(k_mnt)], check=True)
+            k_mnt.rmdir()
         assert guest_steps == _steps(host.stdout), result.describe()
         assert "OVL mknod-whiteout fail" in guest_steps
         assert differences(snapshot(v_upper, upper=True), snapshot(k_upper, upper=True)) == []

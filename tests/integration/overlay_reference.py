@@ -79,6 +79,8 @@ def make_layers(base: Path) -> tuple[Path, list[Path]]:
     os.symlink("file", l1 / "lsym")
     os.mkfifo(l1 / "lfifo")
     os.mknod(l1 / "lnull", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    (l1 / "userfile").write_bytes(b"the user's\n")
+    os.chown(l1 / "userfile", USER_A, GROUP_A)
     (l1 / "cdir").mkdir()
     (l1 / "cdir" / "cfile").write_bytes(b"c\n")
     (l1 / "big").write_bytes(bytes(range(256)) * 12289)
