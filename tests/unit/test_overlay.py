@@ -402,3 +402,35 @@ def test_st_ino_of_a_copy_stays_and_goes_with_it(make, layers):
     assert fs._origin_ino
     fs.unlink(CTX, ROOT_ID, b"f")
     assert not fs._origin_ino
+
+
+def test_concurrent_copy_ups_lookups_and_listings(make, layers):
+    import threading
+
+    upper, l1, _ = layers
+    (l1 / "shared").mkdir()
+    for i in range(40):
+        (l1 / "shared" / f"f{i}").write_bytes(b"%d" % i)
+    fs = make()
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(k, 40, 4):
+                write(fs, f"shared/f{i}", b"w", 10)
+                assert len(names(fs, "shared")) == 40
+                fs.rename(CTX, walk(fs, "shared"), f"f{i}".encode(), walk(fs, "shared"), f"g{i}".encode(), 0)
+                assert read(fs, f"shared/g{i}") == b"%d" % i + bytes(10 - len(b"%d" % i)) + b"w"
+        except BaseException as exc:  # reported below, with the thread's traceback
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    # The old names are whiteouts now, the new ones the copies.
+    assert sorted(os.listdir(upper / "shared")) == sorted([f"f{i}" for i in range(40)]
+                                                          + [f"g{i}" for i in range(40)])
+    assert names(fs, "shared") == sorted(f"g{i}".encode() for i in range(40))
