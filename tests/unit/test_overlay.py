@@ -434,3 +434,16 @@ def test_concurrent_copy_ups_lookups_and_listings(make, layers):
     assert sorted(os.listdir(upper / "shared")) == sorted([f"f{i}" for i in range(40)]
                                                           + [f"g{i}" for i in range(40)])
     assert names(fs, "shared") == sorted(f"g{i}".encode() for i in range(40))
+
+
+@pytest.mark.parametrize("options, plus", [({}, True), ({"cache": "never"}, False),
+                                           ({"readdirplus": False}, False),
+                                           ({"cache": "never", "readdirplus": True}, True)])
+def test_readdirplus_follows_the_passthrough_options(make, options, plus):
+    from vhostfs.fuse import abi
+    from vhostfs.fuse.filesystem import ConnectionInfo
+
+    conn = ConnectionInfo(7, 38, abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO,
+                          abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO, 1 << 20, 1 << 20, 32)
+    make(**options).init(conn)
+    assert bool(conn.want & abi.FUSE_DO_READDIRPLUS) == plus

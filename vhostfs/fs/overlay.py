@@ -78,6 +78,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vhostfs.fuse.abi import FUSE_DO_READDIRPLUS, FUSE_READDIRPLUS_AUTO
 from vhostfs.fuse.filesystem import (
     ROOT_ID,
     Attr,
@@ -200,15 +201,18 @@ class OverlayFs(Filesystem):
     owns them and closes them in `close`. `userxattr` keeps the overlay's markers in user.overlay.*
     instead of trusted.overlay.* (the kernel's userxattr mount option). `xattr` serves extended
     attributes to the guest (ENOSYS otherwise); the layers' attributes are used for the markers
-    either way. Thread-safe.
+    either way. `readdirplus` False lets the guest list directories with plain READDIR only.
+    The layers' own `init` is not called: the overlay asks the client for what it serves itself.
+    Thread-safe.
     """
 
     def __init__(self, upper: Filesystem, lowers: Sequence[Filesystem], *, userxattr: bool = False,
-                 xattr: bool = True) -> None:
+                 xattr: bool = True, readdirplus: bool = True) -> None:
         if not lowers:
             raise ValueError("an overlay needs at least one lower layer")
         self._layers: list[Filesystem] = [upper, *lowers]
         self._xattr = xattr
+        self._readdirplus = readdirplus
         self._prefix = b"user.overlay." if userxattr else b"trusted.overlay."
         self._opaque_name = self._prefix + b"opaque"
         self._escape = self._prefix + b"overlay."
@@ -234,7 +238,9 @@ class OverlayFs(Filesystem):
     def from_dirs(cls, upper_dir: str, lower_dirs: Sequence[str], *, userxattr: bool = False,
                   xattr: bool = True, **passthrough: object) -> OverlayFs:
         """The overlay of host directories: `upper_dir` served by a Passthrough with the keyword
-        options `passthrough`, and each of `lower_dirs` (topmost first) by a read-only one.
+        options `passthrough`, and each of `lower_dirs` (topmost first) by a read-only one. The
+        passthrough's `readdirplus` and `cache` decide the overlay's `readdirplus`, as they would
+        the passthrough's.
 
         Every layer keeps extended attributes on (the markers live there); an xattrmap is refused
         (ValueError), since the markers must keep the kernel's names.
@@ -251,7 +257,11 @@ class OverlayFs(Filesystem):
             for lower in lower_dirs:
                 layers.append(Passthrough(lower, xattr=True, readonly=True,
                                           **options))  # type: ignore[arg-type]
-            return cls(layers[0], layers[1:], userxattr=userxattr, xattr=xattr)
+            readdirplus = options.get("readdirplus")
+            if readdirplus is None:
+                readdirplus = options.get("cache", "auto") != "never"
+            return cls(layers[0], layers[1:], userxattr=userxattr, xattr=xattr,
+                       readdirplus=bool(readdirplus))
         except BaseException:
             for layer in layers:
                 layer.close()
@@ -652,7 +662,9 @@ class OverlayFs(Filesystem):
 
     # -- session ---------------------------------------------------------------------------------
     def init(self, conn: ConnectionInfo) -> None:
-        """Asks for nothing beyond the defaults (locks stay in the client)."""
+        """Asks for nothing beyond the defaults (locks stay in the client); drops READDIRPLUS if off."""
+        if not self._readdirplus:
+            conn.want &= ~(FUSE_DO_READDIRPLUS | FUSE_READDIRPLUS_AUTO)
 
     def destroy(self) -> None:
         """Forgets every node but the root, and every handle."""
