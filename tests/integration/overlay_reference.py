@@ -18,15 +18,16 @@ from vhostfs import native
 USER_A = 1234
 GROUP_A = 5678
 #: The kernel's own markers, which vhostfs does not write (see vhostfs/fs/overlay.py).
-KERNEL_ONLY_XATTRS = frozenset({b"trusted.overlay.origin", b"trusted.overlay.impure",
-                                b"trusted.overlay.uuid"})
+KERNEL_ONLY_XATTRS = frozenset(prefix + name for prefix in (b"trusted.overlay.", b"user.overlay.")
+                               for name in (b"origin", b"impure", b"uuid"))
 # A fixed time, so that copies of the starting layers are identical (times are not compared across
 # the two runs, but the copy-up must keep them).
 MTIME_NS = 981173106_123456789
 
 
-def make_layers(base: Path) -> tuple[Path, list[Path]]:
-    """Builds empty `base`/upper and two lower layers (l1 on top of l2); returns (upper, [l1, l2])."""
+def make_layers(base: Path, marker_prefix: bytes = b"trusted.overlay.") -> tuple[Path, list[Path]]:
+    """Builds empty `base`/upper and two lower layers (l1 on top of l2); returns (upper, [l1, l2]).
+    The opaque directory in l1 is marked with `marker_prefix` (user.overlay. for userxattr)."""
     upper, l1, l2 = base / "upper", base / "l1", base / "l2"
     for d in (upper, l1, l2):
         d.mkdir(parents=True)
@@ -43,7 +44,7 @@ def make_layers(base: Path) -> tuple[Path, list[Path]]:
     (l1 / "hidden").unlink(missing_ok=True)
     os.mknod(l1 / "hidden", stat.S_IFCHR | 0, os.makedev(0, 0))
     (l1 / "opq").mkdir()
-    os.setxattr(l1 / "opq", b"trusted.overlay.opaque", b"y")
+    os.setxattr(l1 / "opq", marker_prefix + b"opaque", b"y")
     (l1 / "opq" / "above").write_bytes(b"above\n")
     (l1 / "merged").mkdir()
     (l1 / "merged" / "from_l1").write_bytes(b"l1\n")
@@ -76,6 +77,8 @@ def make_layers(base: Path) -> tuple[Path, list[Path]]:
     (l1 / "tofdir").write_bytes(b"file, then a directory\n")
     (l1 / "d2").mkdir()
     (l1 / "d2" / "child").write_bytes(b"child\n")
+    (l1 / "d3").mkdir()
+    (l1 / "d3" / "child").write_bytes(b"child\n")
     os.symlink("file", l1 / "lsym")
     os.mkfifo(l1 / "lfifo")
     os.mknod(l1 / "lnull", stat.S_IFCHR | 0o666, os.makedev(1, 3))
@@ -165,6 +168,8 @@ def run_script(m: Path) -> list:
     _try(r, "set opaque by hand", os.setxattr, m / "d2", b"trusted.overlay.opaque", b"y")
     r.append(("d2 still merged", sorted(os.listdir(m / "d2"))))
     r.append(("escaped xattr reads back", os.getxattr(m / "d2", b"trusted.overlay.opaque")))
+    _try(r, "set user opaque by hand", os.setxattr, m / "d3", b"user.overlay.opaque", b"y")
+    r.append(("d3 still merged", sorted(os.listdir(m / "d3")), os.getxattr(m / "d3", b"user.overlay.opaque")))
     _try(r, "write ino file", _append, m / "inofile", b"more\n")
     r.append(("st_ino kept across copy-up", os.lstat(m / "inofile").st_ino == ino))
     r.append(("hidden", os.path.lexists(m / "hidden"), sorted(os.listdir(m / "opq"))))

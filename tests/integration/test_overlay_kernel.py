@@ -91,13 +91,18 @@ class VhostfsMount:
         assert "Traceback" not in self.output and "ERROR" not in self.output, self.output
 
 
-def test_same_tree_as_the_kernels_overlayfs(tmpfs: Path) -> None:
-    k_upper, k_lowers = make_layers(tmpfs / "k")
-    v_upper, v_lowers = make_layers(tmpfs / "v")
+@pytest.mark.parametrize("mode", ["trusted", "userxattr"])
+def test_same_tree_as_the_kernels_overlayfs(tmpfs: Path, mode: str) -> None:
+    userxattr = mode == "userxattr"
+    prefix = b"user.overlay." if userxattr else b"trusted.overlay."
+    kernel_opts = ("userxattr",) if userxattr else ()
+    vhostfs_opts = ("--overlay-userxattr",) if userxattr else ()
+    k_upper, k_lowers = make_layers(tmpfs / "k", prefix)
+    v_upper, v_lowers = make_layers(tmpfs / "v", prefix)
     assert differences(snapshot(tmpfs / "k"), snapshot(tmpfs / "v")) == []
 
     k_mnt = tmpfs / "k" / "mnt"
-    kernel_mount(k_upper, k_lowers, tmpfs / "k" / "work", k_mnt)
+    kernel_mount(k_upper, k_lowers, tmpfs / "k" / "work", k_mnt, *kernel_opts)
     try:
         assert differences(snapshot(k_mnt), snapshot(tmpfs / "k" / "l1")) != [], "the layers do not merge"
         k_results = run_script(k_mnt)
@@ -106,7 +111,7 @@ def test_same_tree_as_the_kernels_overlayfs(tmpfs: Path) -> None:
         subprocess.run(["umount", str(k_mnt)], check=True)
 
     v_mnt = tmpfs / "v" / "mnt"
-    vhostfs = VhostfsMount(v_upper, v_lowers, v_mnt)
+    vhostfs = VhostfsMount(v_upper, v_lowers, v_mnt, *vhostfs_opts)
     try:
         v_results = run_script(v_mnt)
         v_view = snapshot(v_mnt)
@@ -121,7 +126,7 @@ def test_same_tree_as_the_kernels_overlayfs(tmpfs: Path) -> None:
     assert differences(snapshot(v_upper, upper=True), snapshot(k_upper, upper=True)) == []
     # (c) the kernel mounting the upper that vhostfs wrote shows the same tree.
     c_mnt = tmpfs / "v" / "kmnt"
-    kernel_mount(v_upper, v_lowers, tmpfs / "v" / "work", c_mnt)
+    kernel_mount(v_upper, v_lowers, tmpfs / "v" / "work", c_mnt, *kernel_opts)
     try:
         assert differences(snapshot(c_mnt), k_view) == []
     finally:
