@@ -88,6 +88,8 @@ def make_layers(base: Path, marker_prefix: bytes = b"trusted.overlay.") -> tuple
     (l1 / "cdir" / "cfile").write_bytes(b"c\n")
     (l1 / "big").write_bytes(bytes(range(256)) * 12289)
     (l2 / "edir").mkdir()
+    (l2 / "edir2").mkdir()
+    (l2 / "edir2" / "x").write_bytes(b"")
     (l1 / "ldir" / "tolink").write_bytes(b"linked from elsewhere\n")
     for root, dirs, files in os.walk(base):
         for name in dirs + files:
@@ -184,6 +186,10 @@ def run_script(m: Path) -> list:
     r.append(("link count after unlink", os.lstat(m / "linked").st_nlink))
     _try(r, "mkdir to replace empty lower dir", os.mkdir, m / "ndir")
     _try(r, "rename over empty lower dir", os.rename, m / "ndir", m / "edir")
+    _try(r, "empty merged dir", os.unlink, m / "edir2" / "x")
+    _try(r, "mkdir to replace merged dir", os.mkdir, m / "srcd")
+    _try(r, "file in it", (m / "srcd" / "f").write_bytes, b"f")
+    _try(r, "rename over emptied merged dir", os.rename, m / "srcd", m / "edir2")
     _try(r, "file in opaque dir", (m / "opq" / "new").write_bytes, b"")
     _try(r, "unlink in opaque dir", os.unlink, m / "opq" / "new")
     _try(r, "unlink lower in opaque dir", os.unlink, m / "opq" / "above")

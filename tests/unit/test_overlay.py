@@ -447,3 +447,41 @@ def test_readdirplus_follows_the_passthrough_options(make, options, plus):
                           abi.FUSE_DO_READDIRPLUS | abi.FUSE_READDIRPLUS_AUTO, 1 << 20, 1 << 20, 32)
     make(**options).init(conn)
     assert bool(conn.want & abi.FUSE_DO_READDIRPLUS) == plus
+
+
+def test_a_failed_create_keeps_the_lower_name_hidden(layers):
+    upper, l1, _ = layers
+    (l1 / "x").write_bytes(b"deleted")
+
+    class FullUpper(Passthrough):
+        full = False
+
+        def _refuse(self):
+            if self.full:
+                raise OSError(errno.ENOSPC, "full")
+
+        def create(self, *args):
+            self._refuse()
+            return super().create(*args)
+
+        def mkdir(self, *args):
+            self._refuse()
+            return super().mkdir(*args)
+
+        def symlink(self, *args):
+            self._refuse()
+            return super().symlink(*args)
+
+    up = FullUpper(str(upper), xattr=True)
+    fs = OverlayFs(up, [Passthrough(str(l1), xattr=True, readonly=True)])
+    try:
+        fs.unlink(CTX, ROOT_ID, b"x")
+        up.full = True
+        for call in (lambda: fs.create(CTX, ROOT_ID, b"x", 0o644, os.O_RDWR, 0),
+                     lambda: fs.mkdir(CTX, ROOT_ID, b"x", 0o755, 0),
+                     lambda: fs.symlink(CTX, ROOT_ID, b"x", b"t")):
+            assert errno_of(call) == errno.ENOSPC
+            assert errno_of(fs.lookup, CTX, ROOT_ID, b"x") == errno.ENOENT
+        assert stat.S_ISCHR(os.lstat(upper / "x").st_mode)
+    finally:
+        fs.close()

@@ -469,10 +469,7 @@ class OverlayFs(Filesystem):
     def _child(self, parent: _Node, name: bytes) -> _Node | None:
         """The node under `name` in `parent` (not counted as a client lookup), or None."""
         found = self._find(parent, name)
-        if found is None:
-            return None
-        node = self._node_for(parent, name, found)
-        return node
+        return None if found is None else self._node_for(parent, name, found)
 
     @contextmanager
     def _pinned(self, node: _Node | None) -> Iterator[_Node | None]:
@@ -738,16 +735,24 @@ class OverlayFs(Filesystem):
             layer, real = self._node(nodeid).top()
         return self._layers[layer].readlink(_ROOT, real)
 
-    def _prepare_new(self, parent: int, name: bytes) -> tuple[_Node, bool]:
+    @contextmanager
+    def _new_name(self, parent: int, name: bytes) -> Iterator[tuple[_Node, bool]]:
         """Copies `parent` up for a new `name` (EEXIST if it shows one) and removes a whiteout in the
-        way; returns the parent and whether there was one."""
+        way for the block, which makes the node; yields the parent and whether there was a whiteout.
+        If the block fails, the whiteout comes back, so the lower name stays hidden."""
         check_name(name)
         p = self._dir_node(parent)
         with self._pinned(self._child(p, name)) as existing:
             if existing is not None:
                 raise fs_error(errno.EEXIST)
         self._copy_up(p)
-        return p, self._drop_whiteout(p.upper, name)
+        over_whiteout = self._drop_whiteout(p.upper, name)
+        try:
+            yield p, over_whiteout
+        except BaseException:
+            if over_whiteout:
+                self._whiteout(p.upper, name)
+            raise
 
     def _new_node(self, p: _Node, name: bytes, entry: Entry) -> Entry:
         found = _Found(entry, [], False)
@@ -755,22 +760,19 @@ class OverlayFs(Filesystem):
 
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
         """A new symlink in the upper."""
-        with self._lock:
-            p, _ = self._prepare_new(parent, name)
+        with self._lock, self._new_name(parent, name) as (p, _):
             return self._new_node(p, name, self._layers[0].symlink(ctx, p.upper, name, target))
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
         """A new node in the upper; a character device 0/0 (a whiteout) is refused with EPERM."""
         if stat.S_ISCHR(mode) and rdev == 0:
             raise fs_error(errno.EPERM)
-        with self._lock:
-            p, _ = self._prepare_new(parent, name)
+        with self._lock, self._new_name(parent, name) as (p, _):
             return self._new_node(p, name, self._layers[0].mknod(ctx, p.upper, name, mode, rdev, umask))
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         """A new directory in the upper, opaque when made where a whiteout was."""
-        with self._lock:
-            p, over_whiteout = self._prepare_new(parent, name)
+        with self._lock, self._new_name(parent, name) as (p, over_whiteout):
             upper = self._layers[0]
             entry = upper.mkdir(ctx, p.upper, name, mode, umask)
             if over_whiteout:
@@ -779,7 +781,6 @@ class OverlayFs(Filesystem):
                 except BaseException:
                     upper.forget(entry.nodeid, 1)
                     upper.rmdir(_ROOT, p.upper, name)
-                    self._whiteout(p.upper, name)
                     raise
             new = self._new_node(p, name, entry)
             self._nodes[new.nodeid].opaque = over_whiteout
@@ -921,11 +922,29 @@ class OverlayFs(Filesystem):
         self._copy_up(np)
         self._copy_up(src)
         upper = self._layers[0]
+        dropped = False
         if dst is not None and dst.is_dir and dst.upper is not None:
+            # Opaque first: the directory shows nothing either way, even if the rename then fails.
+            if dst.lowers and not dst.opaque:
+                upper.setxattr(_ROOT, dst.upper, self._opaque_name, b"y", 0)
+                dst.opaque = True
             self._clear_whiteouts(dst.upper)
         elif dst is None or dst.upper is None:
-            self._drop_whiteout(np.upper, newname)
-        self._movable(src, np)
+            dropped = self._drop_whiteout(np.upper, newname)
+        try:
+            self._movable(src, np)
+            self._rename_upper(p, name, src, np, newname)
+        except BaseException:
+            if dropped:
+                self._whiteout(np.upper, newname)
+            raise
+        if dst is not None:
+            self._detach(np, newname, dst)
+        self._move(src, p, name, np, newname)
+
+    def _rename_upper(self, p: _Node, name: bytes, src: _Node, np: _Node, newname: bytes) -> None:
+        """Renames `src` in the upper, leaving a whiteout at its old name where a lower layer has it."""
+        upper = self._layers[0]
         positive = self._lower_positive(p, name)
         whiteout_left = False
         if positive and not src.is_dir:
@@ -941,9 +960,6 @@ class OverlayFs(Filesystem):
             upper.rename(_ROOT, p.upper, name, np.upper, newname, 0)
             if positive:
                 self._whiteout(p.upper, name)
-        if dst is not None:
-            self._detach(np, newname, dst)
-        self._move(src, p, name, np, newname)
 
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         """Copies the node up and hard-links it in the upper: both names are then one file."""
@@ -951,9 +967,9 @@ class OverlayFs(Filesystem):
             node = self._node(nodeid)
             if node.is_dir:
                 raise fs_error(errno.EPERM)
-            np, _ = self._prepare_new(newparent, newname)
-            self._copy_up(node)
-            entry = self._layers[0].link(_ROOT, node.upper, np.upper, newname)
+            with self._new_name(newparent, newname) as (np, _):
+                self._copy_up(node)
+                entry = self._layers[0].link(_ROOT, node.upper, np.upper, newname)
             self._forget(0, entry.nodeid)
             return self._entry(node, entry)
 
@@ -997,8 +1013,8 @@ class OverlayFs(Filesystem):
                 except BaseException:
                     self.forget(existing.nodeid, 1)
                     raise
-            p, _ = self._prepare_new(parent, name)
-            entry, opened = self._layers[0].create(ctx, p.upper, name, mode, flags, umask)
+            with self._new_name(parent, name) as (p, _):
+                entry, opened = self._layers[0].create(ctx, p.upper, name, mode, flags, umask)
             ovl_entry = self._new_node(p, name, entry)
             node = self._nodes[ovl_entry.nodeid]
         handle = self._add_handle(_Handle(node, 0, entry.nodeid, opened.fh, flags))
