@@ -19,8 +19,10 @@ can be mounted by the kernel's overlayfs (and the other way round) and shows the
   copied file is never visible, not even after a crash. A directory, symlink or special file has no
   data to copy: it is made under its final name and its owner, mode, attributes and times are set
   right after, inside the overlay's namespace lock (so no request sees it half done).
-- Removing a name that a lower layer has leaves a whiteout in the upper; a directory made where a
-  whiteout was is made opaque; a non-directory is renamed with RENAME_WHITEOUT when its old name must
+- Removing a name that a lower layer has leaves a whiteout in the upper (the upper node goes first,
+  then the whiteout comes, inside the namespace lock: a host failure between the two, such as a full
+  disk, shows the lower name again; a create, link or rename that fails puts back a whiteout it
+  removed); a directory made where a whiteout was is made opaque; a non-directory is renamed with RENAME_WHITEOUT when its old name must
   stay hidden. Renaming a directory that a lower layer has (a merged or lower-only directory) fails
   with EXDEV, as without redirect_dir: `mv` then copies. RENAME_EXCHANGE swaps two upper nodes (after
   copying them up); RENAME_WHITEOUT from the guest is refused with EINVAL, as by the kernel's overlayfs.
