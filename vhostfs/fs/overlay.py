@@ -22,10 +22,11 @@ can be mounted by the kernel's overlayfs (and the other way round) and shows the
 - Removing a name that a lower layer has leaves a whiteout in the upper (the upper node goes first,
   then the whiteout comes, inside the namespace lock: a host failure between the two, such as a full
   disk, shows the lower name again; a create, link or rename that fails puts back a whiteout it
-  removed); a directory made where a whiteout was is made opaque; a non-directory is renamed with RENAME_WHITEOUT when its old name must
-  stay hidden. Renaming a directory that a lower layer has (a merged or lower-only directory) fails
-  with EXDEV, as without redirect_dir: `mv` then copies. RENAME_EXCHANGE swaps two upper nodes (after
-  copying them up); RENAME_WHITEOUT from the guest is refused with EINVAL, as by the kernel's overlayfs.
+  removed); a directory made where a whiteout was is made opaque; a non-directory is renamed with
+  RENAME_WHITEOUT when its old name must stay hidden. Renaming a directory that a lower layer has
+  (a merged or lower-only directory) fails with EXDEV, as without redirect_dir: `mv` then copies.
+  RENAME_EXCHANGE swaps two upper nodes (after copying them up); RENAME_WHITEOUT from the guest is
+  refused with EINVAL, as by the kernel's overlayfs.
 - Inode numbers: a node keeps the st_ino of the real inode the overlay first met it as, through
   copy-up, for as long as the overlay runs, where the kernel keeps it: not for a lower regular file
   with more than one link, whose copy-up breaks the hard link (index=off) and which then shows the
@@ -78,7 +79,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vhostfs.fuse.abi import FUSE_DO_READDIRPLUS, FUSE_READDIRPLUS_AUTO
 from vhostfs.fuse.filesystem import (
@@ -102,6 +103,10 @@ if TYPE_CHECKING:
 
     from vhostfs.iov import Reader, Writer
 
+#: Passthrough options an overlay refuses: its upper layer is written (readonly), and the others are
+#: FUSE features it does not negotiate with the client.
+NOT_WITH_OVERLAY = ("readonly", "writeback", "allow_mmap", "announce_submounts", "killpriv_v2",
+                    "posix_acl", "security_label")
 #: The credentials of the overlay's own work on its layers (copy-up, markers).
 _ROOT = Context(uid=0, gid=0, pid=0)
 _DOTS = (b".", b"..")
@@ -238,32 +243,39 @@ class OverlayFs(Filesystem):
 
     @classmethod
     def from_dirs(cls, upper_dir: str, lower_dirs: Sequence[str], *, userxattr: bool = False,
-                  xattr: bool = True, **passthrough: object) -> OverlayFs:
+                  **passthrough: Any) -> OverlayFs:
         """The overlay of host directories: `upper_dir` served by a Passthrough with the keyword
-        options `passthrough`, and each of `lower_dirs` (topmost first) by a read-only one. The
-        passthrough's `readdirplus` and `cache` decide the overlay's `readdirplus`, as they would
-        the passthrough's.
+        options `passthrough`, and each of `lower_dirs` (topmost first) by a read-only one.
 
-        Every layer keeps extended attributes on (the markers live there); an xattrmap is refused
-        (ValueError), since the markers must keep the kernel's names.
+        `xattr` (default True) serves extended attributes to the guest; every layer keeps them on
+        for the markers. The passthrough's `readdirplus` and `cache` decide the overlay's
+        `readdirplus`, as they would the passthrough's. Raises ValueError for a lower directory that
+        is not one, and for the options an overlay cannot honour (NOT_WITH_OVERLAY, and an xattrmap,
+        since the markers must keep the kernel's names).
         """
         from vhostfs.fs.passthrough import Passthrough
 
         if passthrough.get("xattrmap") is not None:
-            raise ValueError("an overlay cannot map extended attribute names (--xattrmap): its markers "
+            raise ValueError("an overlay cannot map extended attribute names (xattrmap): its markers "
                              "must keep the names the kernel's overlayfs reads")
-        options = {k: v for k, v in passthrough.items() if k not in ("xattr", "readonly")}
+        for name in NOT_WITH_OVERLAY:
+            if passthrough.get(name):
+                raise ValueError(f"an overlay does not serve {name}")
+        for lower in lower_dirs:
+            if not os.path.isdir(lower):
+                raise ValueError(f"overlay lower layer {lower!r} is not a directory")
+        options = {k: v for k, v in passthrough.items()
+                   if k not in ("xattr", "readonly", "xattrmap", *NOT_WITH_OVERLAY)}
+        readdirplus = options.get("readdirplus")
+        if readdirplus is None:
+            readdirplus = options.get("cache", "auto") != "never"
         layers: list[Passthrough] = []
         try:
-            layers.append(Passthrough(upper_dir, xattr=True, readonly=False, **options))  # type: ignore[arg-type]
+            layers.append(Passthrough(upper_dir, xattr=True, readonly=False, **options))
             for lower in lower_dirs:
-                layers.append(Passthrough(lower, xattr=True, readonly=True,
-                                          **options))  # type: ignore[arg-type]
-            readdirplus = options.get("readdirplus")
-            if readdirplus is None:
-                readdirplus = options.get("cache", "auto") != "never"
-            return cls(layers[0], layers[1:], userxattr=userxattr, xattr=xattr,
-                       readdirplus=bool(readdirplus))
+                layers.append(Passthrough(lower, xattr=True, readonly=True, **options))
+            return cls(layers[0], layers[1:], userxattr=userxattr,
+                       xattr=bool(passthrough.get("xattr", True)), readdirplus=bool(readdirplus))
         except BaseException:
             for layer in layers:
                 layer.close()
