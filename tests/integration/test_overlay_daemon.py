@@ -10,13 +10,14 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
 from vhostfs.fuse import abi
 from vhostfs.testing.fuse_client import FuseClient, expect_errno
 
-from .conftest import start_daemon, stop_daemon
+from .conftest import Daemon, start_daemon, stop_daemon
 
 ROOT = abi.ROOT_ID
 
@@ -131,3 +132,45 @@ def test_lower_layer_changing_under_the_daemon(tmp_path):
     assert sorted(os.listdir(canary)) == ["secret"]
     assert (canary / "secret").read_bytes() == b"do not touch"
     assert not any(p.is_symlink() for p in upper.rglob("*"))
+
+
+def test_vfs_mount_of_an_overlay_in_the_sandbox(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("whiteouts and the sandbox need root")
+    upper, lower, other = tmp_path / "upper", tmp_path / "lower", tmp_path / "other"
+    for d in (upper, lower, other):
+        d.mkdir()
+    (lower / "opq").mkdir()
+    (lower / "opq" / "x").write_bytes(b"")
+    (lower / "f").write_bytes(b"lower")
+    (upper / "opq").mkdir()
+    os.setxattr(upper / "opq", b"trusted.overlay.opaque", b"y")
+    (other / "plain").write_bytes(b"a passthrough beside it")
+    sock, log_path = tmp_path / "vfs.sock", tmp_path / "daemon.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "vhostfs", "--socket-path", str(sock),
+                                 "--sandbox=namespace", "--seccomp=kill", "--xattr",
+                                 "--mount", f"/ovl={upper}:lowerdir={lower}",
+                                 "--mount", f"/other={other}:ro"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.05)
+    d = Daemon(proc, str(sock), upper, log_path)
+    try:
+        with d.connect() as fe:
+            fe.setup(queues=2)
+            client = FuseClient(fe)
+            client.init()
+            ovl = client.lookup(ROOT, b"ovl")[0]
+            assert sorted(client.readdir_names(ovl)) == [b".", b"..", b"f", b"opq"]
+            assert sorted(client.readdir_names(client.lookup(ovl, b"opq")[0])) == [b".", b".."]
+            client.unlink(ovl, b"f")
+            assert client.lookup(client.lookup(ROOT, b"other")[0], b"plain")
+    finally:
+        stop_daemon(d)
+    log = d.log_text()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert stat.S_ISCHR(os.lstat(upper / "f").st_mode)
+    assert (lower / "f").read_bytes() == b"lower"

@@ -1,7 +1,9 @@
 """vhostfs's overlay against the kernel's overlayfs, as root on the host.
 
 From identical starting layers (tests/integration/overlay_reference.py), the same scripted sequence of
-operations runs on a kernel overlayfs mount and on `vhostfs mount --overlay-lower` (over /dev/fuse).
+operations runs on a kernel overlayfs mount and on `vhostfs mount --overlay-lower` (over /dev/fuse), or
+on the overlay mounted in a Vfs (`vhostfs mount --mount /ovl=UPPER:lowerdir=...`), with the markers in
+trusted.overlay.* or (userxattr) user.overlay.*.
 Then (a) the two merged views, (b) the two upper directories, whiteouts and opaque markers included,
 and (c) the kernel's overlayfs mounting the upper that vhostfs wrote must all agree.
 
@@ -62,14 +64,21 @@ def kernel_mount(upper: Path, lowers: list[Path], work: Path, mnt: Path, *extra:
 
 
 class VhostfsMount:
-    """`vhostfs mount` of an overlay, in a subprocess, until `close`."""
+    """`vhostfs mount` of an overlay, in a subprocess, until `close`; with `vfs_path`, as the mount at
+    that path of a Vfs (`--mount PATH=UPPER:lowerdir=...`)."""
 
-    def __init__(self, upper: Path, lowers: list[Path], mnt: Path, *extra: str) -> None:
+    def __init__(self, upper: Path, lowers: list[Path], mnt: Path, *extra: str, vfs_path: str | None = None,
+                 userxattr: bool = False) -> None:
         mnt.mkdir(exist_ok=True)
         self.mnt = mnt
-        argv = [sys.executable, "-m", "vhostfs", "mount", "--shared-dir", str(upper), "--xattr", *extra]
-        for lower in lowers:
-            argv += ["--overlay-lower", str(lower)]
+        argv = [sys.executable, "-m", "vhostfs", "mount", "--xattr", *extra]
+        if vfs_path is None:
+            argv += ["--shared-dir", str(upper), *(["--overlay-userxattr"] if userxattr else [])]
+            for lower in lowers:
+                argv += ["--overlay-lower", str(lower)]
+        else:
+            options = "userxattr:" if userxattr else ""
+            argv += ["--mount", f"{vfs_path}={upper}:{options}lowerdir={':'.join(map(str, lowers))}"]
         self.proc = subprocess.Popen([*argv, str(mnt)], cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -91,12 +100,12 @@ class VhostfsMount:
         assert "Traceback" not in self.output and "ERROR" not in self.output, self.output
 
 
-@pytest.mark.parametrize("mode", ["trusted", "userxattr"])
+@pytest.mark.parametrize("mode", ["trusted", "userxattr", "vfs", "vfs-userxattr"])
 def test_same_tree_as_the_kernels_overlayfs(tmpfs: Path, mode: str) -> None:
-    userxattr = mode == "userxattr"
+    userxattr = mode.endswith("userxattr")
+    vfs_path = "/ovl" if mode.startswith("vfs") else None
     prefix = b"user.overlay." if userxattr else b"trusted.overlay."
     kernel_opts = ("userxattr",) if userxattr else ()
-    vhostfs_opts = ("--overlay-userxattr",) if userxattr else ()
     k_upper, k_lowers = make_layers(tmpfs / "k", prefix)
     v_upper, v_lowers = make_layers(tmpfs / "v", prefix)
     assert differences(snapshot(tmpfs / "k"), snapshot(tmpfs / "v")) == []
@@ -111,10 +120,11 @@ def test_same_tree_as_the_kernels_overlayfs(tmpfs: Path, mode: str) -> None:
         subprocess.run(["umount", str(k_mnt)], check=True)
 
     v_mnt = tmpfs / "v" / "mnt"
-    vhostfs = VhostfsMount(v_upper, v_lowers, v_mnt, *vhostfs_opts)
+    vhostfs = VhostfsMount(v_upper, v_lowers, v_mnt, vfs_path=vfs_path, userxattr=userxattr)
+    merged = v_mnt / vfs_path.lstrip("/") if vfs_path else v_mnt
     try:
-        v_results = run_script(v_mnt)
-        v_view = snapshot(v_mnt)
+        v_results = run_script(merged)
+        v_view = snapshot(merged)
     finally:
         vhostfs.close()
 

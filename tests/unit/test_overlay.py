@@ -485,3 +485,24 @@ def test_a_failed_create_keeps_the_lower_name_hidden(layers):
         assert stat.S_ISCHR(os.lstat(upper / "x").st_mode)
     finally:
         fs.close()
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("/app=/srv/up:lowerdir=/srv/a:/srv/b", ("/app", "/srv/up", {"lowerdir": ["/srv/a", "/srv/b"]})),
+    ("/app=/srv/up:ro,userxattr:lowerdir=/srv/a",
+     ("/app", "/srv/up", {"readonly": True, "userxattr": True, "lowerdir": ["/srv/a"]})),
+    ("/=/srv/up:cache=never:lowerdir=/a", ("/", "/srv/up", {"cache": "never", "lowerdir": ["/a"]})),
+])
+def test_mount_spec_of_an_overlay(spec, parsed):
+    from vhostfs.control import parse_mount_spec
+
+    assert parse_mount_spec(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["/app=/srv/up:lowerdir=", "/app=/srv/up:lowerdir=/a::/b",
+                                  "/app=/srv/up:userxattr", "/app=:lowerdir=/a"])
+def test_malformed_overlay_mount_specs(spec):
+    from vhostfs.control import parse_mount_spec
+
+    with pytest.raises(ValueError):
+        parse_mount_spec(spec)
