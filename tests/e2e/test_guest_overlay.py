@@ -23,8 +23,10 @@ from .guest import boot_guest, daemon_command, running_in_ci
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
-#: The operations, for busybox's sh in the guest and the host's sh alike; $M is the merged view.
+#: The operations, for busybox's sh in the guest and the host's sh alike; $M is the merged view. The
+#: umask is set: the host's sh would inherit whatever this process has.
 SCRIPT = r"""
+umask 022
 r() { key=$1; shift; if "$@" >/dev/null 2>&1; then echo "OVL $key ok"; else echo "OVL $key fail"; fi; }
 command -v setfattr >/dev/null && echo "OVL have-setfattr"
 r create sh -c "echo hello > $M/new.txt"
