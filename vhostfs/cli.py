@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
+    p.add_argument("--record-vhost-user", metavar="FILE",
+                   help="write one line per vhost-user message (both directions, the back-end channel "
+                        "too) to FILE, for debugging a VMM's session; see docs/vhost-user-record.md")
     p.add_argument("--rlimit-nofile", type=int, metavar="N",
                    help="set RLIMIT_NOFILE to N at start (0: leave it; default: raise it to "
                         "min(hard limit, 1000000))")
@@ -399,6 +402,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         listener, lock_fd = _listen(args.socket_path, group)
 
+    recorder = None
+    if args.record_vhost_user:
+        from vhostfs.vhost_user.record import Recorder
+
+        # Opened before the sandbox closes in: the file is outside the share.
+        recorder = Recorder(open(args.record_vhost_user, "w", encoding="ascii"))  # noqa: SIM115
+
     # The socket's directory, held so that the socket can be removed after a chroot too.
     socket_dir = -1
     if args.socket_path is not None:
@@ -477,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("front end connected")
             # A new session per connection; on disconnect it resets the device (queues, FUSE
             # state), so the next front end starts from scratch.
-            Session(device).serve(Connection(conn))
+            Session(device, recorder).serve(Connection(conn, recorder))
             stop.conn = None
             if not args.keep_listening:
                 break
@@ -496,4 +506,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             remove_socket()
         if lock_fd >= 0:
             os.close(lock_fd)
+        if recorder is not None:
+            recorder.close()
     return 0
