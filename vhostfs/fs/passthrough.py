@@ -62,6 +62,7 @@ from vhostfs.fs.xattrmap import XattrMap
 from vhostfs.fuse.filesystem import (
     LINUX_DIRENT64,
     ROOT_ID,
+    SETUPMAPPING_NO_FH,
     TIME_NOW,
     Attr,
     ConnectionInfo,
@@ -769,13 +770,43 @@ class Passthrough(Filesystem):
         self._locks.release(fh)
 
     @contextmanager
-    def fd_for_mapping(self, nodeid: int, fh: int) -> Iterator[tuple[int, bool]]:
-        """The host fd of open file `fh` of `nodeid` and whether it was opened for writing, kept open
-        for the block (for the DAX window, vhostfs.dax); EBADF for a directory or another node's fh."""
+    def fd_for_mapping(self, nodeid: int, fh: int, writable: bool) -> Iterator[tuple[int, bool, int]]:
+        """A host fd of regular file `nodeid` to map into the DAX window (vhostfs.dax), kept open for
+        the block, with whether it is open for writing and the file's size.
+
+        `fh` is an open handle of the node, or SETUPMAPPING_NO_FH: Linux's driver names none (its
+        mappings outlive the opens), and the file is then opened here. It is opened for reading and
+        writing even for a read-only mapping where the host allows it, as a VMM that maps the fd as
+        shared guest RAM (QEMU 11.1) maps it writable either way and makes only the guest's view
+        read-only; on a read-only share, or where the host refuses, a read-only mapping gets a
+        read-only fd and a writable one EROFS/EACCES. EBADF for an unknown handle, another node's or a
+        directory's; EBADF too for a node that is not a regular file.
+        """
+        if fh == SETUPMAPPING_NO_FH:
+            if writable:
+                self._check_writable()
+            with self._inodes.use(nodeid) as inode:
+                if inode.kind != stat.S_IFREG:
+                    raise _err(errno.EBADF)
+                if self._readonly:
+                    fd = self._reopen(inode, os.O_RDONLY)
+                else:
+                    try:
+                        fd = self._reopen(inode, os.O_RDWR)
+                    except OSError as e:
+                        if writable or e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY):
+                            raise
+                        fd = self._reopen(inode, os.O_RDONLY)
+            try:
+                yield fd, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY, os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            return
         with self._handles.use(fh) as handle:
             if handle.is_dir or handle.nodeid != nodeid:
                 raise _err(errno.EBADF)
-            yield handle.fd, fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+            fd_writable = fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+            yield handle.fd, fd_writable, os.fstat(handle.fd).st_size
 
     # -- locks (see locks.py) ---------------------------------------------------------------------
     def _lock_handle(self, fh: int, enabled: bool) -> Handle:

@@ -302,6 +302,11 @@ def _nosys() -> OSError:
     return OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
 
+#: FUSE_SETUPMAPPING's fh when the request names no open file: Linux always sends it (fs/fuse/dax.c,
+#: fuse_setup_one_mapping), mapping by inode.
+SETUPMAPPING_NO_FH = (1 << 64) - 1
+
+
 class Filesystem:
     """Base class of file systems served over virtio-fs or /dev/fuse. Every operation raises ENOSYS.
 
@@ -570,12 +575,14 @@ class Filesystem:
     # -- DAX window (virtio-fs) -----------------------------------------------------------------
     def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int, flags: int,
                      moffset: int) -> None:
-        """Maps `length` bytes of open file `fh` from `foffset` at offset `moffset` of the DAX window.
+        """Maps `length` bytes of file `nodeid` from `foffset` at offset `moffset` of the DAX window.
 
-        `flags` holds FUSE_SETUPMAPPING_FLAG_READ and/or FUSE_SETUPMAPPING_FLAG_WRITE; the server has
-        checked that `length` > 0, no other flag is set and neither range overflows 64 bits. A mapping
-        the new one overlaps is replaced. EINVAL for a range outside the window or not aligned to
-        `map_alignment`, EACCES for a writable mapping of a file not open for writing.
+        `fh` is an open handle of the file or SETUPMAPPING_NO_FH, which is what Linux sends: its
+        mappings belong to the inode, not to an open. `flags` holds FUSE_SETUPMAPPING_FLAG_READ and/or
+        FUSE_SETUPMAPPING_FLAG_WRITE; the server has checked that `length` > 0, no other flag is set
+        and neither range overflows 64 bits. A mapping the new one overlaps is replaced. EINVAL for a
+        range outside the window, not aligned to `map_alignment` or starting at or past the end of the
+        file, EACCES for a writable mapping of a handle not open for writing.
         """
         raise _nosys()
 

@@ -455,6 +455,10 @@ class Frontend:
                    flags: int) -> int:
         if self.refuse_maps or len(fds) != 1 or not self._window_range_ok(shmid, shm_offset, length):
             return 1
+        # QEMU 11.1 maps the fd as guest RAM (memory_region_init_ram_from_fd), which refuses a
+        # range past the end of the file ("backing store size ... is too small").
+        if fd_offset + length > os.lseek(fds[0], 0, os.SEEK_END):
+            return 1
         # vhost-user.rst, SHMEM_MAP: mapping over an existing mapping is not allowed.
         end = shm_offset + length
         if any(off < end and shm_offset < off + mp.length for off, mp in self.window_maps.items()):
