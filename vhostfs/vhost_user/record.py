@@ -6,9 +6,10 @@ SET_BACKEND_REQ_FD. The direction says which one:
     front->back  a request on the connection        back->front  its reply
     back=>front  a back-end channel request         front=>back  its reply
 
-then the request name, the header flags (with NEED_REPLY/REPLY spelled out), the payload size, the
-number of fds and the payload in hex, without its trailing zero bytes (the size says how many there
-were). A line is written whole under a lock, so the queue threads' back-end requests do not mix.
+then the request name as vhostfs knows it, the request number as it was on the wire, the header
+flags (with NEED_REPLY/REPLY spelled out), the payload size, the number of fds and the payload in
+hex, without its trailing zero bytes (the size says how many there were). A line is written whole
+under a lock, so the queue threads' back-end requests do not mix.
 Addresses and fd numbers in payloads differ from run to run; the layout does not.
 """
 
@@ -44,7 +45,8 @@ def format_line(direction: str, header: bytes, payload: bytes, nfds: int) -> str
         " REPLY" if flags & m.VHOST_USER_REPLY_MASK else "")
     name = request_name(direction, request)
     data = payload.rstrip(b"\0").hex()
-    return f"{direction} {name} flags={flags:#x}{tags} size={size} fds={nfds} payload={data}"
+    return (f"{direction} {name} request={request} flags={flags:#x}{tags} size={size} fds={nfds} "
+            f"payload={data}")
 
 
 class Recorder:
