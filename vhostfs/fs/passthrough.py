@@ -124,10 +124,10 @@ _RENAME_FLAGS = 1 | 2 | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOU
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _DT_DIR = stat.S_IFDIR >> 12
 _DT_REG = stat.S_IFREG >> 12
-#: Where the host refuses to open a file for writing that it would open for reading (DAX mappings).
-_READ_ONLY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY})
 _DT_LNK = stat.S_IFLNK >> 12
 _DOTS = (b".", b"..")
+#: Where the host refuses to open a file for writing that it would open for reading (DAX mappings).
+_READ_ONLY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY})
 # FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (<linux/fs.h>, chattr(1)'s inode flags), as _IOR/_IOW('f', n, long)
 # encodes them for 64-bit callers and for 32-bit ones (FS_IOC32_*). Whatever the encoding says, the
 # flags travel as a 4-byte unsigned int: the guest kernel sends them so (fuse_fileattr_get/set) and
