@@ -53,6 +53,9 @@ done | sort -u)
 if [ ${#tool_packages[@]} -gt 0 ]; then
     apt_install "${tool_packages[@]}" || log "continuing without ${tool_packages[*]}: the guest will lack their programs"
 fi
+# The DAX tests (tests/e2e/test_dax.py) map files private and watch for SIGBUS with a program of the
+# project's own, guest-mmap-probe.c, built statically here; without a compiler they skip, naming it.
+command -v gcc >/dev/null || apt_install gcc libc6-dev || log "no gcc on the host: the guest will lack mmap-probe"
 
 # kernel_id names the kernel the guest boots (it goes into the stamp); kernel_tree DIR prints the root of
 # a tree holding it (boot/vmlinuz-*, lib/modules/* with modules.dep), unpacking it into DIR if need be.
@@ -119,7 +122,7 @@ fi
 programs_id=$(for tool in fio "${guest_tools[@]}"; do
     if path=$(command -v "$tool"); then echo "$tool $(sha256sum <"$path")"; else echo "$tool none"; fi
 done | sha256sum | cut -d' ' -f1)
-stamp="$kernel_id $(cat "${BASH_SOURCE[0]}" "$here/guest-init" | sha256sum | cut -d' ' -f1) programs=$programs_id"
+stamp="$kernel_id $(cat "${BASH_SOURCE[0]}" "$here/guest-init" "$here/guest-mmap-probe.c" | sha256sum | cut -d' ' -f1) programs=$programs_id"
 if [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "$out/vmlinuz $out/initrd.img $qemu"
     exit 0
@@ -156,6 +159,10 @@ add_program() {
 }
 if fio=$(command -v fio); then
     add_program "$fio" /usr/bin/fio
+fi
+if command -v gcc >/dev/null; then
+    gcc -static -O2 -Wall -o "$root/bin/mmap-probe" "$here/guest-mmap-probe.c" ||
+        log "could not build mmap-probe: the guest will lack it"
 fi
 # In /bin, where guest-init's `busybox --install -s` leaves them alone. Busybox's sh still runs its own
 # applet of the same name (its setpriv, which lacks --reuid) unless a script calls /bin/NAME.
