@@ -42,11 +42,12 @@ command -v fio >/dev/null || apt_install fio || log "no fio on the host: the gue
 # The semantics tests (tests/e2e/test_guest_semantics.py) make the guest kernel's system calls with
 # these host programs: extended attributes (attr), ACLs (acl), preallocation, holes, copy_file_range and
 # nanosecond times (xfs_io), flock(2) and running as another user (util-linux), and POSIX record locks
-# (sqlite3, which takes them with fcntl(2)). As with fio, a missing one only makes the tests that use it
+# (sqlite3, which takes them with fcntl(2)), and inode flags such as chattr +x, the per-file DAX
+# attribute (e2fsprogs' chattr and lsattr, which use FS_IOC_SETFLAGS). As with fio, a missing one only makes the tests that use it
 # skip, naming it.
 declare -A tool_package=([getfattr]=attr [setfattr]=attr [getfacl]=acl [setfacl]=acl [xfs_io]=xfsprogs
-    [flock]=util-linux [setpriv]=util-linux [sqlite3]=sqlite3)
-guest_tools=(getfattr setfattr getfacl setfacl xfs_io flock setpriv sqlite3)
+    [flock]=util-linux [setpriv]=util-linux [sqlite3]=sqlite3 [chattr]=e2fsprogs [lsattr]=e2fsprogs)
+guest_tools=(getfattr setfattr getfacl setfacl xfs_io flock setpriv sqlite3 chattr lsattr)
 mapfile -t tool_packages < <(for tool in "${guest_tools[@]}"; do
     command -v "$tool" >/dev/null || echo "${tool_package[$tool]}"
 done | sort -u)

@@ -18,6 +18,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -25,12 +26,15 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vhostfs.fuse import abi
-from vhostfs.fuse.filesystem import SETUPMAPPING_NO_FH, Context, Entry, Filesystem, Open, SetAttr
+from vhostfs.fuse.filesystem import SETUPMAPPING_NO_FH, Context, Entry, Filesystem, Open, SetAttr, Stat
 
 log = logging.getLogger("vhostfs.dax")
 
 #: The virtio-fs DAX window's shared memory region id (virtio 1.2, 5.11.5).
 VIRTIO_FS_SHMCAP_ID_CACHE = 0
+#: The fields of an Attr, in Stat's order.
+_STAT_FIELDS = ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blocks",
+                "st_blksize", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
 #: File offsets are off_t: a mapping may not reach beyond 2**63 - 1.
 _OFF_MAX = (1 << 63) - 1
 
@@ -52,6 +56,9 @@ class Mapper(Protocol):
 
 class MappableFilesystem(Protocol):
     """A file system whose open files can be mapped (vhostfs.fs.passthrough.Passthrough)."""
+
+    def wants_dax(self, nodeid: int) -> bool:
+        """Whether file `nodeid` carries the per-file DAX attribute (FS_DAX_FL)."""
 
     def fd_for_mapping(self, nodeid: int, fh: int,
                        writable: bool) -> AbstractContextManager[tuple[int, bool, int]]:
@@ -371,6 +378,9 @@ class DaxFilesystem(Filesystem):
     - fsync, flush and release: the writable copies are written back;
     - getattr and lookup that find a mapped file's size changed (on the host): its mappings are
       backed anew before the guest learns the size;
+    - lookup, create, readdirplus and getattr, on a connection that negotiated FUSE_HAS_INODE_DAX (a
+      guest mounted dax=inode): entries and attributes of files with the per-file DAX attribute get
+      FUSE_ATTR_DAX, which is what tells the guest to map them (each asks the host for the flag);
     - unlink of the last name of a file that no handle keeps open, and release of the last handle of
       a file without names: nobody in the guest can reach the file any more. A file that is only
       closed keeps its mappings, as the guest driver keeps using them for the next open;
@@ -379,7 +389,7 @@ class DaxFilesystem(Filesystem):
 
     _OWN = frozenset({"init", "destroy", "setattr", "unlink", "open", "create", "release", "setupmapping",
                       "removemapping", "write", "write_from", "fallocate", "copy_file_range", "fsync",
-                      "flush", "getattr", "lookup"})
+                      "flush", "getattr", "lookup", "readdir"})
 
     def __init__(self, fs: Filesystem, window: DaxWindow) -> None:
         if not hasattr(fs, "fd_for_mapping"):
@@ -388,6 +398,8 @@ class DaxFilesystem(Filesystem):
         self.window = window
         self._open_lock = threading.Lock()
         self._open: dict[int, int] = {}
+        #: FUSE_HAS_INODE_DAX negotiated: the guest maps only the files whose entries say FUSE_ATTR_DAX.
+        self._inode_dax = False
         # Everything else is the wrapped file system's own bound method: no per-request indirection.
         for name in dir(Filesystem):
             if not name.startswith("_") and name not in self._OWN and callable(getattr(Filesystem, name)):
@@ -396,6 +408,9 @@ class DaxFilesystem(Filesystem):
     # -- session --------------------------------------------------------------------------------
     def init(self, conn) -> None:
         self.fs.init(conn)
+        self._inode_dax = bool(conn.capable & abi.FUSE_HAS_INODE_DAX)
+        if self._inode_dax:
+            conn.want |= abi.FUSE_HAS_INODE_DAX
 
     def destroy(self) -> None:
         try:
@@ -441,12 +456,37 @@ class DaxFilesystem(Filesystem):
     def getattr(self, ctx: Context, nodeid: int, fh: int | None):
         attr, timeout = self.fs.getattr(ctx, nodeid, fh)
         self._sizes_seen(nodeid, attr.st_size)
+        # dax=inode: the guest learns from getattr that a file's attribute changed (chattr +x), and
+        # then takes the inode anew from a lookup that says FUSE_ATTR_DAX.
+        if self._wants_dax(nodeid, attr):
+            attr = Stat(*(getattr(attr, name) for name in _STAT_FIELDS), attr_flags=abi.FUSE_ATTR_DAX)
         return attr, timeout
+
+    def _wants_dax(self, nodeid: int, attr) -> bool:
+        mappable: MappableFilesystem = self.fs  # type: ignore[assignment]
+        return self._inode_dax and stat.S_ISREG(attr.st_mode) and mappable.wants_dax(nodeid)
+
+    def _mark(self, entry: Entry) -> Entry:
+        """Adds FUSE_ATTR_DAX to the entry of a file with the per-file DAX attribute (dax=inode)."""
+        if self._wants_dax(entry.nodeid, entry.attr):
+            entry.attr_flags |= abi.FUSE_ATTR_DAX
+        return entry
 
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         entry = self.fs.lookup(ctx, parent, name)
         self._sizes_seen(entry.nodeid, entry.attr.st_size)
-        return entry
+        return self._mark(entry)
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int, plus: bool):
+        entries = self.fs.readdir(ctx, nodeid, fh, offset, plus)
+        if not (plus and self._inode_dax):
+            return entries
+        return (self._marked(e) for e in entries)
+
+    def _marked(self, dirent):
+        if dirent.entry is not None:
+            self._mark(dirent.entry)
+        return dirent
 
     def setattr(self, ctx: Context, nodeid: int, changes: SetAttr):
         if changes.size is None:
@@ -494,7 +534,7 @@ class DaxFilesystem(Filesystem):
                umask: int) -> tuple[Entry, Open]:
         entry, handle = self.fs.create(ctx, parent, name, mode, flags, umask)
         self._opened(entry.nodeid)
-        return entry, handle
+        return self._mark(entry), handle
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
         if self.window.has_node(nodeid):

@@ -136,7 +136,18 @@ _FS_IOC_GETFLAGS = 0x80086601
 _FS_IOC_SETFLAGS = 0x40086602
 _FS_IOC32_GETFLAGS = 0x80046601
 _FS_IOC32_SETFLAGS = 0x40046602
+#: The FS_IOC_GETFLAGS bit of a file that wants DAX (<linux/fs.h> FS_DAX_FL; chattr +x).
+_FS_DAX_FL = 0x02000000
 _IOC_FLAGS = struct.Struct("<I")
+# FS_IOC_FSGETXATTR / FS_IOC_FSSETXATTR (_IOR/_IOW('X', 31/32, struct fsxattr)): the same inode flags as
+# FS_XFLAG_* bits with extent size, project id and CoW extent size hints. Linux's FUSE client asks for
+# both forms when a flag is changed (vfs_fileattr_set reads the old attributes), and xfs_io's chattr
+# uses this one. struct fsxattr: fsx_xflags, fsx_extsize, fsx_nextents, fsx_projid, fsx_cowextsize,
+# 8 bytes of padding.
+_FS_IOC_FSGETXATTR = 0x801C581F
+_FS_IOC_FSSETXATTR = 0x401C5820
+_FSXATTR = struct.Struct("<IIIII8x")
+assert _FSXATTR.size == 28
 # A regular file or a directory on the host is always ready for reading and writing.
 _ALWAYS_READY = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
 # What posix_acl negotiates, all or nothing: ACLs in the guest (FUSE_POSIX_ACL), the umask left to the
@@ -808,6 +819,26 @@ class Passthrough(Filesystem):
             fd_writable = fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
             yield handle.fd, fd_writable, os.fstat(handle.fd).st_size
 
+    def wants_dax(self, nodeid: int) -> bool:
+        """Whether regular file `nodeid` has the host inode flag FS_DAX_FL (chattr +x): the file a
+        guest mounted with dax=inode maps into its DAX window (vhostfs.dax). False for other kinds of
+        node, and where the host file system keeps no such flag."""
+        with self._inodes.use(nodeid) as inode:
+            if inode.kind != stat.S_IFREG:
+                return False
+            try:
+                fd = self._reopen(inode, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                return False
+        try:
+            buf = bytearray(8)
+            fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return bool(_IOC_FLAGS.unpack_from(buf)[0] & _FS_DAX_FL)
+
     # -- locks (see locks.py) ---------------------------------------------------------------------
     def _lock_handle(self, fh: int, enabled: bool) -> Handle:
         if not enabled:
@@ -886,10 +917,12 @@ class Passthrough(Filesystem):
 
     def ioctl(self, ctx: Context, nodeid: int, fh: int, flags: int, cmd: int, arg: int, in_data: bytes,
               out_size: int) -> tuple[int, bytes]:
-        """FS_IOC_GETFLAGS and FS_IOC_SETFLAGS (chattr/lsattr inode flags) on the host file or directory
-        of `fh`; ENOTTY for every other ioctl, which could reach host drivers or file systems in ways
-        the guest must not. The guest kernel has already checked that the caller owns the file (and
-        CAP_LINUX_IMMUTABLE for the immutable and append-only flags)."""
+        """FS_IOC_GETFLAGS and FS_IOC_SETFLAGS (chattr/lsattr inode flags), and FS_IOC_FSGETXATTR and
+        FS_IOC_FSSETXATTR (the same flags as FS_XFLAG_*; a change of anything but the flags is
+        EOPNOTSUPP) on the host file or directory of `fh`; ENOTTY for every other ioctl, which could
+        reach host drivers or file systems in ways the guest must not. The guest kernel has already
+        checked that the caller owns the file (and CAP_LINUX_IMMUTABLE for the immutable and
+        append-only flags)."""
         with self._handles.use(fh) as handle:
             if handle.nodeid != nodeid:
                 raise fs_error(errno.EBADF)
@@ -905,6 +938,27 @@ class Passthrough(Filesystem):
                     raise fs_error(errno.EINVAL)
                 buf[:_IOC_FLAGS.size] = in_data[:_IOC_FLAGS.size]
                 fcntl.ioctl(handle.fd, _FS_IOC_SETFLAGS, buf)
+                return 0, b""
+            if cmd == _FS_IOC_FSGETXATTR:
+                if out_size < _FSXATTR.size:
+                    raise fs_error(errno.EINVAL)
+                fsx = bytearray(_FSXATTR.size)
+                fcntl.ioctl(handle.fd, _FS_IOC_FSGETXATTR, fsx)
+                return 0, bytes(fsx)
+            if cmd == _FS_IOC_FSSETXATTR:
+                # Only the flags may change: a project id or extent size hint set from the guest would
+                # reach host quotas and allocation, which the guest has no say in.
+                self._check_writable()
+                if len(in_data) < _FSXATTR.size:
+                    raise fs_error(errno.EINVAL)
+                current = bytearray(_FSXATTR.size)
+                fcntl.ioctl(handle.fd, _FS_IOC_FSGETXATTR, current)
+                wanted = _FSXATTR.unpack_from(in_data)
+                have = _FSXATTR.unpack_from(current)
+                if (wanted[1], wanted[3], wanted[4]) != (have[1], have[3], have[4]):
+                    raise fs_error(errno.EOPNOTSUPP)
+                _FSXATTR.pack_into(current, 0, wanted[0], *have[1:])
+                fcntl.ioctl(handle.fd, _FS_IOC_FSSETXATTR, current)
                 return 0, b""
         raise fs_error(errno.ENOTTY)
 

@@ -87,7 +87,11 @@ class Attr(Protocol):
 
 @dataclass(slots=True)
 class Stat:
-    """A plain `Attr` for file systems that do not start from os.stat()."""
+    """A plain `Attr` for file systems that do not start from os.stat().
+
+    `attr_flags` are the fuse_attr.flags bits of a getattr or setattr reply (FUSE_ATTR_DAX: the file
+    is to be mapped by a guest mounted dax=inode); an `os.stat_result` has none.
+    """
 
     st_ino: int = 0
     st_mode: int = 0
@@ -101,6 +105,7 @@ class Stat:
     st_atime_ns: int = 0
     st_mtime_ns: int = 0
     st_ctime_ns: int = 0
+    attr_flags: int = 0
 
 
 @dataclass(slots=True)
