@@ -413,3 +413,22 @@ def test_dax_inode_marks_only_files_with_the_attribute(tmp_path):
             assert not client.getattr(plain[0])[-1] & abi.FUSE_ATTR_DAX
     finally:
         stop_daemon(daemon)
+
+
+def test_on_a_read_only_share_qemu_cannot_map_and_the_read_fails(tmp_path):
+    """QEMU 11.1 needs a writable fd even for a read-only mapping; a --readonly share lends none, so
+    the mapping fails (EIO) rather than the daemon opening a shared file for writing."""
+    daemon = start_daemon(tmp_path, "--dax-window-size", "4M", "--readonly")
+    try:
+        (daemon.shared / "f").write_bytes(b"f" * PAGE)
+        with daemon.connect() as fe:
+            fe.setup(dax_window=4 << 20)
+            client = FuseClient(fe)
+            client.init(flags=abi.FUSE_MAP_ALIGNMENT)
+            nodeid = client.lookup(ROOT, b"f")[0]
+            expect_errno(errno.EIO, setupmapping, client, nodeid, NO_FH, 0, PAGE, READ, 0)
+            expect_errno(errno.EROFS, setupmapping, client, nodeid, NO_FH, 0, PAGE, READ | WRITE, 0)
+            assert fe.window_maps == {}
+    finally:
+        stop_daemon(daemon)
+    assert (daemon.shared / "f").read_bytes() == b"f" * PAGE

@@ -162,3 +162,23 @@ def test_every_request_qemu_sent_is_one_vhostfs_knows(record):
     for msg in record:
         if msg.direction == "front->back":
             assert m.Request(msg.request).value == msg.request
+
+
+def test_the_recorder_writes_what_this_test_reads(tmp_path):
+    from vhostfs.vhost_user import record
+
+    out = tmp_path / "r.txt"
+    rec = record.Recorder(out.open("w"))
+    payload = m.MMAP_REQUEST.pack(0, 0x1000, 0x200000, 0x2000, m.VHOST_USER_FLAG_MAP_RW)
+    rec.message(record.BACKEND_REQUEST, m.HEADER.pack(9, 0x9, len(payload)), payload, 1)
+    rec.message(record.FRONT_TO_BACK, m.HEADER.pack(44, 0x1, 0), b"")
+    rec.close()
+    rec.message(record.FRONT_TO_BACK, m.HEADER.pack(1, 0x1, 0), b"")  # after close: dropped
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("back=>front SHMEM_MAP request=9 flags=0x9 NEED_REPLY size=40 fds=1 ")
+    assert lines[1] == "front->back GET_SHMEM_CONFIG request=44 flags=0x1 size=0 fds=0 payload="
+    assert len(lines) == 2
+    parsed = [line for line in lines if _LINE.match(line)]
+    assert len(parsed) == 2
+    data = bytes.fromhex(_LINE.match(lines[0]).group(7)).ljust(40, b"\0")
+    assert data == payload

@@ -41,6 +41,7 @@ to be applied here), and the daemon's umask must not change the modes a second t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -789,8 +790,10 @@ class Passthrough(Filesystem):
         writing even for a read-only mapping where the host allows it, as a VMM that maps the fd as
         shared guest RAM (QEMU 11.1) maps it writable either way and makes only the guest's view
         read-only; on a read-only share, or where the host refuses, a read-only mapping gets a
-        read-only fd and a writable one EROFS/EACCES. EBADF for an unknown handle, another node's or a
-        directory's; EBADF too for a node that is not a regular file.
+        read-only fd and a writable one EROFS/EACCES. A handle open read-only decides likewise what may
+        be mapped (no writable mapping), and the fd lent is a writable description of its file where
+        the host allows one. EBADF for an unknown handle, another node's or a directory's; EBADF too
+        for a node that is not a regular file.
         """
         if fh == SETUPMAPPING_NO_FH:
             if writable:
@@ -817,7 +820,17 @@ class Passthrough(Filesystem):
             if handle.is_dir or handle.nodeid != nodeid:
                 raise fs_error(errno.EBADF)
             fd_writable = fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
-            yield handle.fd, fd_writable, os.fstat(handle.fd).st_size
+            fd = -1
+            if not fd_writable and not self._readonly:
+                # The handle decides what may be mapped; the VMM gets a writable description of the
+                # same file where the host allows one (see above).
+                with contextlib.suppress(OSError):
+                    fd = self._reopen_fd(handle.fd, os.O_RDWR)
+            try:
+                yield (handle.fd if fd < 0 else fd), fd_writable, os.fstat(handle.fd).st_size
+            finally:
+                if fd >= 0:
+                    os.close(fd)
 
     def wants_dax(self, nodeid: int) -> bool:
         """Whether regular file `nodeid` has the host inode flag FS_DAX_FL (chattr +x): the file a
