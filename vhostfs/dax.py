@@ -200,7 +200,10 @@ class DaxWindow:
             raise OSError(errno.EACCES, "writable mapping of a file not open for writing")
         with self._lock:
             self._mapper()
-            self._remove_overlapping(moffset, length)
+            # An old mapping the front end no longer has (it unmapped the window on a reset the
+            # daemon did not see) fails to unmap; the new one is then still worth asking for.
+            with contextlib.suppress(OSError):
+                self._remove_overlapping(moffset, length)
             mp = Mapping(moffset, length, nodeid, foffset, writable)
             self._maps[moffset] = mp
             self._by_node.setdefault(nodeid, set()).add(moffset)
@@ -407,6 +410,9 @@ class DaxFilesystem(Filesystem):
 
     # -- session --------------------------------------------------------------------------------
     def init(self, conn) -> None:
+        # A new session of the guest's driver follows a device reset, across which the front end
+        # unmapped the whole window (vhost-user.rst, BACKEND_SHMEM_MAP): the window starts empty.
+        self.window.forget_all()
         self.fs.init(conn)
         self._inode_dax = bool(conn.capable & abi.FUSE_HAS_INODE_DAX)
         if self._inode_dax:

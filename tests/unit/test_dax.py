@@ -83,6 +83,19 @@ def test_refused_map_leaves_no_mapping(window: DaxWindow) -> None:
     assert window.mappings() == []
 
 
+def test_a_mapping_the_front_end_no_longer_has_does_not_block_a_new_one(window: DaxWindow) -> None:
+    window.setup(1, 3, 0, 2 * PAGE, 0, False, False, BIG)
+
+    def gone(shmid, shm_offset, length):
+        window.mapper.calls.append(("unmap refused", shm_offset, length))
+        raise OSError(errno.EIO, "no such mapping")
+
+    window.mapper.shmem_unmap = gone
+    window.setup(2, 4, 0, PAGE, PAGE, False, False, BIG)
+    assert [(mp.moffset, mp.nodeid) for mp in window.mappings()] == [(PAGE, 2)]
+    assert window.mapper.calls[-2:] == [("unmap refused", 0, 2 * PAGE), ("map", PAGE, PAGE, 0, False)]
+
+
 def test_without_a_channel_mapping_fails() -> None:
     with pytest.raises(OSError) as exc:
         DaxWindow(SIZE, PAGE).setup(1, 3, 0, PAGE, 0, False, False, BIG)
