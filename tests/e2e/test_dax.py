@@ -163,7 +163,7 @@ def test_dax_always_workload(always, check):
     assert checks.get(check) == "ok", result.describe()
 
 
-def test_dax_always_reads_map_files_and_no_read_goes_through_fuse(always):
+def test_dax_always_maps_files_and_qemu_acknowledges_every_map(always):
     result, _, rec, _ = always
     maps = _backend_requests(rec, "SHMEM_MAP")
     assert maps and all(" flags=0x9 NEED_REPLY " in line for line in maps), result.describe()
