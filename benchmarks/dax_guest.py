@@ -13,11 +13,12 @@ files written on the host:
   caches: with DAX the file pages stay on the host and the guest caches none of them.
 
 TCG runs the guest, so the figures compare the two paths on this machine and say nothing of KVM
-speeds. The working set (256 MiB by default) is smaller than the 1 GiB one might want: the guest
+speeds; the measured runs alternate between the two and the median is shown, with the spread, as
+the figures vary from run to run on a busy machine. The working set (256 MiB by default) is smaller than the 1 GiB one might want: the guest
 needs memory for it in its page cache on the mount without DAX, and a window of 1 GiB would take
 more of QEMU's memory slots than vhostfs announces (one per 2 MiB mapping).
 
-    python benchmarks/dax_guest.py [--working-set-mib 256] [--window-mib 512] [--mem-mib 1536]
+    python benchmarks/dax_guest.py [--working-set-mib 256] [--window-mib 512] [--mem-mib 1536] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,9 +59,15 @@ for mode in dax nodax; do
     after=$(awk '/^Cached:/ {{ print $2 }}' /proc/meminfo)
     echo "RESULT $mode-pagecache $((after - before)) 0"
     fio_run $mode-warm $dir read psync 1M {runtime} > /dev/null
-    fio_run $mode-seqread $dir read psync 1M {runtime}
-    fio_run $mode-randread $dir randread psync 4k {runtime}
-    fio_run $mode-mmap $dir randread mmap 4k {runtime}
+done
+# The two modes take turns, so that a change in the machine's load falls on both.
+for round in $(seq {repeat}); do
+    for mode in dax nodax; do
+        dir=/mnt; [ $mode = nodax ] && dir=/nodax
+        fio_run $mode-seqread $dir read psync 1M {runtime}
+        fio_run $mode-randread $dir randread psync 4k {runtime}
+        fio_run $mode-mmap $dir randread mmap 4k {runtime}
+    done
 done
 """
 
@@ -80,7 +88,8 @@ def main() -> int:
     p.add_argument("--working-set-mib", type=int, default=256)
     p.add_argument("--window-mib", type=int, default=512)
     p.add_argument("--mem-mib", type=int, default=1536)
-    p.add_argument("--runtime", type=int, default=8, help="seconds per measured fio run")
+    p.add_argument("--runtime", type=int, default=5, help="seconds per measured fio run")
+    p.add_argument("--repeat", type=int, default=3, help="measured runs of each workload (median shown)")
     args = p.parse_args()
     file_mib = args.working_set_mib // FILES
     images = build_guest("forky")
@@ -93,7 +102,7 @@ def main() -> int:
             with open(share / f"ws-{i}.bin", "wb") as f:
                 for _ in range(file_mib):
                     f.write(os.urandom(1 << 20))
-        script = GUEST.format(files=FILES, file_mib=file_mib, runtime=args.runtime)
+        script = GUEST.format(files=FILES, file_mib=file_mib, runtime=args.runtime, repeat=args.repeat)
         workload = cpio_archive({"cmd.sh": script.encode()})
         (run / "initrd.img").write_bytes(Path(initrd).read_bytes() + workload)
         dax = _daemon(run / "dax.sock", share, run / "dax.log", "--tag", "vhostfs", "--dax-window-size",
@@ -122,24 +131,32 @@ def main() -> int:
             for proc in (dax, nodax):
                 proc.terminate()
                 proc.wait(timeout=20)
-    results = {m.group(1): (int(m.group(2)), int(m.group(3)))
-               for m in re.finditer(r"^RESULT (\S+) (\d+) (\d+)$", console, re.MULTILINE)}
+    results: dict[str, list[tuple[int, int]]] = {}
+    for m in re.finditer(r"^RESULT (\S+) (\d+) (\d+)$", console, re.MULTILINE):
+        results.setdefault(m.group(1), []).append((int(m.group(2)), int(m.group(3))))
     problems = [w for w in ("NODAX-MOUNT-FAILED", "DAX-MOUNT-MISSING") if w in console]
-    if problems or len(results) != 8:
+    measured = [f"{mode}-{name}" for mode in ("dax", "nodax") for name in ("seqread", "randread", "mmap")]
+    if problems or any(len(results.get(k, ())) != args.repeat for k in measured):
         print(console[-4000:])
         raise SystemExit(f"the guest run did not complete: {problems or sorted(results)}")
     print(f"working set: {FILES} files of {file_mib} MiB ({args.working_set_mib} MiB); DAX window "
-          f"{args.window_mib} MiB; guest memory {args.mem_mib} MiB; QEMU 11.1 TCG, Linux 7.2, 2 vCPUs")
-    print(f"{'workload':<34}{'without DAX':>14}{'with DAX':>14}{'DAX / no DAX':>14}")
+          f"{args.window_mib} MiB; guest memory {args.mem_mib} MiB; QEMU 11.1 TCG, Linux 7.2, 2 vCPUs; "
+          f"median of {args.repeat} runs of {args.runtime} s (min-max)")
+    print(f"{'workload':<34}{'without DAX':>22}{'with DAX':>22}{'DAX / no DAX':>14}")
     rows = [("sequential read, 1 MiB (MiB/s)", "seqread", 0, 1024),
             ("random read, 4 KiB (IOPS)", "randread", 1, 1),
             ("mmap random read, 4 KiB (IOPS)", "mmap", 1, 1)]
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
     for label, name, field, scale in rows:
-        without, with_ = results[f"nodax-{name}"][field] / scale, results[f"dax-{name}"][field] / scale
-        ratio = with_ / without if without else float("nan")
-        print(f"{label:<34}{without:>14.1f}{with_:>14.1f}{ratio:>13.2f}x")
-    without, with_ = results["nodax-pagecache"][0] / 1024, results["dax-pagecache"][0] / 1024
-    print(f"{'page cache after one read (MiB)':<34}{without:>14.1f}{with_:>14.1f}")
+        without = [r[field] / scale for r in results[f"nodax-{name}"]]
+        with_ = [r[field] / scale for r in results[f"dax-{name}"]]
+        ratio = statistics.median(with_) / statistics.median(without)
+        print(f"{label:<34}{cell(without):>22}{cell(with_):>22}{ratio:>13.2f}x")
+    without_mib, with_mib = results["nodax-pagecache"][0][0] / 1024, results["dax-pagecache"][0][0] / 1024
+    print(f"{'page cache after one read (MiB)':<34}{without_mib:>22.1f}{with_mib:>22.1f}")
     return 0
 
 
