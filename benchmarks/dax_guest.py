@@ -14,11 +14,13 @@ files written on the host:
 
 TCG runs the guest, so the figures compare the two paths on this machine and say nothing of KVM
 speeds; the measured runs alternate between the two and the median is shown, with the spread, as
-the figures vary from run to run on a busy machine. The working set (256 MiB by default) is smaller than the 1 GiB one might want: the guest
-needs memory for it in its page cache on the mount without DAX, and a window of 1 GiB would take
-more of QEMU's memory slots than vhostfs announces (one per 2 MiB mapping).
+the figures vary from run to run on a busy machine. The working set (256 MiB by default) is smaller
+than the 1 GiB one might want: the guest needs memory for it in its page cache on the mount without
+DAX, and a window of 1 GiB would take more of QEMU's memory slots than vhostfs announces (one per
+2 MiB mapping).
 
-    python benchmarks/dax_guest.py [--working-set-mib 256] [--window-mib 512] [--mem-mib 1536] [--repeat 3]
+    python benchmarks/dax_guest.py [--working-set-mib 256] [--window-mib 512] [--mem-mib 1536]
+                                   [--repeat 3]
 """
 
 from __future__ import annotations
