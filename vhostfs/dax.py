@@ -244,7 +244,8 @@ class DaxWindow:
                 mp, backing = self._maps[moffset], self._backing[moffset]
                 whole, tail = self._split(mp, file_size)
                 if (whole, tail) != (backing.whole, backing.tail) or (copies and backing.tail):
-                    self._unback(mp, backing, write_back=False)
+                    # With `copies` the caller wrote the copies back before changing the file.
+                    self._unback(mp, backing, write_back=not copies)
                     self._back(mp, fd, file_size)
 
     # -- cleanup --------------------------------------------------------------------------------
@@ -322,8 +323,12 @@ class DaxWindow:
     def _write_back(self, mp: Mapping, backing: _Backing) -> None:
         if backing.file_fd < 0:
             return
+        offset = mp.foffset + backing.whole
         try:
-            os.pwrite(backing.file_fd, os.pread(backing.memfd, backing.tail, 0), mp.foffset + backing.whole)
+            # Never past the file's end as it is now: a file cut shorter meanwhile stays so.
+            length = max(0, min(backing.tail, os.fstat(backing.file_fd).st_size - offset))
+            if length:
+                os.pwrite(backing.file_fd, os.pread(backing.memfd, length, 0), offset)
         except OSError as e:
             log.error("writing back the last page of node %d: %s", mp.nodeid, e)
 

@@ -287,3 +287,18 @@ def test_map_needs_the_shmem_feature() -> None:
     assert exc.value.errno == errno.EOPNOTSUPP
     channel.close()
     theirs.close()
+
+
+def test_write_back_never_grows_a_file_cut_shorter_meanwhile(ragged) -> None:
+    fd, data = ragged
+    window = DaxWindow(SIZE, PAGE)
+    window.mapper = mapper = CopyingMapper()
+    window.setup(1, fd, 0, 4 * PAGE, 0, True, True, len(data))
+    os.pwrite(mapper.fds[2 * PAGE], b"z" * 100, 0)
+    os.ftruncate(fd, 2 * PAGE + 10)  # on the host, meanwhile
+    window.write_back(1)
+    assert os.fstat(fd).st_size == 2 * PAGE + 10
+    assert os.pread(fd, 10, 2 * PAGE) == b"z" * 10
+    os.ftruncate(fd, PAGE)
+    window.refresh(1, fd, PAGE, copies=False)
+    assert os.fstat(fd).st_size == PAGE
