@@ -351,25 +351,26 @@ def test_forgotten_nodes_release_every_layer_node_and_handle(make, layers):
 
 
 def test_dax_window_maps_the_real_files(make, layers):
-    from tests.unit.test_dax import PAGE, SIZE, RecordingMapper
-    from vhostfs.dax import DaxFilesystem, DaxWindow
-    from vhostfs.fuse import abi
+    from vhostfs.fuse.filesystem import SETUPMAPPING_NO_FH
 
     upper, l1, _ = layers
-    (l1 / "f").write_bytes(b"z" * 2 * PAGE)
-    window = DaxWindow(SIZE, PAGE)
-    window.mapper = RecordingMapper()
-    fs = DaxFilesystem(make(), window)
-    f = walk(fs.fs, "f")
+    (l1 / "f").write_bytes(b"z" * 8192)
+    (l1 / "g").write_bytes(b"g" * 8192)
+    fs = make()
+    f = walk(fs, "f")
     ro = fs.open(CTX, f, os.O_RDONLY).fh
-    fs.setupmapping(CTX, f, ro, 0, PAGE, abi.FUSE_SETUPMAPPING_FLAG_READ, 0)
-    write, read_ = abi.FUSE_SETUPMAPPING_FLAG_WRITE, abi.FUSE_SETUPMAPPING_FLAG_READ
-    assert errno_of(fs.setupmapping, CTX, f, ro, 0, PAGE, write, PAGE) == errno.EACCES
+    with fs.fd_for_mapping(f, ro, False) as (fd, fd_writable, size):
+        assert size == 8192 and os.pread(fd, 1, 0) == b"z"
+    assert not (upper / "f").exists(), "a read-only mapping copied the file up"
     rw = fs.open(CTX, f, os.O_RDWR).fh
-    fs.setupmapping(CTX, f, rw, 0, PAGE, abi.FUSE_SETUPMAPPING_FLAG_WRITE, PAGE)
-    assert window.mapper.calls == [("map", 0, PAGE, 0, False), ("map", PAGE, PAGE, 0, True)]
-    assert (upper / "f").read_bytes() == (l1 / "f").read_bytes()
-    assert errno_of(fs.setupmapping, CTX, ROOT_ID, rw, 0, PAGE, read_, 0) == errno.EBADF
+    with fs.fd_for_mapping(f, rw, True) as (fd, fd_writable, size):
+        assert fd_writable and os.fstat(fd).st_ino == os.lstat(upper / "f").st_ino
+    g = walk(fs, "g")
+    with fs.fd_for_mapping(g, SETUPMAPPING_NO_FH, True) as (fd, fd_writable, size):
+        assert fd_writable and os.fstat(fd).st_ino == os.lstat(upper / "g").st_ino
+    assert (upper / "g").read_bytes() == (l1 / "g").read_bytes()
+    assert errno_of(lambda: fs.fd_for_mapping(ROOT_ID, rw, False).__enter__()) == errno.EBADF
+    assert fs.wants_dax(f) is False
 
 
 def test_an_upper_without_unnamed_files_is_refused(layers):

@@ -84,6 +84,7 @@ from typing import TYPE_CHECKING, Any
 from vhostfs.fuse.abi import FUSE_DO_READDIRPLUS, FUSE_READDIRPLUS_AUTO
 from vhostfs.fuse.filesystem import (
     ROOT_ID,
+    SETUPMAPPING_NO_FH,
     Attr,
     ConnectionInfo,
     Context,
@@ -280,6 +281,12 @@ class OverlayFs(Filesystem):
             for layer in layers:
                 layer.close()
             raise
+
+    def describe_inodes(self) -> str:
+        """How the layers hold their nodes, for the log at start (from a Passthrough upper layer)."""
+        describe = getattr(self._layers[0], "describe_inodes", None)
+        held = f": {describe()}" if describe is not None else ""
+        return f"an overlay of {len(self._layers) - 1} lower layers under the upper one{held}"
 
     def close(self) -> None:
         """Forgets every node and handle, then closes the layers that can be closed."""
@@ -1104,16 +1111,36 @@ class OverlayFs(Filesystem):
         return self._layers[h.layer].lseek(ctx, h.lnode, h.fh, offset, whence)
 
     @contextmanager
-    def fd_for_mapping(self, nodeid: int, fh: int) -> Iterator[tuple[int, bool]]:
-        """The real file's fd for the DAX window (vhostfs.dax), from a layer that lends them."""
-        h = self._current(self._handle(fh))
-        if h.node.nodeid != nodeid:
-            raise fs_error(errno.EBADF)
-        lend = getattr(self._layers[h.layer], "fd_for_mapping", None)
+    def fd_for_mapping(self, nodeid: int, fh: int, writable: bool) -> Iterator[tuple[int, bool, int]]:
+        """The real file's fd for the DAX window (vhostfs.dax), lent by its layer: through open handle
+        `fh`, or with SETUPMAPPING_NO_FH for the node itself, copied up first for a writable mapping.
+        A read-only mapping of a lower file keeps showing the lower file after a later copy-up, as a
+        read-only MAP_SHARED mapping does on the kernel's overlayfs. EBADF for an unknown handle or
+        another node's; EOPNOTSUPP from a layer that lends no fds."""
+        if fh == SETUPMAPPING_NO_FH:
+            with self._lock:
+                node = self._node(nodeid)
+                if writable and node.kind == stat.S_IFREG:
+                    self._copy_up(node)
+                layer, real = node.top()
+            real_fh = fh
+        else:
+            h = self._current(self._handle(fh))
+            if h.node.nodeid != nodeid:
+                raise fs_error(errno.EBADF)
+            layer, real, real_fh = h.layer, h.lnode, h.fh
+        lend = getattr(self._layers[layer], "fd_for_mapping", None)
         if lend is None:
             raise fs_error(errno.EOPNOTSUPP)
-        with lend(h.lnode, h.fh) as lent:
+        with lend(real, real_fh, writable) as lent:
             yield lent
+
+    def wants_dax(self, nodeid: int) -> bool:
+        """Whether the real file on top carries the per-file DAX attribute (its layer's answer)."""
+        with self._lock:
+            layer, real = self._node(nodeid).top()
+        wants = getattr(self._layers[layer], "wants_dax", None)
+        return bool(wants is not None and wants(real))
 
     # -- directories -----------------------------------------------------------------------------
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> Open:
