@@ -94,6 +94,8 @@ _NO_REPLY = frozenset({abi.FUSE_FORGET, abi.FUSE_BATCH_FORGET, abi.FUSE_INTERRUP
 # INTERRUPTs remembered for requests not (yet) waiting: the interrupt may overtake its request (another
 # virtqueue, another /dev/fuse reader). The kernel's uniques only grow, so the oldest are dropped.
 _EARLY_INTERRUPTS_MAX = 64
+# Contexts kept for reuse; past this many (guest processes), the cache starts over.
+_CONTEXTS_MAX = 1024
 
 
 def _with_header(body: struct.Struct) -> struct.Struct:
@@ -410,6 +412,9 @@ class FuseServer:
         self._wait_lock = threading.Lock()
         self._waits: dict[int, threading.Event] = {}
         self._early_interrupts: dict[int, None] = {}
+        # (uid, gid, pid) -> its Context: immutable, so shared by the requests of one guest process
+        # (making one per request cost more than the dispatch around it).
+        self._contexts: dict[tuple[int, int, int], Context] = {}
         table: list[_Handler | None] = [None] * (abi.FUSE_STATX + 1)
         for opcode, method in (
             (abi.FUSE_INIT, self._init), (abi.FUSE_DESTROY, self._destroy),
@@ -542,7 +547,15 @@ class FuseServer:
         if handler is None:
             return _error(writer, unique, errno.ENOSYS)
         try:
-            return handler(unique, nodeid, Context(uid, gid, pid), body_len, reader, writer)
+            ids = (uid, gid, pid)
+            ctx = self._contexts.get(ids)
+            if ctx is None:
+                ctx = Context(uid, gid, pid)
+                contexts = self._contexts
+                if len(contexts) >= _CONTEXTS_MAX:
+                    contexts.clear()
+                contexts[ids] = ctx
+            return handler(unique, nodeid, ctx, body_len, reader, writer)
         except OSError as exc:
             return _error(writer, unique, _errno_of(exc))
         except Exception:
