@@ -1,5 +1,6 @@
 """READDIRPLUS of the passthrough through the FUSE server: the batched native path (HostDirentsPlus)
-answers byte for byte what the per-entry path answers, and counts the same lookups."""
+answers what the per-entry path answers, record for record, and counts the same lookups; entries gone
+meanwhile are left out, host mount points flagged, and every node is the one LOOKUP gives."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit import test_passthrough_scale
 from tests.unit.test_passthrough_locks import Server
 from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse import abi
@@ -23,6 +25,10 @@ class PerEntry(Passthrough):
     def readdir(self, ctx, nodeid, fh, offset, plus):
         listing = super().readdir(ctx, nodeid, fh, offset, plus)
         return iter(listing) if plus else listing
+
+
+#: Mounts made by a test (root only), detached at the end.
+mounts = test_passthrough_scale.mounts
 
 
 def fill(share: Path) -> None:
@@ -194,3 +200,24 @@ def test_the_passthrough_answers_a_batched_listing(make, share):
     fh = fs.opendir(None, d, 0).fh
     assert isinstance(fs.readdir(None, d, fh, 0, True), HostDirentsPlus)
     assert not isinstance(fs.readdir(None, d, fh, 0, False), HostDirentsPlus)
+
+
+def test_host_mount_points_are_flagged_and_their_files_stay_distinct(make, share, mounts):
+    for name in ("m1", "m2"):
+        (share / name).mkdir()
+        mounts(b"tmpfs", share / name, b"tmpfs")
+        (share / name / "f").write_bytes(name.encode())
+    (share / "plain").mkdir()
+    srv = server(make(announce_submounts=True))
+    flags = {name: entry[-1] for body in list_plus(srv, 1, 4096) for entry, _, name in records(body)}
+    assert flags[b"m1"] == flags[b"m2"] == abi.FUSE_ATTR_SUBMOUNT and flags[b"plain"] == 0
+    # The same inode number on two tmpfs mounts: two nodes, each the one LOOKUP gives.
+    nodes = {}
+    for name in (b"m1", b"m2"):
+        parent = lookup(srv, name)[0]
+        (entry, _, _), = [r for body in list_plus(srv, parent, 4096) for r in records(body) if r[2] == b"f"]
+        assert entry[0] == lookup(srv, b"f", parent)[0]
+        nodes[name] = entry[0]
+    assert nodes[b"m1"] != nodes[b"m2"]
+    plain = server(make())
+    assert all(entry[-1] == 0 for body in list_plus(plain, 1, 4096) for entry, _, _ in records(body))
