@@ -64,31 +64,43 @@ MAX_WAITING = 64
 
 #: Where an adaptive poll budget starts growing from (as KVM's halt_poll_ns_grow_start).
 POLL_GROW_START_NS = 10_000
+#: Polls in a row that must find nothing before the budget shrinks.
+POLL_PATIENCE = 4
 
 
 class PollBudget:
-    """How long a request queue that ran dry is polled before its worker sleeps, adapted as KVM's halt
-    polling adapts halt_poll_ns (Documentation/virt/kvm/halt-polling.rst).
+    """How long a request queue that ran dry is polled before its worker sleeps, adapted much as KVM's
+    halt polling adapts halt_poll_ns (Documentation/virt/kvm/halt-polling.rst).
 
-    A poll that finds a request keeps the budget. A queue that slept instead reports how long after
-    running dry its next request came (`slept`): sooner than `max_ns` means a longer poll would have
-    caught it, so the budget doubles (from POLL_GROW_START_NS, up to `max_ns`); later means polling
-    only burns CPU time, so it halves, and below the start it is 0 (no polling until a request comes
-    soon again). `max_ns` 0 never polls. Not thread-safe: one queue's worker owns it.
+    A queue that slept reports how long after running dry its next request came (`slept`): sooner
+    than `max_ns` means a longer poll would have caught it, so the budget doubles (from
+    POLL_GROW_START_NS, up to `max_ns`). Later means the poll only burnt CPU time: once that has
+    happened POLL_PATIENCE times without a poll finding a request in between (`hit`), the budget
+    halves, and below the start it is 0 (no polling until a request comes soon again). A guest that
+    alternates quick requests with longer pauses keeps its polls; one that pauses after every
+    request stops them. `max_ns` 0 never polls. Not thread-safe: one queue's worker owns it.
     """
 
-    __slots__ = ("max_ns", "ns")
+    __slots__ = ("max_ns", "ns", "_misses")
 
     def __init__(self, max_ns: int) -> None:
         self.max_ns = max_ns
         self.ns = max_ns
+        self._misses = 0
+
+    def hit(self) -> None:
+        """A poll found a request."""
+        self._misses = 0
 
     def slept(self, idle_ns: int) -> None:
         """The queue ran dry, polled `ns` in vain and slept; its next request came `idle_ns` after it
         ran dry."""
         if idle_ns < self.max_ns:
+            self._misses = 0
             self.ns = min(self.max_ns, max(self.ns * 2, POLL_GROW_START_NS))
-        else:
+            return
+        self._misses += 1
+        if self._misses >= POLL_PATIENCE:
             self.ns = self.ns // 2 if self.ns // 2 >= POLL_GROW_START_NS else 0
 
 
@@ -272,6 +284,7 @@ class QueueWorker:
                 dry = time.monotonic_ns() if self.poll.max_ns else 0
                 budget = self.poll.ns
                 if budget and q.wait_avail(budget, self._poll_wake):
+                    self.poll.hit()
                     continue
                 if not q.enable_kicks():
                     self._dry_since = dry

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vhostfs.device import POLL_GROW_START_NS, PollBudget
+from vhostfs.device import POLL_GROW_START_NS, POLL_PATIENCE, PollBudget
 
 MAX = 500_000
 
@@ -14,14 +14,23 @@ def test_starts_at_the_limit_and_a_guest_that_pauses_longer_stops_the_polling():
     while b.ns:
         b.slept(2 * MAX)
         seen.append(b.ns)
-    assert seen == sorted(seen, reverse=True) and len(seen) <= 7
+    assert seen == sorted(seen, reverse=True) and len(seen) <= POLL_PATIENCE + 6
+    assert seen[:POLL_PATIENCE - 1] == [MAX] * (POLL_PATIENCE - 1)
     b.slept(10 * MAX)
     assert b.ns == 0
 
 
+def test_polls_that_find_requests_between_long_pauses_keep_the_budget():
+    b = PollBudget(MAX)
+    for _ in range(100):
+        b.slept(2 * MAX)
+        b.hit()
+    assert b.ns == MAX
+
+
 def test_requests_that_come_soon_after_a_sleep_grow_it_back_to_the_limit():
     b = PollBudget(MAX)
-    for _ in range(10):
+    for _ in range(20):
         b.slept(2 * MAX)
     assert b.ns == 0
     b.slept(MAX // 10)
@@ -44,7 +53,8 @@ def test_a_zero_limit_never_polls():
 
 def test_a_limit_below_the_start_is_the_budget():
     b = PollBudget(POLL_GROW_START_NS // 2)
-    b.slept(10**9)
+    for _ in range(POLL_PATIENCE):
+        b.slept(10**9)
     assert b.ns == 0
     b.slept(1)
     assert b.ns == POLL_GROW_START_NS // 2
