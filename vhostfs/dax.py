@@ -225,9 +225,6 @@ class DaxFilesystem(Filesystem):
     - DESTROY: every mapping.
     """
 
-    _OWN = frozenset({"init", "destroy", "setattr", "unlink", "open", "create", "release", "setupmapping",
-                      "removemapping"})
-
     def __init__(self, fs: Filesystem, window: DaxWindow) -> None:
         if not hasattr(fs, "fd_for_mapping"):
             raise TypeError(f"{type(fs).__name__} cannot lend fds for mapping (no fd_for_mapping)")
@@ -235,10 +232,6 @@ class DaxFilesystem(Filesystem):
         self.window = window
         self._open_lock = threading.Lock()
         self._open: dict[int, int] = {}
-        # Everything else is the wrapped file system's own bound method: no per-request indirection.
-        for name in dir(Filesystem):
-            if not name.startswith("_") and name not in self._OWN and callable(getattr(Filesystem, name)):
-                setattr(self, name, getattr(fs, name))
 
     # -- session --------------------------------------------------------------------------------
     def init(self, conn) -> None:
@@ -320,3 +313,22 @@ class DaxFilesystem(Filesystem):
             return
         if attr.st_nlink == 0:
             self.window.remove_node(nodeid)
+
+
+def _delegate(name: str):
+    """A DaxFilesystem method that calls the wrapped file system's method `name` as it is."""
+    def method(self: DaxFilesystem, *args, **kwargs):
+        return getattr(self.fs, name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__qualname__ = f"DaxFilesystem.{name}"
+    method.__doc__ = getattr(Filesystem, name).__doc__
+    return method
+
+
+# Every Filesystem operation that DaxFilesystem does not define itself goes to the wrapped file
+# system unchanged: defined once here, on the class, so that the class says what its instances do.
+for _name, _value in vars(Filesystem).items():
+    if not _name.startswith("_") and callable(_value) and _name not in vars(DaxFilesystem):
+        setattr(DaxFilesystem, _name, _delegate(_name))
+del _name, _value
