@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vhostfs import __version__, sandbox, seccomp
+from vhostfs.fs import passthrough
 from vhostfs.fs.filehandles import INODE_FILE_HANDLES
 from vhostfs.fs.passthrough import CACHE_POLICIES
 
@@ -526,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args, group, keep_caps = _parse(argv)
     set_rlimit_nofile(args.rlimit_nofile)
+    passthrough.prepare_process()
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     lock_fd = -1

@@ -23,7 +23,7 @@ import os
 import sys
 
 from vhostfs.cli import LOG_LEVELS, add_passthrough_options, apply_passthrough_o, passthrough_options
-from vhostfs.fs.passthrough import Passthrough
+from vhostfs.fs.passthrough import Passthrough, prepare_process
 from vhostfs.fuse.fusedev import serve_filesystem
 
 log = logging.getLogger("vhostfs")
@@ -92,6 +92,7 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
+    prepare_process()
     try:
         fs = Passthrough(args.shared_dir, **passthrough_options(args))
     except (OSError, ValueError) as exc:  # a bad --xattrmap, no file handles with "mandatory"

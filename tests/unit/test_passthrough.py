@@ -19,7 +19,7 @@ import pytest
 
 from vhostfs import native
 from vhostfs.fs.inodes import InodeTable
-from vhostfs.fs.passthrough import Passthrough
+from vhostfs.fs.passthrough import Passthrough, prepare_process
 from vhostfs.fuse.abi import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 from vhostfs.fuse.filesystem import ROOT_ID, STATX_BASIC_STATS, TIME_NOW, Context, SetAttr
 from vhostfs.iov import Reader, Writer
@@ -928,3 +928,27 @@ def test_ioctl_setflags_on_a_readonly_share_is_erofs(make, share):
     nodeid = lookup(fs, "f")
     fh = fs.open(CTX, nodeid, os.O_RDONLY).fh
     raises_errno(errno.EROFS, fs.ioctl, CTX, nodeid, fh, 0, _FS_IOC_SETFLAGS, 0, bytes(4), 4)
+
+
+def test_the_constructor_leaves_the_process_alone(share):
+    """umask and groups are the program's start-up business (prepare_process), not the constructor's."""
+    old = os.umask(0o027)
+    try:
+        Passthrough(str(share)).close()
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="supplementary groups are dropped only as root")
+def test_as_root_supplementary_groups_are_refused(share):
+    groups = os.getgroups()
+    os.setgroups([12345])
+    try:
+        with pytest.raises(ValueError, match="prepare_process"):
+            Passthrough(str(share))
+        prepare_process()
+        assert os.getgroups() == [] and os.umask(0) == 0
+        Passthrough(str(share)).close()
+    finally:
+        os.setgroups(groups)

@@ -118,13 +118,6 @@ def test_announce_submounts_flags_a_host_mount_point(make, share):
 # -- ownership and privileges ------------------------------------------------------------------------------
 
 @ROOT_ONLY
-def test_daemon_drops_supplementary_groups(make):
-    os.setgroups([4242])
-    make()
-    assert os.getgroups() == []
-
-
-@ROOT_ONLY
 def test_setgid_directory_passes_its_group_on(make, share):
     d = share / "team"
     d.mkdir()

@@ -28,15 +28,15 @@ Credentials: when the daemon runs as root, the calls that create a node (mknod, 
 create) run with the thread's fsuid/fsgid switched to the caller's (`_as_caller`), so new files belong
 to the guest user and the host checks the guest user's permission to create them (a setgid directory
 passes its group on, and a set-group-ID bit the guest user may not set is dropped, as on the host).
-The constructor drops the daemon's supplementary groups, which would otherwise count as the guest
-user's in those checks. Everything else runs with the daemon's credentials; the guest kernel mounts
+The process must hold no supplementary groups, which would otherwise count as the guest user's in
+those checks (`prepare_process`). Everything else runs with the daemon's credentials; the guest kernel mounts
 virtio-fs with default_permissions and checks access itself.
 
 Locks: POSIX record locks and flock(2) locks are held on the host (locks.py), so they conflict between
 guest processes and with host processes alike.
 
-The constructor sets the process umask to 0: the guest has already applied its own umask (or passes it
-to be applied here), and the daemon's umask must not change the modes a second time.
+The process umask must be 0 (`prepare_process`): the guest has already applied its own umask (or
+passes it to be applied here), and the daemon's umask must not change the modes a second time.
 """
 
 from __future__ import annotations
@@ -153,6 +153,19 @@ _FLOCK_OPS = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.
 _FALLOC_FL_ALL = 0x7F
 
 
+def prepare_process() -> None:
+    """Makes the process-wide settings the passthrough relies on (see the module doc): umask 0 and,
+    when running as root, no supplementary groups.
+
+    A program that serves a Passthrough calls it once at start-up, before building one: the daemon
+    and `vhostfs mount` do. The constructor changes nothing in the process; as root it refuses to
+    start while supplementary groups are held.
+    """
+    if os.geteuid() == 0:
+        os.setgroups([])
+    os.umask(0)
+
+
 def _check_name(name: bytes) -> None:
     """Raises unless `name` is one ordinary path component (not b"." or b"..")."""
     if not name or b"/" in name or b"\0" in name or name in _DOTS:
@@ -224,6 +237,10 @@ class Passthrough(Filesystem):
                  fd_budget: int | None = None, security_label: bool = False) -> None:
         if cache not in CACHE_POLICIES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
+        if os.geteuid() == 0 and os.getgroups():
+            # Root's supplementary groups would count for every guest user once fsuid/fsgid are
+            # switched (the host checks group membership with them).
+            raise ValueError("the process holds supplementary groups: call prepare_process() first")
         self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
         self._readonly = readonly
         self._xattr = xattr or posix_acl or security_label
@@ -263,11 +280,6 @@ class Passthrough(Filesystem):
         self._flock = flock
         self._locks = LockTable(self._reopen_fd, lock_wait)
         self._switch_creds = os.geteuid() == 0
-        if self._switch_creds:
-            # Root's supplementary groups would count for every guest user once fsuid/fsgid are
-            # switched (the host checks group membership with them), so the daemon holds none.
-            os.setgroups([])
-        os.umask(0)
 
     def close(self) -> None:
         """Releases every node and handle and closes the root; the object is unusable afterwards."""
