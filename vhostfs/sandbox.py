@@ -1,8 +1,8 @@
 """The daemon's sandbox, as virtiofsd's --sandbox: namespace, chroot or none.
 
-It lives at the top of the package (not under fs/ as DESIGN.md sketched it) because it changes the
-whole process, not the file system code: the command line calls it between listening on the socket
-and serving.
+It lives at the top of the package, not under fs/, because it changes the whole process, not the
+file system code: the command line calls it between listening on the socket and serving (see
+docs/architecture.md, "Security model").
 
 Entering happens in two steps around building the file system, because the passthrough must open the
 share and /proc/self/fd while they can still be named by path:

@@ -1,6 +1,6 @@
 """Passthrough: serves a host directory (the shared dir) to an untrusted guest.
 
-Security model (see DESIGN.md):
+Security model (see docs/architecture.md, "Security model"):
 
 - Every node the guest knows is an O_PATH fd held in the `InodeTable`; host paths are only ever
   resolved as one component relative to such a directory fd, with O_NOFOLLOW / AT_SYMLINK_NOFOLLOW.
