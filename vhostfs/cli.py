@@ -433,7 +433,8 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
         log.warning("--security-label: the host will refuse security.* labels without SELinux; keep "
                     "CAP_SYS_ADMIN (--modcaps=+sys_admin) or store them elsewhere with --xattrmap")
     if args.seccomp != "none" and not seccomp.supported():
-        parser.error(f"--seccomp={args.seccomp}: {seccomp.UNSUPPORTED}")
+        parser.error(f"--seccomp={args.seccomp}: {seccomp.UNSUPPORTED} (this is {os.uname().machine}); "
+                     "run with --seccomp=none")
     return args, group, keep_caps
 
 

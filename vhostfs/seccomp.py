@@ -14,7 +14,9 @@ or, for a user namespace, a process with a single thread.
 The filter is a classic BPF program (linux/filter.h, linux/seccomp.h) over struct seccomp_data: it
 checks the architecture first (a syscall number means something else under another ABI), refuses the
 x32 ABI (numbers with __X32_SYSCALL_BIT set reach the same table), then compares the number with
-each allowed one. Only x86_64 has a table; elsewhere `install` refuses with SeccompError.
+each allowed one. The tables are per architecture (`ARCHITECTURES`, by `os.uname().machine`), and only
+x86_64 has one: elsewhere the daemon refuses --seccomp other than none at start-up, naming the
+machine, rather than serving without the filter it was asked for.
 
 SECCOMP_FILTER_FLAG_TSYNC gives the filter to every thread of the process at once; the daemon has
 only its main thread by then, but a thread started by a library would otherwise escape it.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 
 from vhostfs import native
 
@@ -59,7 +62,6 @@ PR_SET_NO_NEW_PRIVS = 38
 #: --seccomp modes and what a call off the list does.
 ACTIONS = {"kill": SECCOMP_RET_KILL_PROCESS, "log": SECCOMP_RET_LOG, "trap": SECCOMP_RET_TRAP}
 
-UNSUPPORTED = "the seccomp filter has a system call table for x86_64 only"
 
 #: The allowed system calls, name -> x86_64 number (asm/unistd_64.h). Checked in this order, so the
 #: calls of every request come first.
@@ -111,32 +113,65 @@ SYSCALLS_X86_64 = {
 SYSLOG_SYSCALLS_X86_64 = {"socket": 41, "connect": 42}
 
 
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the filter needs to know of one system call ABI."""
+
+    #: seccomp_data.arch of its calls (AUDIT_ARCH_*, linux/audit.h).
+    audit_arch: int
+    #: The allowed calls, name -> number.
+    syscalls: dict[str, int]
+    #: Added with --syslog.
+    syslog_syscalls: dict[str, int]
+    #: Numbers with this bit set reach the same table under another ABI (x86_64's x32); 0: none.
+    refused_bit: int = 0
+
+
+#: The architectures with a system call table, by `os.uname().machine`.
+ARCHITECTURES = {
+    "x86_64": Architecture(AUDIT_ARCH_X86_64, SYSCALLS_X86_64, SYSLOG_SYSCALLS_X86_64, X32_SYSCALL_BIT),
+}
+
+UNSUPPORTED = f"the seccomp filter has system call tables for {', '.join(ARCHITECTURES)} only"
+
+
 class SeccompError(Exception):
     """The filter could not be installed (the daemon must not serve without the filter it was asked for)."""
 
 
+def architecture() -> Architecture | None:
+    """This machine's system call table, or None if there is none here."""
+    return ARCHITECTURES.get(os.uname().machine)
+
+
 def supported() -> bool:
-    """Whether this machine has a system call table here (x86_64)."""
-    return os.uname().machine == "x86_64"
+    """Whether this machine has a system call table here."""
+    return architecture() is not None
 
 
 def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return SOCK_FILTER.pack(code, jt, jf, k)
 
 
-def program(action: int, syscalls: dict[str, int]) -> bytes:
+def program(action: int, syscalls: dict[str, int], arch: Architecture = ARCHITECTURES["x86_64"]) -> bytes:
     """The classic BPF program: `syscalls` (numbers, in order) are allowed, anything else gets `action`.
 
-    A call from another architecture or from the x32 ABI gets `action` too.
+    A call from another architecture than `arch` or from the ABI its `refused_bit` marks gets `action`
+    too.
     """
     insns = [
         _insn(BPF_LD | BPF_W | BPF_ABS, SECCOMP_DATA_ARCH),
-        _insn(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, jt=1),
+        _insn(BPF_JMP | BPF_JEQ | BPF_K, arch.audit_arch, jt=1),
         _insn(BPF_RET | BPF_K, action),
         _insn(BPF_LD | BPF_W | BPF_ABS, SECCOMP_DATA_NR),
-        _insn(BPF_JMP | BPF_JGE | BPF_K, X32_SYSCALL_BIT, jf=1),
-        _insn(BPF_RET | BPF_K, action),
     ]
+    if arch.refused_bit:
+        insns += [
+            _insn(BPF_JMP | BPF_JGE | BPF_K, arch.refused_bit, jf=1),
+            _insn(BPF_RET | BPF_K, action),
+        ]
     for number in dict.fromkeys(syscalls.values()):
         # Equal: fall through to ALLOW; otherwise skip it to the next comparison.
         insns.append(_insn(BPF_JMP | BPF_JEQ | BPF_K, number, jf=1))
@@ -152,14 +187,15 @@ def install(mode: str, syslog: bool = False) -> None:
     """
     if mode not in ACTIONS:
         raise SeccompError(f"unknown seccomp mode {mode!r}")
-    if not supported():
+    arch = architecture()
+    if arch is None:
         raise SeccompError(f"--seccomp={mode}: {UNSUPPORTED} (this is {os.uname().machine})")
-    syscalls = dict(SYSCALLS_X86_64)
+    syscalls = dict(arch.syscalls)
     if syslog:
-        syscalls.update(SYSLOG_SYSCALLS_X86_64)
+        syscalls.update(arch.syslog_syscalls)
     try:
         native.prctl(PR_SET_NO_NEW_PRIVS, 1)
-        failed = native.seccomp_filter(SECCOMP_FILTER_FLAG_TSYNC, program(ACTIONS[mode], syscalls))
+        failed = native.seccomp_filter(SECCOMP_FILTER_FLAG_TSYNC, program(ACTIONS[mode], syscalls, arch))
     except OSError as e:
         raise SeccompError(f"--seccomp={mode}: cannot install the filter: {e}") from e
     if failed:
