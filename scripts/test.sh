@@ -17,9 +17,7 @@ repo=$(dirname "$here")
 missing=()
 command -v fusermount3 >/dev/null || missing+=(fuse3)
 command -v fio >/dev/null || missing+=(fio)
-if [ ${#missing[@]} -gt 0 ]; then
-    apt_install "${missing[@]}" || log "continuing without ${missing[*]}"
-fi
+[ ${#missing[@]} -eq 0 ] || install_needed "${missing[@]}"
 # Building the guest here keeps its apt and download time out of the tests' timeouts; when it is not
 # possible the e2e fixture finds out again and reports why.
 # debian13 (QEMU 10, Linux 6.12) is unpacked once per machine into a cache outside the clone.
@@ -30,4 +28,5 @@ done
 
 python=$(ensure_venv "$repo" test)
 cd "$repo"
-exec "$python" -m pytest -q tests "$@"
+# -rs: every skipped test is listed with its reason at the end.
+exec "$python" -m pytest -q -rs tests "$@"

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.needs import running_in_ci, skip_unless_ci  # noqa: F401 (the harness's rule, for the tests)
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD_GUEST = REPO / "scripts" / "build-guest.sh"
 # build-guest.sh's status for "something needed cannot be had here" (see scripts/common.sh).
@@ -99,10 +101,6 @@ def daemon_command() -> list[str]:
     """The daemon under test: $VHOSTFS_E2E_DAEMON (shell-quoted, with {sock} and {dir}) or vhostfs."""
     override = os.environ.get(DAEMON_ENV)
     return shlex.split(override) if override else list(DEFAULT_DAEMON)
-
-
-def running_in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
 @functools.cache

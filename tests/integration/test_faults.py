@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import skip_unless_ci
 from vhostfs.fuse import abi
 from vhostfs.testing.frontend import Frontend
 from vhostfs.testing.fuse_client import FuseClient, expect_errno
@@ -322,7 +323,7 @@ class SlowMount:
 
 def test_blocked_request_does_not_stall_other_queues(tmp_path):
     if shutil.which("fusermount3") is None or not os.path.exists("/dev/fuse"):
-        pytest.skip("needs fusermount3 and /dev/fuse")
+        skip_unless_ci("needs fusermount3 (Debian package fuse3) and /dev/fuse")
     shared = tmp_path / "share"
     (shared / "slow").mkdir(parents=True)
     (shared / "fast").write_bytes(b"fast")
