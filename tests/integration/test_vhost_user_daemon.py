@@ -3,8 +3,12 @@ logging for live migration, stopping and resuming rings, memory and call fds cha
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
+import struct
+import subprocess
+import sys
 
 from vhostfs.fuse import abi
 from vhostfs.testing.frontend import PAGE
@@ -189,3 +193,29 @@ def test_call_fd_replaced_while_running(daemon):
             assert not signalled_old
         finally:
             os.close(old)
+
+
+def test_precopy_migration_of_the_session_is_refused(daemon, tmp_path):
+    """The FUSE session (node ids, open files) does not move with the guest, so the daemon neither
+    claims migrate-precopy nor offers or accepts the device state transfer (vhost-user.rst,
+    "Migrating back-end state"), and a front end that asks anyway is told no and served on."""
+    caps = json.loads(subprocess.run([sys.executable, "-m", "vhostfs", "--print-capabilities"],
+                                     capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert "migrate-precopy" not in caps["features"]
+    with daemon.connect() as fe:
+        fe.setup(queues=2)
+        assert not fe.call_u64(R.VHOST_USER_GET_PROTOCOL_FEATURES) & 1 << m.VHOST_USER_PROTOCOL_F_DEVICE_STATE
+        client = FuseClient(fe)
+        client.init()
+        read_end, write_end = os.pipe()
+        try:
+            # struct VhostUserTransferDeviceState: direction SAVE (0), phase STOPPED (0).
+            fe.send(R.VHOST_USER_SET_DEVICE_STATE_FD, struct.pack("=II", 0, 0), [write_end],
+                    need_reply=True)
+            assert m.U64.unpack(fe.recv_reply(R.VHOST_USER_SET_DEVICE_STATE_FD))[0] != 0
+            assert fe.ack(R.VHOST_USER_CHECK_DEVICE_STATE) != 0
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        assert "refusing unsupported VHOST_USER_SET_DEVICE_STATE_FD" in daemon.log_text()
+        check_statfs(client, daemon.shared)
