@@ -1,6 +1,7 @@
 #!/bin/bash
-# Runs the whole test suite (unit, integration, e2e) from the repository's .venv and exits with
-# pytest's status; extra arguments go to pytest (e.g. scripts/test.sh -k readdir).
+# Runs the whole test suite (fuzzers under coverage, unit, integration, e2e) from the repository's
+# .venv and fails if any part fails; with arguments, runs just pytest with them
+# (e.g. scripts/test.sh tests/unit -k readdir).
 #
 # On a fresh Debian 12 machine, as root, it first installs what the tests use: fuse3 for the
 # /dev/fuse mounts, fio for the I/O workloads, QEMU and the guest's build tools for the e2e tests,
@@ -29,4 +30,11 @@ done
 python=$(ensure_venv "$repo" test)
 cd "$repo"
 # -rs: every skipped test is listed with its reason at the end.
-exec "$python" -m pytest -q -rs tests "$@"
+if [ $# -gt 0 ]; then
+    exec "$python" -m pytest -q -rs "$@"
+fi
+# The whole suite: the fuzzers run once, under coverage (scripts/fuzz-coverage.sh), then the rest.
+status=0
+"$here/fuzz-coverage.sh" || status=$?
+"$python" -m pytest -q -rs tests --ignore=tests/fuzz || status=$?
+exit "$status"
