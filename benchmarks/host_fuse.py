@@ -6,7 +6,8 @@ Runs the same workload on three targets, one after the other:
   pyfuse3   pyfuse3's passthroughfs example (installed from PyPI by this script, with libfuse3-dev)
 
 The workload: fio (psync; 1 MiB sequential read and write, 4 KiB random read and write, buffered and
-with O_DIRECT so that every request reaches the file server; a job the file system fails shows as nan)
+with O_DIRECT so that every request reaches the file server; a job the file system fails shows as
+"failed" in the table and the plot, and fails the run if the host directory or vhostfs failed it)
 and a metadata loop (create, stat, open/close, rename, unlink of NFILES files). It prints a table and
 writes it, with a PNG plot, to --out (default ./host-fuse-report). Needs root and /dev/fuse; fio,
 pyfuse3 and matplotlib are installed when missing.
@@ -20,6 +21,7 @@ import argparse
 import glob
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -50,8 +52,9 @@ def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kw)
 
 
-def ensure_tools(need_pyfuse3: bool) -> str | None:
-    """Installs fio (and pyfuse3 with its build needs); returns the path of passthroughfs.py."""
+def ensure_tools(need_pyfuse3: bool, need_plot: bool = True) -> str | None:
+    """Installs fio (and pyfuse3 with its build needs, and matplotlib for the plot); returns the path
+    of passthroughfs.py."""
     apt = [] if shutil.which("fio") else ["fio"]
     if need_pyfuse3:
         apt += ["libfuse3-dev", "pkg-config", "fuse3"]
@@ -59,7 +62,7 @@ def ensure_tools(need_pyfuse3: bool) -> str | None:
         sh("apt-get", "install", "-y", "-q", *apt, stdout=subprocess.DEVNULL, env={**os.environ,
            "DEBIAN_FRONTEND": "noninteractive"})
     # Benchmark-only dependencies: the peer and the plot.
-    wanted = ["matplotlib"] + (["pyfuse3"] if need_pyfuse3 else [])
+    wanted = (["matplotlib"] if need_plot else []) + (["pyfuse3"] if need_pyfuse3 else [])
     missing = [name for name in wanted if importlib.util.find_spec(name) is None]
     if missing:
         sh(sys.executable, "-m", "pip", "install", "-q", *missing)
@@ -138,7 +141,11 @@ def run_target(name: str, src: Path, mnt: Path, args, example: str | None) -> di
         where = mnt
     try:
         # Metadata first: a peer that cannot do O_DIRECT I/O may die in the fio jobs.
-        results = metadata(where, args.nfiles)
+        try:
+            results = metadata(where, args.nfiles)
+        except OSError as e:  # the file server died, or refused
+            print(f"  metadata failed: {e}")
+            results = dict.fromkeys(META, float("nan"))
         results.update({fig: fio(where, fig, rw, bs, args.runtime, args.size) for fig, rw, bs, _ in FIO_JOBS})
         return results
     finally:
@@ -148,6 +155,13 @@ def run_target(name: str, src: Path, mnt: Path, args, example: str | None) -> di
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def relative(results: dict[str, dict[str, float]], target: str, figures: list[str]) -> list[float]:
+    """`target`'s figures relative to the host directory's (as they are without a host run); NaN
+    where the target or the host failed the figure."""
+    host = results.get("host")
+    return [results[target][f] / host[f] if host is not None else results[target][f] for f in figures]
 
 
 def plot(results: dict[str, dict[str, float]], path: Path) -> None:
@@ -162,16 +176,23 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
     width = 0.8 / len(targets)
     fig, ax = plt.subplots(figsize=(11, 4.5))
     for i, target in enumerate(targets):
-        rel = [results[target][f] / results["host"][f] if "host" in results else results[target][f]
-               for f in figures]
-        ax.bar([x + i * width for x in range(len(figures))], [0 if r != r else r for r in rel], width,
-               label=target)
+        xs = [x + i * width for x in range(len(figures))]
+        heights = relative(results, target, figures)
+        # A failed figure gets no bar (a NaN height draws nothing) and says so: never a bar of 0.
+        ax.bar(xs, heights, width, label=target)
+        for x, h in zip(xs, heights, strict=True):
+            if math.isnan(h):
+                ax.text(x, 0, "failed", rotation=90, ha="center", va="bottom", fontsize=7, color="red")
     ax.set_xticks([x + width * (len(targets) - 1) / 2 for x in range(len(figures))], figures, rotation=20)
     ax.set_ylabel("relative to the host directory" if "host" in results else "figure")
     ax.set_title("vhostfs over /dev/fuse (higher is better)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _cell(value: float) -> str:
+    return f"{'failed':>12}" if math.isnan(value) else f"{value:>12.0f}"
 
 
 def main() -> None:
@@ -181,9 +202,10 @@ def main() -> None:
     ap.add_argument("--nfiles", type=int, default=2000)
     ap.add_argument("--targets", default="host,vhostfs,pyfuse3")
     ap.add_argument("--out", default="host-fuse-report")
+    ap.add_argument("--no-plot", action="store_true", help="write the table only (no matplotlib)")
     args = ap.parse_args()
     targets = args.targets.split(",")
-    example = ensure_tools("pyfuse3" in targets)
+    example = ensure_tools("pyfuse3" in targets, not args.no_plot)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         src, mnt = Path(tmp, "src"), Path(tmp, "mnt")
@@ -198,7 +220,7 @@ def main() -> None:
     lines = [f"{'figure':<22}" + "".join(f"{t:>12}" for t in targets) + "  unit"
              + ("   vhostfs/pyfuse3" if {"vhostfs", "pyfuse3"} <= set(targets) else "")]
     for figure, unit in units.items():
-        row = f"{figure:<22}" + "".join(f"{results[t][figure]:>12.0f}" for t in targets) + f"  {unit:<6}"
+        row = f"{figure:<22}" + "".join(_cell(results[t][figure]) for t in targets) + f"  {unit:<6}"
         if {"vhostfs", "pyfuse3"} <= set(targets):
             row += f"  {results['vhostfs'][figure] / results['pyfuse3'][figure]:>10.2f}"
         lines.append(row)
@@ -208,8 +230,15 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / "results.txt").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "results.png")
-    print(f"report: {out}/results.txt, {out}/results.png")
+    if not args.no_plot:
+        plot(results, out / "results.png")
+    print(f"report: {out}/results.txt" + ("" if args.no_plot else f", {out}/results.png"))
+    # The peer may fail jobs it cannot serve (O_DIRECT); the host directory and vhostfs must not.
+    failed = [f"{t} {f}" for t in ("host", "vhostfs") if t in results
+              for f, v in results[t].items() if math.isnan(v)]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
