@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from tests.fuzz.vhost_user_corpus import (
@@ -304,4 +304,5 @@ def test_session_survives_mutated_seed_sessions(data):
         peer.close()
     assert not peer.errors, peer.errors
     _check_replies(replies, sent, framing_ok, reset)
+    event(f"framing intact to the end: {framing_ok}")
     assert _open_fds() <= before

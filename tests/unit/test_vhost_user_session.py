@@ -4,6 +4,7 @@ Each refused request must leave the session serving (the next request still answ
 state in place.
 """
 
+import gc
 import os
 import socket
 import threading
@@ -174,7 +175,10 @@ def test_bad_memory_tables_keep_the_old_one(pair, case):
     acked(fe)
     assert fe.set_mem_table() == 0
     old = session.memory
+    before = _open_fds()
     fds = [memfd(0x10000), memfd(0x10000)]
+    # A refused region is unmapped at once: its fd must not wait for the garbage collector.
+    gc.disable()
     try:
         payload, send = {
             "fd_count": (mem_table((0, 0x10000, 0x1000000, 0)), fds),
@@ -190,8 +194,35 @@ def test_bad_memory_tables_keep_the_old_one(pair, case):
     finally:
         for fd in fds:
             os.close(fd)
+        gc.enable()
     assert session.memory is old
     assert fe.call_u64(R.VHOST_USER_GET_QUEUE_NUM) == 2
+    assert _open_fds() <= before
+
+
+def _open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def test_a_refused_added_region_is_unmapped_at_once(pair):
+    """Found by the fuzzer: ADD_MEM_REG overlapping a region kept its mapping (and fd) until the
+    garbage collector ran."""
+    fe, session, *_ = pair
+    acked(fe)
+    assert fe.set_mem_table() == 0
+    old = session.memory
+    before = _open_fds()
+    fd = memfd(0x10000)
+    gc.disable()
+    try:
+        region = bytes(8) + m.MEMORY_REGION.pack(0, 0x10000, 0x7E00_0000_0000, 0)  # over the table's
+        assert fe.ack(R.VHOST_USER_ADD_MEM_REG, region, [fd]) != 0
+        os.close(fd)
+        assert fe.call_u64(R.VHOST_USER_GET_QUEUE_NUM) == 2
+        assert _open_fds() <= before
+    finally:
+        gc.enable()
+    assert session.memory is old
 
 
 def test_add_and_remove_regions(pair):

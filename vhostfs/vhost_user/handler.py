@@ -346,8 +346,16 @@ class Session:
         regions = m.parse_mem_table(msg.payload)
         if len(msg.fds) != len(regions):
             raise m.VhostUserError(f"{len(regions)} regions but {len(msg.fds)} fds")
-        mapped = [map_region(region, fd) for region, fd in zip(regions, msg.fds, strict=True)]
-        self._set_memory(GuestMemory(mapped))
+        mapped: list[MappedRegion] = []
+        try:
+            for region, fd in zip(regions, msg.fds, strict=True):
+                mapped.append(map_region(region, fd))
+            memory = GuestMemory(mapped)
+        except BaseException:
+            for r in mapped:
+                r.unmap()
+            raise
+        self._set_memory(memory)
 
     def add_mem_reg(self, msg: Message) -> None:
         region = m.parse_single_region(msg.payload)
@@ -355,7 +363,13 @@ class Session:
             raise m.VhostUserError(f"ADD_MEM_REG with {len(msg.fds)} fds")
         if len(self.memory.regions) >= MAX_MEM_SLOTS:
             raise m.VhostUserError(f"all {MAX_MEM_SLOTS} memory slots are in use")
-        self._set_memory(self.memory.with_region(map_region(region, msg.fds[0])))
+        mapped = map_region(region, msg.fds[0])
+        try:
+            memory = self.memory.with_region(mapped)
+        except BaseException:
+            mapped.unmap()
+            raise
+        self._set_memory(memory)
 
     def rem_mem_reg(self, msg: Message) -> None:
         region = m.parse_single_region(msg.payload)
