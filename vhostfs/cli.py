@@ -26,6 +26,7 @@ from vhostfs import __version__, sandbox, seccomp
 from vhostfs.fs import passthrough
 from vhostfs.fs.filehandles import INODE_FILE_HANDLES
 from vhostfs.fs.passthrough import CACHE_POLICIES
+from vhostfs.fs.vfs import MAX_MOUNTS
 
 log = logging.getLogger("vhostfs")
 
@@ -95,11 +96,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-listening", action="store_true",
                    help="serve the next front end after one disconnects (default: exit, like virtiofsd)")
     p.add_argument("--shared-dir", help="the host directory to share")
+    p.add_argument("--mount", action="append", default=[], metavar="GUEST_PATH=HOST_DIR[:OPTIONS]",
+                   help="share HOST_DIR at GUEST_PATH of one tree of several file systems (repeatable; "
+                        "instead of --shared-dir). OPTIONS, comma-separated, override the passthrough "
+                        "options for this mount: ro, cache=MODE, xattr, no_submount, ...; a last "
+                        "':lowerdir=DIR[:DIR...]' serves an overlay of those read-only directories "
+                        "(topmost first) under HOST_DIR, with userxattr among the OPTIONS if wanted")
+    p.add_argument("--max-mounts", type=int, default=None, metavar="N",
+                   help="how many file systems --mount and the control API may mount at once (default 256)")
+    p.add_argument("--api-socket", metavar="PATH",
+                   help="serve the control API (HTTP/JSON: mount, umount, list at run time) on this Unix "
+                        "socket, for the daemon's owner only; see `vhostfs ctl`")
     p.add_argument("--tag", help="virtio-fs tag, served through the device configuration space")
     add_passthrough_options(p)
+    add_overlay_options(p)
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
+    p.add_argument("--record-vhost-user", metavar="FILE",
+                   help="write one line per vhost-user message (both directions, the back-end channel "
+                        "too) to FILE, for looking at a VMM's session (format: vhostfs/vhost_user/record.py)")
     p.add_argument("--rlimit-nofile", type=int, metavar="N",
                    help="set RLIMIT_NOFILE to N at start (0: leave it; default: raise it to "
                         "min(hard limit, 1000000))")
@@ -183,10 +199,38 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inode-file-handles", choices=INODE_FILE_HANDLES, default="never",
                    help="hold the files the kernel knows by file handles instead of open fds, so that "
                         "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
-                        "can, mandatory: refuse to start otherwise (default: never)")
+                        "can, mandatory: refuse to start otherwise (default: never for the daemon, as "
+                        "virtiofsd; prefer for vhostfs mount). Without handles, idle fds are closed when "
+                        "fds run short and the files found again by name")
     p.add_argument("--security-label", action="store_true",
                    help="set the security context the kernel gives a new file (FUSE_SECURITY_CTX) as an "
                         "extended attribute on the host file; implies --xattr")
+
+
+def add_overlay_options(p: argparse.ArgumentParser) -> None:
+    """Adds the options that turn the shared directory into the upper layer of an overlay (see
+    `shared_filesystem`): the same spellings for `vhostfs` and `vhostfs mount`."""
+    p.add_argument("--overlay-lower", action="append", default=[], metavar="DIR",
+                   help="serve an overlay: DIR is a read-only lower layer under the shared directory, "
+                        "which becomes the writable upper layer, in the on-disk format of the kernel's "
+                        "overlayfs; repeat for more layers, topmost first (as the kernel's lowerdir)")
+    p.add_argument("--overlay-userxattr", action="store_true",
+                   help="keep the overlay's markers in user.overlay.* extended attributes instead of "
+                        "trusted.overlay.* (the kernel's userxattr option)")
+
+
+def shared_filesystem(args: argparse.Namespace) -> Any:
+    """The file system the options of add_passthrough_options and add_overlay_options describe: the
+    passthrough of `args.shared_dir`, or with --overlay-lower, the overlay of the lower directories
+    under it. Raises ValueError (or OSError) for a configuration that cannot be served."""
+    if args.overlay_lower:
+        from vhostfs.fs.overlay import OverlayFs
+
+        return OverlayFs.from_dirs(args.shared_dir, args.overlay_lower, userxattr=args.overlay_userxattr,
+                                   **passthrough_options(args))
+    from vhostfs.fs.passthrough import Passthrough
+
+    return Passthrough(args.shared_dir, **passthrough_options(args))
 
 
 def _non_negative(text: str) -> int:
@@ -194,6 +238,34 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
+
+
+def vfs_specs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, str, dict]]:
+    """The parsed `--mount` options (see vhostfs.control.parse_mount_spec); a command-line error for
+    a malformed one, or for --mount beside --shared-dir: a file system at / is alone in the tree."""
+    from vhostfs import control
+
+    if args.mount and args.shared_dir is not None:
+        parser.error("--mount replaces --shared-dir (a directory at / would hide every other mount); "
+                     "use --mount /=DIR only, or --mount GUEST_PATH=DIR for each")
+    specs = []
+    for text in args.mount:
+        try:
+            specs.append(control.parse_mount_spec(text))
+        except ValueError as e:
+            parser.error(str(e))
+    for _, host, options in specs:
+        for path in (host, *options.get("lowerdir", ())):
+            if not os.path.isdir(path):
+                parser.error(f"--mount: {path!r} is not a directory")
+    return specs
+
+
+def _trusted_overlay(args: argparse.Namespace) -> bool:
+    """Whether the command line serves an overlay whose markers are trusted.* attributes."""
+    if args.overlay_lower and not args.overlay_userxattr:
+        return True
+    return any(options.get("lowerdir") and not options.get("userxattr") for _, _, options in args.mounts)
 
 
 def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -369,19 +441,21 @@ class _StartError(Exception):
 
 
 class _SocketFiles:
-    """The socket and its lock file at `path` (None: an inherited socket, nothing to remove).
+    """The socket at `path` and, with `lock`, its lock file (None: an inherited socket, nothing to
+    remove).
 
     The directory is held open so that the files can be removed after a chroot too.
     """
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, lock: bool = True) -> None:
         self.name = os.path.basename(path) if path is not None else ""
+        self.lock = lock
         self.dir_fd = -1 if path is None else os.open(
             os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def remove(self) -> None:
         if self.dir_fd >= 0:
-            for name in (self.name, self.name + ".pid"):
+            for name in (self.name, self.name + ".pid") if self.lock else (self.name,):
                 try:
                     os.unlink(name, dir_fd=self.dir_fd)
                 except FileNotFoundError:
@@ -406,11 +480,16 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     _setup_logging("debug" if args.debug else args.log_level, args.syslog)
     for item in args.ignored_o:
         log.warning("-o %s is accepted and has no effect", item)
-    if args.shared_dir is None:
-        parser.error("--shared-dir (or -o source=DIR) is required")
+    args.mounts = vfs_specs(parser, args)
+    if args.shared_dir is None and not args.mounts:
+        parser.error("--shared-dir (or -o source=DIR) or --mount is required")
+    if args.max_mounts is not None and not 1 <= args.max_mounts <= MAX_MOUNTS:
+        parser.error(f"--max-mounts must be 1..{MAX_MOUNTS}")
+    if args.mounts and args.dax_window_size:
+        parser.error("--dax-window-size serves one --shared-dir, not --mount")
     if (args.socket_path is None) == (args.fd is None):
         parser.error("exactly one of --socket-path (--socket) or --fd is required")
-    if not os.path.isdir(args.shared_dir):
+    if args.shared_dir is not None and not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
     group = None
     if args.socket_group is not None:
@@ -423,8 +502,10 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     if args.rlimit_nofile is not None and args.rlimit_nofile < 0:
         parser.error("--rlimit-nofile must not be negative")
     try:
-        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles).
-        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never")
+        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles), and an
+        # overlay's trusted.overlay.* markers CAP_SYS_ADMIN (unless --overlay-userxattr).
+        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never",
+                                trusted_xattrs=_trusted_overlay(args))
     except caps.CapabilityError as e:
         parser.error(str(e))
     if (args.security_label and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None
@@ -438,15 +519,28 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     return args, group, keep_caps
 
 
-def _build_device(args: argparse.Namespace):
-    """The file system, FUSE server and virtio-fs device the options describe."""
+def _build_device(args: argparse.Namespace, api: bool):
+    """The file system, FUSE server and virtio-fs device the options describe, and with --mount or
+    the control API (`api`) the Vfs and the factory of its mounts (None, None otherwise)."""
     from vhostfs.device import VirtioFsDevice
-    from vhostfs.fs.passthrough import Passthrough
     from vhostfs.fuse.server import FuseServer
 
+    vfs = make_fs = None
     try:
-        fs = Passthrough(args.shared_dir, **passthrough_options(args))
-    except ValueError as e:
+        if args.mounts or api:
+            from vhostfs import control
+
+            # Held for the mounts the control API adds once /proc cannot be named any more.
+            proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            vfs, make_fs = control.build_vfs(args.shared_dir, args.mounts, passthrough_options(args),
+                                             proc_fd, max_mounts=args.max_mounts,
+                                             shared_lowers=args.overlay_lower,
+                                             userxattr=args.overlay_userxattr)
+            fs = vfs
+        else:
+            fs = shared_filesystem(args)
+            log.info("%s", fs.describe_inodes())
+    except (OSError, ValueError) as e:
         raise _StartError(str(e)) from None
     window = None
     if args.dax_window_size:
@@ -456,7 +550,7 @@ def _build_device(args: argparse.Namespace):
         fs = DaxFilesystem(fs, window)
     server = FuseServer(fs, map_alignment=window.alignment_log2 if window is not None else None)
     return VirtioFsDevice(server, tag=args.tag, thread_pool_size=args.thread_pool_size,
-                          dax_window=window, poll_us=args.poll_us)
+                          dax_window=window, poll_us=args.poll_us), vfs, make_fs
 
 
 def _confine(jail, keep_caps: tuple, args: argparse.Namespace) -> None:
@@ -476,9 +570,9 @@ def _confine(jail, keep_caps: tuple, args: argparse.Namespace) -> None:
         raise _StartError(str(e)) from None
 
 
-def _serve(listener: socket.socket, device, keep_listening: bool) -> None:
+def _serve(listener: socket.socket, device, keep_listening: bool, recorder=None) -> None:
     """Serves front ends on `listener` until one disconnects (every one with `keep_listening`) or a
-    SIGTERM/SIGINT arrives."""
+    SIGTERM/SIGINT arrives; `recorder` (a vhost_user.record.Recorder) records their messages."""
     from vhostfs.vhost_user.connection import Connection
     from vhostfs.vhost_user.handler import Session
 
@@ -501,7 +595,7 @@ def _serve(listener: socket.socket, device, keep_listening: bool) -> None:
         log.info("front end connected")
         # A new session per connection; on disconnect it resets the device (queues, FUSE state), so
         # the next front end starts from scratch.
-        Session(device).serve(Connection(conn))
+        Session(device, recorder).serve(Connection(conn, recorder))
         stop.conn = None
         if not keep_listening:
             break
@@ -522,6 +616,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vhostfs import mount_cli
 
         return mount_cli.main(argv[1:])
+    if argv[:1] == ["ctl"]:
+        from vhostfs import control
+
+        return control.ctl_main(argv[1:])
     if "--print-capabilities" in argv:
         # The other options are ignored, as the back-end program conventions ask.
         print(json.dumps(capabilities(), indent=2))
@@ -537,16 +635,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         listener, lock_fd = _listen(args.socket_path, group)
     files = _SocketFiles(args.socket_path)
+    recorder = None
+    if args.record_vhost_user:
+        from vhostfs.vhost_user.record import Recorder
+
+        # Opened before the sandbox closes in: the file is outside the share.
+        recorder = Recorder(open(args.record_vhost_user, "w", encoding="ascii"))  # noqa: SIM115
+    # The control API's socket is made before the sandbox closes in, like the front end's.
+    api_files = _SocketFiles(args.api_socket, lock=False)
+    api_listener = None
+
+    def remove_sockets() -> None:
+        files.remove()
+        api_files.remove()
+
     try:
+        if args.api_socket is not None:
+            from vhostfs import control
+
+            try:
+                api_listener = control.listen(args.api_socket)
+            except OSError as e:
+                raise _StartError(f"--api-socket {args.api_socket}: {e}") from None
         # In namespace mode the process that returns here is the sandboxed child; the outer one
-        # removes the socket when it is done (see vhostfs/sandbox.py).
-        jail = sandbox.prepare(args.sandbox, args.shared_dir, files.remove)
+        # removes the sockets when it is done (see vhostfs/sandbox.py). The sandbox's root is the
+        # share, or the first --mount's directory (the others are held by fds).
+        jail_dir = args.shared_dir if args.shared_dir is not None else args.mounts[0][1]
+        jail = sandbox.prepare(args.sandbox, jail_dir, remove_sockets)
         if args.sandbox == "namespace":
             files.disown()
-        device = _build_device(args)
+            api_files.disown()
+        device, vfs, make_fs = _build_device(args, api_listener is not None)
         _confine(jail, keep_caps, args)
-        log.info("serving %s on %s", args.shared_dir, args.socket_path or f"fd {args.fd}")
-        _serve(listener, device, args.keep_listening)
+        if api_listener is not None:
+            control.ControlServer(vfs, api_listener, make_fs).start()
+            log.info("control API on %s", args.api_socket)
+        shared = (args.shared_dir if vfs is None
+                  else ", ".join(f"{m.source} at {m.path}" for m in vfs.mounts()))
+        log.info("serving %s on %s", shared or "no directory yet", args.socket_path or f"fd {args.fd}")
+        _serve(listener, device, args.keep_listening, recorder)
     except (_StartError, sandbox.SandboxError) as e:
         raise SystemExit(f"vhostfs: {e}") from None
     except SystemExit:
@@ -557,7 +684,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # default action for the handlers set above but keeps SIG_IGN.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        files.remove()
+        remove_sockets()
         if lock_fd >= 0:
             os.close(lock_fd)
+        if recorder is not None:
+            recorder.close()
     return 0

@@ -71,6 +71,8 @@ SYSCALLS_X86_64 = {
     "read": 0, "write": 1, "readv": 19, "writev": 20, "pread64": 17, "pwrite64": 18, "preadv": 295,
     "pwritev": 296, "preadv2": 327, "pwritev2": 328, "lseek": 8, "copy_file_range": 326, "fallocate": 285,
     "ftruncate": 77, "fsync": 74, "fdatasync": 75, "syncfs": 306,
+    # The DAX window: a copy of the last partial page of a mapped file (vhostfs.dax).
+    "memfd_create": 319,
     # Names and attributes: LOOKUP and every *at call of the passthrough (O_PATH fds, reopening
     # through /proc/self/fd), STATFS, READDIR, READLINK; Python's lazy imports read files too.
     "openat": 257, "openat2": 437, "close": 3, "close_range": 436, "dup": 32, "dup2": 33, "dup3": 292,
@@ -88,8 +90,10 @@ SYSCALLS_X86_64 = {
     "llistxattr": 195, "lremovexattr": 198,
     # ... named relative to /proc as a thread's own working directory (passthrough._proc_as_cwd).
     "unshare": 272,
-    # Credentials: per-thread fsuid/fsgid for create-as-caller (passthrough._as_caller).
+    # Credentials: per-thread fsuid/fsgid for create-as-caller (passthrough._as_caller); getgroups for
+    # a passthrough the control API mounts (it has no supplementary groups to drop by then).
     "setfsuid": 122, "setfsgid": 123, "getuid": 102, "geteuid": 107, "getgid": 104, "getegid": 108,
+    "getgroups": 115,
     "getpid": 39, "gettid": 186, "capget": 125,
     # Memory: the allocator, guest memory and DAX window mappings (mmap, msync, munmap).
     "mmap": 9, "munmap": 11, "mremap": 25, "mprotect": 10, "madvise": 28, "brk": 12, "msync": 26,
