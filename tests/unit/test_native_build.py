@@ -25,9 +25,9 @@ def test_a_changed_source_is_compiled_again(tmp_path):
     shutil.copytree(REPO / "vhostfs", tree / "vhostfs", ignore=shutil.ignore_patterns("__pycache__"))
     build = tree / "vhostfs" / "_native_build.py"
     text = build.read_text()
-    marker = '_SOURCE = SOURCE + '
+    marker = "\n_SOURCE = "  # the helper's whole source, whatever it is made of
     assert marker in text
-    build.write_text(text.replace(marker, '_SOURCE = "/* changed */\\n" + SOURCE + ', 1))
+    build.write_text(text.replace(marker, marker + '"/* changed */\\n" + ', 1))
     probe = ("from vhostfs import native; from vhostfs._native_build import BUILD_ID; "
              "print(BUILD_ID, native.ffi.string(native.lib.vhostfs_build_id()).decode(), "
              "native._mod.__file__)")
