@@ -978,14 +978,20 @@ def test_the_constructor_leaves_the_process_alone(share):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="supplementary groups are dropped only as root")
-def test_as_root_supplementary_groups_are_refused(share):
+def test_as_root_a_passthrough_without_prepare_process_is_warned_about(share, monkeypatch, caplog):
+    from vhostfs.fs import passthrough
+
     groups = os.getgroups()
     os.setgroups([12345])
+    monkeypatch.setattr(passthrough, "_prepared", False)
     try:
-        with pytest.raises(ValueError, match="prepare_process"):
-            Passthrough(str(share))
+        Passthrough(str(share)).close()
+        assert "prepare_process() was not called" in caplog.text
+        assert os.getgroups() == [12345]  # the constructor changed nothing
         prepare_process()
         assert os.getgroups() == [] and os.umask(0) == 0
+        caplog.clear()
         Passthrough(str(share)).close()
+        assert "prepare_process" not in caplog.text
     finally:
         os.setgroups(groups)

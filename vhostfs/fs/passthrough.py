@@ -184,7 +184,7 @@ def prepare_process() -> None:
     A program that serves a Passthrough calls it once at start-up, before building one: the daemon
     and `vhostfs mount` do. The constructor changes nothing in the process (and makes no system call
     for it, so that a file system mounted at run time under the seccomp filter needs none); as root
-    it refuses to start unless this ran.
+    it warns if this did not run.
     """
     global _prepared
     if os.geteuid() == 0:
@@ -267,7 +267,8 @@ class Passthrough(Filesystem):
         if os.geteuid() == 0 and not _prepared:
             # Root's supplementary groups would count for every guest user once fsuid/fsgid are
             # switched (the host checks group membership with them).
-            raise ValueError("the process may hold supplementary groups: call prepare_process() first")
+            log.warning("prepare_process() was not called: the process's supplementary groups and umask "
+                        "apply to what guest users create")
         self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
         self._readonly = readonly
         self._xattr = xattr or posix_acl or security_label
