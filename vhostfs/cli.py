@@ -94,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-dir", help="the host directory to share")
     p.add_argument("--tag", help="virtio-fs tag, served through the device configuration space")
     add_passthrough_options(p)
+    p.add_argument("--migration-mode", choices=("find-paths", "file-handles"), default="find-paths",
+                   help="how a migration destination finds the guest's files again: by their paths in "
+                        "the share (default), or by file handles (needs CAP_DAC_READ_SEARCH and the same "
+                        "file system on both hosts)")
+    p.add_argument("--migration-on-error", choices=("abort", "guest-error"), default="abort",
+                   help="a file the destination cannot find again fails the migration (abort, default; "
+                        "the guest goes on at the source), or only that file, whose requests get EIO")
+    p.add_argument("--migration-verify-handles", action="store_true",
+                   help="the destination checks by file handle that each file it found by path is the "
+                        "source's own (the same shared directory on the same file system)")
+    p.add_argument("--migration-confirm-paths", action="store_true",
+                   help="the source checks each path once more before sending it, in case another "
+                        "process renamed files in the share")
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
@@ -251,11 +264,11 @@ def _listen(path: str, group: int | None = None) -> tuple[socket.socket, int]:
 def capabilities() -> dict:
     """The vhost-user back-end description (docs/interop/vhost-user.rst, "Backend program conventions").
 
-    "separate-options" tells libvirt to pass --shared-dir, --cache, ... rather than one `-o` list.
-    "migrate-precopy" is left out: guest memory is dirty-logged (VHOST_F_LOG_ALL), but the FUSE
-    session (node ids, open files) is not transferred, so a migrated guest would lose its files.
+    "separate-options" tells libvirt to pass --shared-dir, --cache, ... rather than one `-o` list;
+    "migrate-precopy" that the back end migrates with the VM (its FUSE session travels as the
+    device state, VHOST_USER_PROTOCOL_F_DEVICE_STATE), which libvirt requires of a virtiofs device.
     """
-    return {"type": "fs", "features": ["separate-options"]}
+    return {"type": "fs", "features": ["migrate-precopy", "separate-options"]}
 
 
 _SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -380,8 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vhostfs.vhost_user.handler import Session
 
     try:
-        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles).
-        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never")
+        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles, and
+        # a destination of --migration-mode file-handles).
+        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never"
+                                or args.migration_mode == "file-handles")
     except caps.CapabilityError as e:
         parser.error(str(e))
     if (args.security_label and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None
@@ -423,7 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
     try:
-        fs = Passthrough(args.shared_dir, **passthrough_options(args))
+        fs = Passthrough(args.shared_dir, **passthrough_options(args), migration_mode=args.migration_mode,
+                         migration_on_error=args.migration_on_error,
+                         migration_verify_handles=args.migration_verify_handles,
+                         migration_confirm_paths=args.migration_confirm_paths)
     except ValueError as e:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
