@@ -113,6 +113,8 @@ class QueueWorker:
         self.new_memory: GuestMemory | None = None
         self.broken = False
         self.stopping = False
+        #: Descriptor chains taken off the ring (requests) since the queue started.
+        self.requests = 0
         self.thread = threading.Thread(target=self._run, name=f"vhostfs-queue{index}", daemon=True)
         self.used_lock = threading.Lock()
         self.in_flight: set[int] = set()
@@ -152,6 +154,7 @@ class QueueWorker:
         for t in self.pool:
             t.join()
         os.close(self.stop_fd)
+        log.debug("queue %d: %d requests served", self.index, self.requests)
         return self.queue.last_avail_idx
 
     def set_memory(self, memory: GuestMemory) -> None:
@@ -206,6 +209,7 @@ class QueueWorker:
                 served = 0
                 while not self.stopping and q.pending():
                     head = q.pop_head()
+                    self.requests += 1
                     if self.pool:
                         self._dispatch(head)
                         continue
