@@ -144,7 +144,8 @@ class Vm:
         try:
             return self.qemu.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name}: QEMU still runs after {timeout} s:\n{self.describe()}") from None
+            raise AssertionError(
+                f"{self.name}: QEMU still runs after {timeout} s:\n{self.describe()}") from None
 
     def describe(self, tail: int = 40) -> str:
         def last(path: Path) -> str:

@@ -133,7 +133,8 @@ def test_two_request_queues(guest_stack: str, tmp_path: Path) -> None:
         daemon = [*daemon, "--log-level", "debug"]
     data = os.urandom(4 << 20)
     (tmp_path / "input.bin").write_bytes(data)
-    (tmp_path / "writer.sh").write_text('for i in $(seq 1 25); do echo "file $1-$i" > "small-$1-$i.txt"; done\n')
+    writer = 'for i in $(seq 1 25); do echo "file $1-$i" > "small-$1-$i.txt"; done\n'
+    (tmp_path / "writer.sh").write_text(writer)
     # One writer pinned to each vCPU: Linux 6.11+ picks the request queue by the submitting CPU.
     script = """
 set -eu -o pipefail
