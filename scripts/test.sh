@@ -17,6 +17,9 @@ repo=$(dirname "$here")
 missing=()
 command -v fusermount3 >/dev/null || missing+=(fuse3)
 command -v fio >/dev/null || missing+=(fio)
+# The migration tests build a small static guest helper (tests/e2e/helpers/mighold.c).
+command -v gcc >/dev/null || missing+=(gcc)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}" || log "continuing without ${missing[*]}"
 fi

@@ -75,10 +75,13 @@ class _Transfer:
                 self._save()
             else:
                 self._load()
-        except Exception as e:  # reported by CHECK_DEVICE_STATE; the session goes on
+        except Exception as e:  # reported by CHECK_DEVICE_STATE too; the session goes on
             self.error = str(e) or type(e).__name__
-            if not isinstance(e, (OSError, ValueError)):
-                log.exception("device state transfer failed")
+            what = "saved" if self.direction == m.VHOST_TRANSFER_STATE_DIRECTION_SAVE else "loaded"
+            if isinstance(e, (OSError, ValueError)):
+                log.error("the device state could not be %s: %s", what, self.error)
+            else:
+                log.exception("the device state could not be %s", what)
         finally:
             if self.fd >= 0:
                 os.close(self.fd)
@@ -629,9 +632,4 @@ class Session:
         transfer, self._transfer = self._transfer, None
         if transfer is None:
             raise m.VhostUserError("CHECK_DEVICE_STATE without a device state transfer")
-        error = transfer.wait()
-        if error is not None:
-            what = "saved" if transfer.direction == m.VHOST_TRANSFER_STATE_DIRECTION_SAVE else "loaded"
-            log.error("the device state could not be %s: %s", what, error)
-            return m.U64.pack(1)
-        return m.U64.pack(0)
+        return m.U64.pack(0 if transfer.wait() is None else 1)
