@@ -5,8 +5,9 @@
 # On a fresh Debian 12 machine, as root, it first installs what the tests use: fuse3 for the
 # /dev/fuse mounts, fio for the I/O workloads, gcc and libc6-dev for the migration tests' static
 # guest helper, QEMU and the guest's build tools for the e2e tests, Debian 13's QEMU and kernel for
-# the guest tests on today's stack (scripts/stack.sh), and vhostfs with its test extras into .venv. Without root it uses what is there; the e2e tests then skip with
-# the reason if the guest cannot be built (except under CI=true, where they fail).
+# the guest tests on today's stack (scripts/stack.sh), and vhostfs with its test extras into .venv.
+# Without root it uses what is there; the e2e tests then skip with the reason if the guest cannot be
+# built (except under CI=true, where they fail).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
