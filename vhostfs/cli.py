@@ -94,19 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-dir", help="the host directory to share")
     p.add_argument("--tag", help="virtio-fs tag, served through the device configuration space")
     add_passthrough_options(p)
-    p.add_argument("--migration-mode", choices=("find-paths", "file-handles"), default="find-paths",
-                   help="how a migration destination finds the guest's files again: by their paths in "
-                        "the share (default), or by file handles (needs CAP_DAC_READ_SEARCH and the same "
-                        "file system on both hosts)")
-    p.add_argument("--migration-on-error", choices=("abort", "guest-error"), default="abort",
-                   help="a file the destination cannot find again fails the migration (abort, default; "
-                        "the guest goes on at the source), or only that file, whose requests get EIO")
-    p.add_argument("--migration-verify-handles", action="store_true",
-                   help="the destination checks by file handle that each file it found by path is the "
-                        "source's own (the same shared directory on the same file system)")
-    p.add_argument("--migration-confirm-paths", action="store_true",
-                   help="the source checks each path once more before sending it, in case another "
-                        "process renamed files in the share")
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
@@ -197,6 +184,19 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--security-label", action="store_true",
                    help="set the security context the kernel gives a new file (FUSE_SECURITY_CTX) as an "
                         "extended attribute on the host file; implies --xattr")
+    p.add_argument("--migration-mode", choices=("find-paths", "file-handles"), default="find-paths",
+                   help="how a migration destination (or a live upgrade's new server) finds the "
+                        "kernel's files again: by their paths in the share (default), or by file "
+                        "handles (needs CAP_DAC_READ_SEARCH and the same file system on both hosts)")
+    p.add_argument("--migration-on-error", choices=("abort", "guest-error"), default="abort",
+                   help="a file the destination cannot find again fails the migration (abort, default; "
+                        "the guest goes on at the source), or only that file, whose requests get EIO")
+    p.add_argument("--migration-verify-handles", action="store_true",
+                   help="the destination checks by file handle that each file it found by path is the "
+                        "source's own (the same shared directory on the same file system)")
+    p.add_argument("--migration-confirm-paths", action="store_true",
+                   help="the source checks each path once more before sending it, in case another "
+                        "process renamed files in the share")
 
 
 def _non_negative(text: str) -> int:
@@ -211,7 +211,8 @@ def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in (
         "cache", "readonly", "xattr", "readdirplus", "writeback", "allow_direct_io", "allow_mmap",
         "announce_submounts", "preserve_noatime", "xattrmap", "posix_lock", "flock", "killpriv_v2",
-        "posix_acl", "inode_file_handles", "security_label")}
+        "posix_acl", "inode_file_handles", "security_label", "migration_mode", "migration_on_error",
+        "migration_verify_handles", "migration_confirm_paths")}
 
 
 def _setup_logging(level: str, use_syslog: bool) -> None:
@@ -438,10 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
     try:
-        fs = Passthrough(args.shared_dir, **passthrough_options(args), migration_mode=args.migration_mode,
-                         migration_on_error=args.migration_on_error,
-                         migration_verify_handles=args.migration_verify_handles,
-                         migration_confirm_paths=args.migration_confirm_paths)
+        fs = Passthrough(args.shared_dir, **passthrough_options(args))
     except ValueError as e:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None

@@ -26,6 +26,7 @@ import socket
 import stat
 import subprocess
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from vhostfs import native
@@ -233,11 +234,12 @@ class FuseDevSession:
 
     The session does not own `fd`: it closes only the clones it opens. `mountpoint`, when given, is
     what `stop` unmounts to end the workers; without it, `stop` only makes each worker exit after its
-    next request, and the session ends when someone unmounts the file system.
+    next request, and the session ends when someone unmounts the file system. `upgradable` sessions
+    read the fd non-blocking, so that `handover` can pause their workers.
     """
 
     def __init__(self, server: FuseServer, fd: int, *, threads: int = 4, max_write: int = 1 << 20,
-                 mountpoint: str | None = None) -> None:
+                 mountpoint: str | None = None, upgradable: bool = False) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         if server.max_write > max_write:
@@ -247,6 +249,7 @@ class FuseDevSession:
         self.threads = threads
         self.max_write = max_write
         self.mountpoint = mountpoint
+        self.upgradable = upgradable
         self._request_size = max_write + _REQUEST_OVERHEAD
         # The server announces max_pages as 4 KiB units of its larger transfer size, and the kernel
         # counts them in its own pages.
@@ -256,6 +259,14 @@ class FuseDevSession:
         self._stopping = False
         self._stopped = threading.Event()
         self._error: OSError | None = None
+        # Live upgrade (`handover`): the workers park between requests while `_paused`; `_wake` gets
+        # them out of their poll; once `_handed_over` they leave without unmounting.
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._cond = threading.Condition()
+        self._paused = False
+        self._parked = 0
+        self._workers = 0
+        self._handed_over = False
 
     def serve(self) -> None:
         """Serves requests until the file system is unmounted or `stop` is called, then returns.
@@ -265,6 +276,13 @@ class FuseDevSession:
         worker give up (an unexpected read error), after stopping the others.
         """
         fds = [self.fd] + [self._clone() for _ in range(self.threads - 1)]
+        if self.upgradable:
+            # Non-blocking reads: a worker waits in poll(2), which a handover can wake (a worker
+            # blocked in read(2) could not be stopped without unmounting). Blocking reads stay the
+            # default: the kernel wakes one blocked reader per request, poll(2) wakes them all.
+            for fd in set(fds):
+                os.set_blocking(fd, False)
+        self._workers = len(fds)
         workers = [threading.Thread(target=self._work, args=(fd,), name=f"fusedev-{i}", daemon=True)
                    for i, fd in enumerate(fds)]
         try:
@@ -285,9 +303,67 @@ class FuseDevSession:
                 self._stopped.wait()
             for fd in set(fds) - {self.fd}:
                 os.close(fd)
+            os.close(self._wake)
             self.server.reset()
         if self._error is not None:
             raise self._error
+
+    @property
+    def handed_over(self) -> bool:
+        """True once `handover` gave the session to a successor (the mount stays)."""
+        return self._handed_over
+
+    def handover(self, give: Callable[[int, bytes], bool], timeout: float = 30) -> bool:
+        """Live upgrade: hands the running session to a successor without unmounting.
+
+        The workers finish the requests they serve (requests waiting without bound, such as a
+        blocking lock, are interrupted and answer EINTR) and park; the session is saved
+        (`FuseServer.save_state`) and `give(fd, state)` passes the /dev/fuse fd and the state on.
+        If it returns True the workers exit and `serve` returns, leaving the mount to the successor;
+        otherwise (or when the session cannot be saved) they go on serving here. The kernel keeps
+        the requests that arrive meanwhile queued for whoever reads the fd next.
+        """
+        with self._cond:
+            if not self.upgradable or self._stopping or self._paused or self._handed_over:
+                return False
+            self._paused = True
+        os.eventfd_write(self._wake, 1)
+        ok = False
+        try:
+            self.server.interrupt_waits()
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._parked == self._workers, timeout):
+                    log.error("handover: %d of %d workers still busy after %s s",
+                              self._workers - self._parked, self._workers, timeout)
+                    return False
+            try:
+                state = self.server.save_state()
+            except OSError as exc:
+                log.error("handover: the session cannot be saved: %s", exc)
+                return False
+            ok = give(self.fd, state)
+            if not ok:
+                self.server.fs.resume_after_save()
+            return ok
+        finally:
+            with self._cond:
+                self._handed_over = ok
+                self._paused = False
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+                self._cond.notify_all()
+
+    def _park(self) -> bool:
+        """Waits while a handover is under way; False once the session was handed over."""
+        with self._cond:
+            self._parked += 1
+            self._cond.notify_all()
+            while self._paused:
+                self._cond.wait()
+            self._parked -= 1
+            return not self._handed_over
 
     def stop(self) -> None:
         """Makes the workers exit: unmounts `mountpoint` (if the session has one) so that their reads
@@ -327,8 +403,14 @@ class FuseDevSession:
         request_view = memoryview(request)
         reply_view = memoryview(bytearray(self._reply_size))
         handle = self.server.handle
-        poller: select.poll | None = None
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
         while not self._stopping:
+            if self._paused:
+                if not self._park():
+                    return
+                continue
             try:
                 n = os.readv(fd, [request])
             except OSError as exc:
@@ -338,10 +420,7 @@ class FuseDevSession:
                     # ENOENT: the request was interrupted and withdrawn before it could be read.
                     continue
                 if exc.errno == errno.EAGAIN:
-                    # A non-blocking fd from the caller: wait for a request instead of spinning.
-                    if poller is None:
-                        poller = select.poll()
-                        poller.register(fd, select.POLLIN)
+                    # Nothing to read: wait for a request, or for a handover to wake us.
                     poller.poll()
                     continue
                 log.error("reading /dev/fuse failed: %s", exc)
@@ -363,13 +442,20 @@ class FuseDevSession:
 
 
 def serve_filesystem(fs: Filesystem, mountpoint: str, *, threads: int = 4, foreground: bool = True,
-                     max_write: int = 1 << 20, **mount_opts: Any) -> None:
+                     max_write: int = 1 << 20, upgrade_socket: str | None = None,
+                     take_over: str | None = None, **mount_opts: Any) -> None:
     """Mounts `fs` at `mountpoint` over /dev/fuse and serves it until it is unmounted, then returns.
 
     `mount_opts` are `mount`'s keyword arguments (fsname, subtype, allow_other, default_permissions,
     options). Called from the main thread, SIGTERM and SIGINT unmount the file system (and so end
     the serving) while it runs; the previous handlers are restored afterwards. `fs.destroy()` is
     called when the session ends.
+
+    Live upgrade (vhostfs.fuse.upgrade): with `upgrade_socket`, a successor may take the mount over
+    through that Unix socket; this call then returns with the file system still mounted. With
+    `take_over`, nothing is mounted: the mount served by the server listening on that socket is
+    taken over, its session loaded into `fs` (StateError or UpgradeError when that fails, and the
+    old server goes on).
 
     With `foreground` False the process forks once the mount is in place: the parent returns at once,
     and the child, in a new session with its standard streams on /dev/null, serves and then exits
@@ -379,7 +465,10 @@ def serve_filesystem(fs: Filesystem, mountpoint: str, *, threads: int = 4, foreg
     """
     mountpoint = os.path.abspath(mountpoint)
     server = FuseServer(fs, max_write=max_write)
-    fd = mount(mountpoint, **mount_opts)
+    if take_over is not None:
+        fd = _take_over(server, take_over)
+    else:
+        fd = mount(mountpoint, **mount_opts)
     if not foreground:
         if os.fork():
             os.close(fd)
@@ -391,16 +480,39 @@ def serve_filesystem(fs: Filesystem, mountpoint: str, *, threads: int = 4, foreg
             os.dup2(null, std)
         os.close(null)
         try:
-            _serve(server, fd, mountpoint, threads, max_write)
+            _serve(server, fd, mountpoint, threads, max_write, upgrade_socket)
         except BaseException:
             log.exception("serving %s failed", mountpoint)
             os._exit(1)
         os._exit(0)
-    _serve(server, fd, mountpoint, threads, max_write)
+    _serve(server, fd, mountpoint, threads, max_write, upgrade_socket)
 
 
-def _serve(server: FuseServer, fd: int, mountpoint: str, threads: int, max_write: int) -> None:
-    session = FuseDevSession(server, fd, threads=threads, max_write=max_write, mountpoint=mountpoint)
+def _take_over(server: FuseServer, path: str) -> int:
+    """The /dev/fuse fd of the mount served on upgrade socket `path`, its session loaded into `server`."""
+    from vhostfs.fuse import upgrade
+
+    fd, state, conn = upgrade.take_over(path)
+    try:
+        server.load_state(state)
+    except (ValueError, OSError) as exc:
+        os.close(fd)
+        upgrade.answer(conn, str(exc))
+        raise
+    upgrade.answer(conn, None)
+    log.info("took over the mount served on %s (%d bytes of session state)", path, len(state))
+    return fd
+
+
+def _serve(server: FuseServer, fd: int, mountpoint: str, threads: int, max_write: int,
+           upgrade_socket: str | None = None) -> None:
+    session = FuseDevSession(server, fd, threads=threads, max_write=max_write, mountpoint=mountpoint,
+                             upgradable=upgrade_socket is not None)
+    listener = None
+    if upgrade_socket is not None:
+        from vhostfs.fuse.upgrade import UpgradeListener
+
+        listener = UpgradeListener(upgrade_socket, session)
 
     def on_signal(signum: int, frame: object) -> None:
         # stop() takes a lock and unmounts; from a thread of its own, it can neither deadlock with a
@@ -414,6 +526,8 @@ def _serve(server: FuseServer, fd: int, mountpoint: str, threads: int, max_write
     try:
         session.serve()
     finally:
+        if listener is not None:
+            listener.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         os.close(fd)

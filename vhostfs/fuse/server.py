@@ -433,6 +433,12 @@ class FuseServer:
             self.conn = None
             self.fs.destroy()
 
+    def interrupt_waits(self) -> None:
+        """Makes every request waiting in the file system stop waiting (each answers EINTR)."""
+        with self._wait_lock:
+            for event in self._waits.values():
+                event.set()
+
     def interrupt(self, unique: int) -> bool:
         """Makes request `unique` stop waiting (it then answers EINTR), as FUSE_INTERRUPT does.
 
