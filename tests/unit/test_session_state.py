@@ -365,3 +365,18 @@ def test_fdinfo_lock_lines_of_this_kernel(tmp_path):
             assert parse_fdinfo_locks(f.read()) == [("OFDLCK", fcntl.F_WRLCK, 2, 4)]
     finally:
         os.close(fd)
+
+
+def test_upgrade_messages_are_checked():
+    from vhostfs.fuse import upgrade
+
+    assert upgrade.parse_offer(upgrade.OFFER.pack(upgrade.OFFER_MAGIC, 10)) == 10
+    with pytest.raises(upgrade.UpgradeError, match="not a vhostfs mount"):
+        upgrade.parse_offer(upgrade.OFFER.pack(b"XXXXXXXX", 10))
+    with pytest.raises(upgrade.UpgradeError, match="larger than"):
+        upgrade.parse_offer(upgrade.OFFER.pack(upgrade.OFFER_MAGIC, 1 << 40))
+    assert upgrade.parse_answer(upgrade.ANSWER.pack(b"OK", 0)) == (True, 0)
+    assert upgrade.parse_answer(upgrade.ANSWER.pack(b"NO", 12)) == (False, 12)
+    for bad in (upgrade.ANSWER.pack(b"MY", 0), upgrade.ANSWER.pack(b"NO", 1 << 20)):
+        with pytest.raises(upgrade.UpgradeError):
+            upgrade.parse_answer(bad)

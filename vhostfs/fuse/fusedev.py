@@ -26,6 +26,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -327,6 +328,7 @@ class FuseDevSession:
             if not self.upgradable or self._stopping or self._paused or self._handed_over:
                 return False
             self._paused = True
+        paused = time.monotonic()
         os.eventfd_write(self._wake, 1)
         ok = False
         try:
@@ -344,6 +346,9 @@ class FuseDevSession:
             ok = give(self.fd, state)
             if not ok:
                 self.server.fs.resume_after_save()
+            else:
+                log.info("handover: %d bytes of session state; requests waited %.1f ms",
+                         len(state), (time.monotonic() - paused) * 1e3)
             return ok
         finally:
             with self._cond:
