@@ -68,11 +68,13 @@ class Qmp:
 class Vm:
     """One QEMU (binary `qemu`) with its own vhostfs daemon on `share`; `incoming` makes it a
     migration destination. Console output goes to `run/NAME.console`, the daemon's log to
-    `run/NAME.daemon`."""
+    `run/NAME.daemon`. `daemon` replaces vhostfs (`python -m vhostfs`) with another back end taking
+    --socket-path and --shared-dir (virtiofsd)."""
 
     def __init__(self, name: str, run: Path, qemu: str, images, share: Path, script: str,
                  extra_files: dict[str, bytes], daemon_args: list[str], *, mem: int = 512, smp: int = 2,
-                 num_request_queues: int = 1, incoming: str | None = None) -> None:
+                 num_request_queues: int = 1, incoming: str | None = None,
+                 daemon: list[str] | None = None) -> None:
         self.name = name
         self.run = run
         self.console_path = run / f"{name}.console"
@@ -85,8 +87,8 @@ class Vm:
                                + cpio_archive({"cmd.sh": script.encode(), **extra_files}))
         with open(self.daemon_log, "wb") as log:
             self.daemon = subprocess.Popen(
-                [sys.executable, "-m", "vhostfs", "--socket-path", str(sock), "--shared-dir", str(share),
-                 *daemon_args],
+                [*(daemon or [sys.executable, "-m", "vhostfs"]), "--socket-path", str(sock),
+                 "--shared-dir", str(share), *daemon_args],
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         deadline = time.monotonic() + 30
         while not sock.is_socket():

@@ -41,6 +41,7 @@ import logging
 import os
 import secrets
 import stat
+import struct
 import threading
 import time
 from array import array
@@ -88,6 +89,9 @@ _REOPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_D
 _NODE_MIN = 8 + 8 + 4 + 1
 _HANDLE_MIN = 8 + 8 + 1 + 4 + 4
 _LOCK_MIN = 1 + 8 + 8 + 8 + 4 + 1 + 8 + 8
+#: A node record's fixed part: nodeid, nlookup, file type, flags.
+_NODE_HEAD = struct.Struct("<QQIB")
+assert _NODE_HEAD.size == _NODE_MIN
 
 
 def _split_path(path: bytes) -> list[bytes]:
@@ -186,11 +190,10 @@ class SessionMover:
         return self._inodes.root.fd
 
     # -- saving -------------------------------------------------------------------------------------
-    def _path_of(self, fd: int) -> bytes | None:
-        """The share-relative path of the file open as `fd` (None if it has none in the share)."""
-        root = os.readlink(f"self/fd/{self._root_fd}", dir_fd=self._proc).encode()
+    def _path_of(self, fd: int, prefix: bytes) -> bytes | None:
+        """The share-relative path of the file open as `fd` (None if it has none in the share);
+        `prefix` is the share root's own path with a final "/"."""
         path = os.readlink(f"self/fd/{fd}", dir_fd=self._proc).encode()
-        prefix = root.rstrip(b"/") + b"/"
         if not path.startswith(prefix) or path.endswith(b" (deleted)"):
             return None
         return path[len(prefix):]
@@ -218,7 +221,7 @@ class SessionMover:
             os.close(src)
         return name
 
-    def _describe(self, nodeid: int, nlookup: int, open_nodes: set[int]) -> _Node | None:
+    def _describe(self, nodeid: int, nlookup: int, open_nodes: set[int], prefix: bytes) -> _Node | None:
         """The record of one live node; None when it cannot be found again (a lost node)."""
         with self._inodes.use(nodeid) as inode:
             node = _Node(nodeid, nlookup, inode.kind)
@@ -243,7 +246,7 @@ class SessionMover:
                     node.handle_type, node.handle = handle.handle_type, handle.data
             if self.mode == "file-handles":
                 return node
-            path = self._path_of(fd)
+            path = self._path_of(fd, prefix)
             if path is None:
                 return None
             if self.confirm_paths:
@@ -268,11 +271,13 @@ class SessionMover:
         next_id, nodes = self._inodes.saved_nodes()
         next_fh, handles, lost_fhs = self._handles.saved_handles()
         open_nodes = {h.nodeid for h in handles}
+        root = os.readlink(f"self/fd/{self._root_fd}", dir_fd=self._proc).encode()
+        prefix = root.rstrip(b"/") + b"/"
         records: list[_Node] = []
         lost: list[tuple[int, int]] = []
         for nodeid, nlookup in nodes:
             try:
-                node = self._describe(nodeid, nlookup, open_nodes)
+                node = self._describe(nodeid, nlookup, open_nodes, prefix)
             except OSError as e:
                 if e.errno == errno.EIO:  # already lost on this side
                     node = None
@@ -291,10 +296,7 @@ class SessionMover:
         enc.u64(next_id)
         enc.u32(len(records))
         for n in records:
-            enc.u64(n.nodeid)
-            enc.u64(n.nlookup)
-            enc.u32(n.kind)
-            enc.u8(n.flags)
+            enc.record(_NODE_HEAD, n.nodeid, n.nlookup, n.kind, n.flags)
             if n.flags & _NODE_PATH:
                 enc.blob(n.path)
             if n.flags & _NODE_HANDLE:
@@ -375,10 +377,9 @@ class SessionMover:
             raise StateError(f"next nodeid {next_id}")
         nodes = []
         for _ in range(dec.count("nodes", _NODE_MIN)):
-            nodeid = dec.u64("nodeid")
-            nlookup = dec.u64("lookup count")
-            node = _Node(nodeid, nlookup, dec.u32("file type"))
-            node.flags = dec.u8("node flags")
+            nodeid, nlookup, kind, flags = dec.record(_NODE_HEAD, "node")
+            node = _Node(nodeid, nlookup, kind)
+            node.flags = flags
             if not ROOT_ID < nodeid < next_id or not 0 < nlookup < 1 << 63:
                 raise StateError(f"node {nodeid} with lookup count {nlookup}")
             if node.kind not in _KINDS or node.flags & ~_NODE_FLAGS:
@@ -406,13 +407,21 @@ class SessionMover:
         dec.end()
         return next_id, nodes, lost
 
-    def _find(self, node: _Node) -> int:
-        """An O_PATH fd of the host file of `node`, checked; OSError/StateError when not found."""
+    def _find(self, node: _Node, dirs: dict[bytes, int]) -> int:
+        """An O_PATH fd of the host file of `node`, checked; OSError/StateError when not found.
+        `dirs` maps the paths of directories already found to their fds: a node below one of them
+        is opened relative to it, one component instead of the whole path."""
         if node.flags & _NODE_PATH and self.mode == "find-paths" or node.flags & _NODE_COPY:
-            fd = open_path(self._root_fd, node.path)
+            parent, _, name = node.path.rpartition(b"/")
+            parent_fd = dirs.get(parent) if parent else None
+            if parent_fd is not None:
+                fd = self._inodes.open_fd(lambda: os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                                          dir_fd=parent_fd))
+            else:
+                fd = self._inodes.open_fd(lambda: open_path(self._root_fd, node.path))
         elif node.flags & _NODE_HANDLE:
-            fd = native.open_by_handle_at(self._root_fd, node.handle_type, node.handle,
-                                          os.O_PATH | os.O_CLOEXEC)
+            fd = self._inodes.open_fd(lambda: native.open_by_handle_at(
+                self._root_fd, node.handle_type, node.handle, os.O_PATH | os.O_CLOEXEC))
         else:
             what = "path" if self.mode == "find-paths" else "file handle"
             raise StateError(f"node {node.nodeid} was saved without a {what} (--migration-mode {self.mode})")
@@ -508,9 +517,11 @@ class SessionMover:
         lost = dict(lost)
         try:
             fds: dict[int, int] = {}
-            for node in nodes:
+            dirs: dict[bytes, int] = {}
+            # Parents before children, so that each node is one openat(2) below its parent's fd.
+            for node in sorted(nodes, key=lambda n: n.path.count(b"/")):
                 try:
-                    fd = self._find(node)
+                    fd = self._find(node, dirs)
                 except (OSError, StateError) as e:
                     where = node.path.decode(errors="replace") or "by handle"
                     self._failed(f"node {node.nodeid} ({where})", e)
@@ -518,6 +529,8 @@ class SessionMover:
                     continue
                 opened.append((node.nodeid, node.nlookup, fd, os.stat(fd)))
                 fds[node.nodeid] = fd
+                if node.kind == stat.S_IFDIR and node.flags & _NODE_PATH:
+                    dirs[node.path] = fd
                 if node.flags & _NODE_COPY:
                     copies.append(node.path)
             for fh, nodeid, is_dir, flags, listing, offsets in saved_handles:
@@ -526,7 +539,9 @@ class SessionMover:
                     lost_fhs.add(fh)
                     continue
                 try:
-                    hfd = os.open(f"self/fd/{fd}", flags | os.O_CLOEXEC, dir_fd=self._proc)
+                    hfd = self._inodes.open_fd(
+                        lambda fd=fd, flags=flags: os.open(f"self/fd/{fd}", flags | os.O_CLOEXEC,
+                                                           dir_fd=self._proc))
                 except OSError as e:
                     self._failed(f"handle {fh} of node {nodeid}", e)
                     lost_fhs.add(fh)

@@ -140,6 +140,10 @@ class Encoder:
     def raw(self, v: bytes) -> None:
         self._parts.append(bytes(v))
 
+    def record(self, st: struct.Struct, *values: int) -> None:
+        """Fixed fields in one struct (a record header: one pack call instead of one per field)."""
+        self._parts.append(st.pack(*values))
+
     def payload(self) -> bytes:
         return b"".join(self._parts)
 
@@ -162,6 +166,14 @@ class Decoder:
         (v,) = st.unpack_from(self._view, self._pos)
         self._pos += st.size
         return v
+
+    def record(self, st: struct.Struct, what: str) -> tuple:
+        """The fields of one `st` record."""
+        pos = self._pos
+        if len(self._view) - pos < st.size:
+            raise StateError(f"{self.what} section truncated reading {what}")
+        self._pos = pos + st.size
+        return st.unpack_from(self._view, pos)
 
     def u8(self, field: str) -> int:
         return self._take(_U8, field)
