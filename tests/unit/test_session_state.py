@@ -380,3 +380,21 @@ def test_upgrade_messages_are_checked():
     for bad in (upgrade.ANSWER.pack(b"MY", 0), upgrade.ANSWER.pack(b"NO", 1 << 20)):
         with pytest.raises(upgrade.UpgradeError):
             upgrade.parse_answer(bad)
+
+
+def test_file_handles_mode_finds_renamed_files(env):
+    share, make = env
+    (share / "f").write_bytes(b"by handle")
+    src = make(migration_mode="file-handles")
+    src.init(WANT)
+    f = lookup(src, b"f")
+    fh = open_(src, f, os.O_RDONLY)
+    data = src.server.save_state()
+    os.rename(share / "f", share / "renamed")  # after the save: a path would be wrong now
+    dst = make(migration_mode="file-handles")
+    dst.server.load_state(data)
+    assert read(dst, f, fh, 0, 20) == (0, b"by handle")
+    # Whatever its own mode, a destination finds a node by what the stream carries.
+    other = make()
+    other.server.load_state(data)
+    assert read(other, f, fh, 0, 20) == (0, b"by handle")

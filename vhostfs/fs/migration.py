@@ -420,8 +420,13 @@ class SessionMover:
             else:
                 fd = self._inodes.open_fd(lambda: open_path(self._root_fd, node.path))
         elif node.flags & _NODE_HANDLE:
+            if dirs.get(b"") is None:
+                # open_by_handle_at(2) wants a mount fd that is not O_PATH: the root opened for reading.
+                dirs[b""] = os.open(f"self/fd/{self._root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                                    dir_fd=self._proc)
+            mount_fd = dirs[b""]
             fd = self._inodes.open_fd(lambda: native.open_by_handle_at(
-                self._root_fd, node.handle_type, node.handle, os.O_PATH | os.O_CLOEXEC))
+                mount_fd, node.handle_type, node.handle, os.O_PATH | os.O_CLOEXEC))
         else:
             what = "path" if self.mode == "find-paths" else "file handle"
             raise StateError(f"node {node.nodeid} was saved without a {what} (--migration-mode {self.mode})")
@@ -448,7 +453,10 @@ class SessionMover:
         if not 0 < next_fh < 1 << 63:
             raise StateError(f"next fh {next_fh}")
         known = {n.nodeid: n for n in nodes}
+        if len(known) != len(nodes) or set(known) & set(lost):
+            raise StateError("a nodeid appears twice")
         saved_handles = []
+        seen_fhs: set[int] = set()
         for _ in range(hdec.count("handles", _HANDLE_MIN)):
             fh = hdec.u64("fh")
             nodeid = hdec.u64("nodeid")
@@ -460,6 +468,9 @@ class SessionMover:
             node = known.get(nodeid)
             if node is None and nodeid not in lost:
                 raise StateError(f"handle {fh} of unknown node {nodeid}")
+            if not 0 < fh < next_fh or fh in seen_fhs:
+                raise StateError(f"handle {fh} is repeated or not below the next fh {next_fh}")
+            seen_fhs.add(fh)
             if is_dir not in (0, 1) or has_listing not in (0, 1) or flags & ~_REOPEN_FLAGS or (
                     node is not None and (node.kind == stat.S_IFDIR) != bool(is_dir)) or (
                     node is not None and node.kind not in (stat.S_IFREG, stat.S_IFDIR)):
@@ -476,8 +487,9 @@ class SessionMover:
         lost_fhs = set()
         for _ in range(hdec.count("lost handles", 8)):
             fh = hdec.u64("fh")
-            if not 0 < fh < next_fh:
-                raise StateError(f"lost handle {fh}")
+            if not 0 < fh < next_fh or fh in seen_fhs:
+                raise StateError(f"lost handle {fh} is repeated or not below the next fh {next_fh}")
+            seen_fhs.add(fh)
             lost_fhs.add(fh)
         hdec.end()
         locks = self._read_locks(section(sections, b"LOCK", 1), {h[0]: h[1] for h in saved_handles})
@@ -511,13 +523,22 @@ class SessionMover:
 
     def _install(self, next_id: int, nodes: list[_Node], lost: dict[int, int], next_fh: int,
                  saved_handles: list[tuple], lost_fhs: set[int], locks: list[tuple]) -> None:
+        dirs: dict[bytes, int] = {}
+        try:
+            self._install_in(next_id, nodes, lost, next_fh, saved_handles, lost_fhs, locks, dirs)
+        finally:
+            if dirs.get(b"") is not None:
+                os.close(dirs[b""])
+
+    def _install_in(self, next_id: int, nodes: list[_Node], lost: dict[int, int], next_fh: int,
+                    saved_handles: list[tuple], lost_fhs: set[int], locks: list[tuple],
+                    dirs: dict[bytes, int]) -> None:
         opened: list[tuple[int, int, int, os.stat_result]] = []
         handles = []
         copies: list[bytes] = []
         lost = dict(lost)
         try:
             fds: dict[int, int] = {}
-            dirs: dict[bytes, int] = {}
             # Parents before children, so that each node is one openat(2) below its parent's fd.
             for node in sorted(nodes, key=lambda n: n.path.count(b"/")):
                 try:
@@ -550,7 +571,10 @@ class SessionMover:
                 if listing is not None:
                     h.listing = HostDirents(listing, offsets)
                 handles.append(h)
-            self._handles.restore(handles, lost_fhs, next_fh)
+            try:
+                self._handles.restore(handles, lost_fhs, next_fh)
+            except ValueError as e:
+                raise StateError(f"the saved handles cannot be installed: {e}") from None
         except BaseException:
             for h in handles:
                 os.close(h.fd)

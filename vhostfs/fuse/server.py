@@ -620,6 +620,8 @@ class FuseServer:
             raise StateError(f"INIT section: session flag {initialized}")
         if not initialized:
             dec.end()
+            if len(sections) > 1:
+                raise StateError("a state without a session has sections of one")
             self.reset()
             return
         minor = dec.u32("protocol minor")
