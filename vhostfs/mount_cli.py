@@ -23,15 +23,12 @@ import logging
 import os
 import sys
 
-from vhostfs.cli import add_passthrough_options, apply_passthrough_o, passthrough_options
+from vhostfs.cli import LOG_LEVELS, add_passthrough_options, apply_passthrough_o, passthrough_options
 from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse.fusedev import serve_filesystem
 from vhostfs.fuse.upgrade import UpgradeError
 
 log = logging.getLogger("vhostfs")
-
-_LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
-
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -62,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--take-over", metavar="PATH",
                    help="instead of mounting, take over the mount of the vhostfs mount listening on "
                         "this upgrade socket (same MOUNTPOINT and options)")
-    p.add_argument("--log-level", default="info", choices=tuple(_LOG_LEVELS))
+    p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
     return p
 
 
@@ -99,7 +96,7 @@ def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     mount_opts = _mount_options(parser, args.o, args)
-    logging.basicConfig(level=_LOG_LEVELS[args.log_level],
+    logging.basicConfig(level=LOG_LEVELS[args.log_level],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")

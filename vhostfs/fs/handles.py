@@ -12,7 +12,7 @@ import os
 import threading
 
 from vhostfs.fs.inodes import ebadf
-from vhostfs.fuse.filesystem import HostDirents
+from vhostfs.fuse.filesystem import HostDirents, fs_error
 
 
 class Handle:
@@ -66,7 +66,7 @@ class HandleTable:
             handle = self._by_fh.get(fh)
             if handle is None:
                 if fh in self._lost:
-                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                    raise fs_error(errno.EIO)
                 raise ebadf()
             handle.users += 1
             return handle
