@@ -5,9 +5,11 @@ Builds a share of `--inodes` files (in directories of 1000), boots the debian13 
 of them open (benchmarks/guest_holdopen.c, built static with gcc), migrates it to a second QEMU with
 a second back end on the same share, and prints the downtime and total time QEMU reports, with the
 size of the back end's state (vhostfs logs it). `--virtiofsd PATH` runs the same with the Rust
-virtiofsd for comparison (its state size is not reported). Not a test: run it on a quiet machine.
+virtiofsd for comparison (its state size is not reported). `--file-handles` runs both back ends
+with `--inode-file-handles=prefer`, so that more inodes than RLIMIT_NOFILE allows fds fit. Not a
+test: run it on a quiet machine.
 
-    python benchmarks/migration.py [--inodes 100000] [--open 1000] [--virtiofsd PATH]
+    python benchmarks/migration.py [--inodes 100000] [--open 1000] [--virtiofsd PATH] [--file-handles]
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def run(name: str, images, share: Path, helper: bytes, open_files: int, daemon: 
             src.qmp.command("quit")
             src.wait_exit(60)
             (share / ".go").write_text("")
-            dst.wait_console("BENCH-END", 600)
+            dst.wait_console("BENCH-END", 300)
             console = src.console()
             known = re.search(r"KNOWN (\d+)", console)
             held = re.search(r"HOLDOPEN-READY (\d+)", console)
@@ -90,7 +92,10 @@ def main() -> None:
     parser.add_argument("--inodes", type=int, default=100_000)
     parser.add_argument("--open", type=int, default=1000)
     parser.add_argument("--virtiofsd", help="also run the Rust virtiofsd at this path")
+    parser.add_argument("--file-handles", action="store_true",
+                        help="both back ends hold inodes by file handles (--inode-file-handles=prefer)")
     args = parser.parse_args()
+    daemon_args = ["--inode-file-handles=prefer"] if args.file_handles else []
     images = build_guest("debian13")
     with tempfile.TemporaryDirectory(prefix="vhostfs-bench-share-") as tmp:
         share = Path(tmp)
@@ -102,14 +107,14 @@ def main() -> None:
                         str(REPO / "benchmarks" / "guest_holdopen.c")], check=True)
         helper = helper_path.read_bytes()
         helper_path.unlink()
-        rows = [run("vhostfs", images, share, helper, args.open, None, [])]
-        if args.virtiofsd:
-            rows.append(run("virtiofsd", images, share, helper, args.open, [args.virtiofsd], []))
-    keys = list(rows[0])
-    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
-    for r in rows:
-        print("  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths, strict=True)))
+        backends = [("vhostfs", None)] + ([("virtiofsd", [args.virtiofsd])] if args.virtiofsd else [])
+        for name, daemon in backends:
+            try:
+                row = run(name, images, share, helper, args.open, daemon, daemon_args)
+            except (AssertionError, SystemExit) as exc:
+                print(f"{name}: failed: {str(exc).splitlines()[0]}", flush=True)
+                continue
+            print("  ".join(f"{key}={value}" for key, value in row.items()), flush=True)
 
 
 if __name__ == "__main__":

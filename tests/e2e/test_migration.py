@@ -124,13 +124,16 @@ def test_workload_survives_three_migrations(images: GuestImages, mighold: bytes,
     share.mkdir()
     run = tmp_path / "run"
     run.mkdir()
-    vm = Vm("vm0", run, images.qemu, images, share, WORKLOAD, {"mighold": mighold}, SANDBOXED)
+    # Two vCPUs and two request queues: Linux 6.12 spreads the requests over both.
+    vm = Vm("vm0", run, images.qemu, images, share, WORKLOAD, {"mighold": mighold}, SANDBOXED,
+            num_request_queues=2)
     vms = [vm]
     try:
         vm.wait_console("MIGHOLD-READY", 600)
         for hop in range(1, 4):
             uri = f"unix:{run}/mig{hop}.sock"
-            dest = Vm(f"vm{hop}", run, images.qemu, images, share, WORKLOAD, {}, SANDBOXED, incoming=uri)
+            dest = Vm(f"vm{hop}", run, images.qemu, images, share, WORKLOAD, {}, SANDBOXED,
+                      num_request_queues=2, incoming=uri)
             vms.append(dest)
             info = vm.migrate(uri)
             _report(f"hop {hop}", info)

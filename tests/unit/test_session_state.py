@@ -398,3 +398,25 @@ def test_file_handles_mode_finds_renamed_files(env):
     other = make()
     other.server.load_state(data)
     assert read(other, f, fh, 0, 20) == (0, b"by handle")
+
+
+def test_with_inode_file_handles_the_destination_loads_in_batches_within_its_fd_cache(env):
+    share, make = env
+    (share / "d").mkdir()
+    for i in range(700):
+        (share / "d" / f"f{i}").write_bytes(b"%d" % i)
+    src = make(inode_file_handles="prefer")
+    src.init(WANT)
+    d = lookup(src, b"d")
+    nodes = [lookup(src, f"f{i}".encode(), d) for i in range(700)]
+    fh = open_(src, nodes[650], os.O_RDONLY)
+    data = src.server.save_state()
+    before = len(os.listdir("/proc/self/fd"))
+    dst = make(inode_file_handles="prefer", fd_budget=1000)
+    dst.server.fs._inodes._cache_size = 64
+    dst.server.load_state(data)
+    if dst.server.fs._inodes.file_handles == "never":
+        pytest.skip("the share's file system has no file handles")
+    assert len(os.listdir("/proc/self/fd")) - before < 200  # not one fd per node
+    assert read(dst, nodes[650], fh, 0, 10) == (0, b"650")
+    assert getattr_(dst, nodes[3]) == 0

@@ -420,20 +420,21 @@ class InodeTable:
             return self._next, nodes
 
     def restore(self, nodes: list[tuple[int, int, int, os.stat_result]], lost: dict[int, int],
-                next_id: int) -> None:
+                next_id: int, *, more: bool = False) -> None:
         """Installs the nodes of a loaded session: (nodeid, nlookup, O_PATH fd, stat) each, taking
         ownership of the fds, and the `lost` ones (nodeid -> nlookup, their requests get EIO).
 
-        The table must know the root alone. Raises ValueError (closing every fd) when two nodes name
-        one host file or one nodeid, or a nodeid is not below `next_id`; with file handles, the error
-        of a file that has none under "mandatory"."""
+        The table must know the root alone, unless `more` adds a further batch of one session (`clear`
+        undoes them all). Raises ValueError (closing every fd of `nodes`) when two nodes name one host
+        file or one nodeid, or a nodeid is not below `next_id`; with file handles, the error of a file
+        that has none under "mandatory"."""
         made: list[Inode] = []
         try:
             with self._lock:
-                if len(self._by_id) != 1 or self._lost:
+                if not more and (len(self._by_id) != 1 or self._lost):
                     raise ValueError("a session is already running")
-            seen: set[int] = set(lost)
-            keys: set[tuple[int, int, int]] = {self.root.key}
+                seen: set[int] = set(lost) | set(self._by_id)
+                keys: set[tuple[int, int, int]] = set(self._by_key)
             for nodeid, nlookup, fd, st in nodes:
                 if nodeid in seen or not ROOT_ID < nodeid < next_id:
                     raise ValueError(f"nodeid {nodeid} is repeated or out of range")

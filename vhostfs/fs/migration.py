@@ -533,12 +533,34 @@ class SessionMover:
     def _install_in(self, next_id: int, nodes: list[_Node], lost: dict[int, int], next_fh: int,
                     saved_handles: list[tuple], lost_fhs: set[int], locks: list[tuple],
                     dirs: dict[bytes, int]) -> None:
-        opened: list[tuple[int, int, int, os.stat_result]] = []
         handles = []
         copies: list[bytes] = []
         lost = dict(lost)
+        of_node: dict[int, list[tuple]] = {}
+        for saved in saved_handles:
+            of_node.setdefault(saved[1], []).append(saved)
+        for nodeid in lost:
+            lost_fhs.update(saved[0] for saved in of_node.get(nodeid, ()))
+        # With file handles the table keeps few fds open (inodes.py), so the nodes go in in batches
+        # and their fds may close behind them; otherwise every node holds its fd anyway.
+        batch = len(nodes) + 1 if self._inodes.file_handles == "never" else 256
+        pending: list[tuple[int, int, int, os.stat_result]] = []
+        installed = 0
+
+        def flush() -> None:
+            nonlocal pending, installed
+            try:
+                self._inodes.restore(pending, lost, next_id, more=installed > 0)
+            except (OSError, ValueError) as e:
+                pending = []  # restore closed them
+                raise StateError(f"the saved nodes cannot be installed: {e}") from None
+            installed += len(pending)
+            pending = []
+            # Their fds may be closed now: the next batch walks from the root again.
+            for path in [p for p in dirs if p]:
+                del dirs[path]
+
         try:
-            fds: dict[int, int] = {}
             # Parents before children, so that each node is one openat(2) below its parent's fd.
             for node in sorted(nodes, key=lambda n: n.path.count(b"/")):
                 try:
@@ -547,30 +569,30 @@ class SessionMover:
                     where = node.path.decode(errors="replace") or "by handle"
                     self._failed(f"node {node.nodeid} ({where})", e)
                     lost[node.nodeid] = node.nlookup
+                    lost_fhs.update(saved[0] for saved in of_node.get(node.nodeid, ()))
                     continue
-                opened.append((node.nodeid, node.nlookup, fd, os.stat(fd)))
-                fds[node.nodeid] = fd
+                pending.append((node.nodeid, node.nlookup, fd, os.stat(fd)))
                 if node.kind == stat.S_IFDIR and node.flags & _NODE_PATH:
                     dirs[node.path] = fd
                 if node.flags & _NODE_COPY:
                     copies.append(node.path)
-            for fh, nodeid, is_dir, flags, listing, offsets in saved_handles:
-                fd = fds.get(nodeid)
-                if fd is None:
-                    lost_fhs.add(fh)
-                    continue
-                try:
-                    hfd = self._inodes.open_fd(
-                        lambda fd=fd, flags=flags: os.open(f"self/fd/{fd}", flags | os.O_CLOEXEC,
-                                                           dir_fd=self._proc))
-                except OSError as e:
-                    self._failed(f"handle {fh} of node {nodeid}", e)
-                    lost_fhs.add(fh)
-                    continue
-                h = self._handles.make(fh, hfd, nodeid, is_dir)
-                if listing is not None:
-                    h.listing = HostDirents(listing, offsets)
-                handles.append(h)
+                # Its handles are reopened while the node's fd is surely open.
+                for fh, nodeid, is_dir, flags, listing, offsets in of_node.get(node.nodeid, ()):
+                    try:
+                        hfd = self._inodes.open_fd(
+                            lambda fd=fd, flags=flags: os.open(f"self/fd/{fd}", flags | os.O_CLOEXEC,
+                                                               dir_fd=self._proc))
+                    except OSError as e:
+                        self._failed(f"handle {fh} of node {nodeid}", e)
+                        lost_fhs.add(fh)
+                        continue
+                    h = self._handles.make(fh, hfd, nodeid, is_dir)
+                    if listing is not None:
+                        h.listing = HostDirents(listing, offsets)
+                    handles.append(h)
+                if len(pending) >= batch:
+                    flush()
+            flush()
             try:
                 self._handles.restore(handles, lost_fhs, next_fh)
             except ValueError as e:
@@ -578,14 +600,10 @@ class SessionMover:
         except BaseException:
             for h in handles:
                 os.close(h.fd)
-            for _, _, fd, _ in opened:
+            for _, _, fd, _ in pending:
                 os.close(fd)
+            self._inodes.clear()
             raise
-        try:
-            self._inodes.restore(opened, lost, next_id)
-        except (OSError, ValueError) as e:
-            self._handles.clear()
-            raise StateError(f"the saved nodes cannot be installed: {e}") from None
         # The copies of deleted files are open now: unlink them, as their originals were.
         for name in copies:
             try:
@@ -593,7 +611,7 @@ class SessionMover:
             except FileNotFoundError:
                 pass
         log.info("session loaded: %d nodes, %d handles, %d locks; %d nodes and %d handles lost",
-                 len(opened), len(handles), len(locks), len(lost), len(lost_fhs))
+                 installed, len(handles), len(locks), len(lost), len(lost_fhs))
         if locks:
             self._take_locks(locks)
 
