@@ -420,3 +420,15 @@ def test_with_inode_file_handles_the_destination_loads_in_batches_within_its_fd_
     assert len(os.listdir("/proc/self/fd")) - before < 200  # not one fd per node
     assert read(dst, nodes[650], fh, 0, 10) == (0, b"650")
     assert getattr_(dst, nodes[3]) == 0
+
+
+def test_a_name_ending_in_deleted_is_a_name(env):
+    share, make = env
+    (share / "x (deleted)").write_bytes(b"still here")
+    src = make()
+    src.init(WANT)
+    x = lookup(src, b"x (deleted)")
+    fh = open_(src, x, os.O_RDONLY)
+    dst = make()
+    move(src, dst)
+    assert read(dst, x, fh, 0, 20) == (0, b"still here")

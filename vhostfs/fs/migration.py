@@ -194,7 +194,7 @@ class SessionMover:
         """The share-relative path of the file open as `fd` (None if it has none in the share);
         `prefix` is the share root's own path with a final "/"."""
         path = os.readlink(f"self/fd/{fd}", dir_fd=self._proc).encode()
-        if not path.startswith(prefix) or path.endswith(b" (deleted)"):
+        if not path.startswith(prefix):
             return None
         return path[len(prefix):]
 
@@ -230,7 +230,11 @@ class SessionMover:
             if st.st_nlink == 0:
                 # Neither a path nor (on most file systems) a file handle reaches a deleted file.
                 if inode.kind == stat.S_IFREG and nodeid in open_nodes:
-                    node.path = self._copy_deleted(nodeid, fd, st)
+                    try:
+                        node.path = self._copy_deleted(nodeid, fd, st)
+                    except OSError as e:
+                        log.warning("deleted open file of node %d cannot be copied: %s", nodeid, e.strerror)
+                        return None
                     node.flags = _NODE_PATH | _NODE_COPY
                     return node
                 return None
@@ -249,7 +253,9 @@ class SessionMover:
             path = self._path_of(fd, prefix)
             if path is None:
                 return None
-            if self.confirm_paths:
+            # The magic link of a file whose name was removed (it has others) ends in " (deleted)":
+            # such a path, like every path with --migration-confirm-paths, must name the file.
+            if self.confirm_paths or path.endswith(b" (deleted)"):
                 try:
                     check = open_path(self._root_fd, path)
                 except (OSError, StateError):
