@@ -68,7 +68,9 @@ class Qmp:
 class Vm:
     """One QEMU (binary `qemu`) with its own vhostfs daemon on `share`; `incoming` makes it a
     migration destination. Console output goes to `run/NAME.console`, the daemon's log to
-    `run/NAME.daemon`. `daemon` replaces vhostfs (`python -m vhostfs`) with another back end taking
+    `run/NAME.daemon`. The initrd (the guest's initramfs with `script` as /cmd.sh and `extra_files`)
+    is made by the first Vm of a `run` directory and shared by the others, which must be the same
+    guest: a migration destination has the source's command line. `daemon` replaces vhostfs (`python -m vhostfs`) with another back end taking
     --socket-path and --shared-dir (virtiofsd)."""
 
     def __init__(self, name: str, run: Path, qemu: str, images, share: Path, script: str,
