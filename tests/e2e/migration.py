@@ -70,8 +70,8 @@ class Vm:
     migration destination. Console output goes to `run/NAME.console`, the daemon's log to
     `run/NAME.daemon`. The initrd (the guest's initramfs with `script` as /cmd.sh and `extra_files`)
     is made by the first Vm of a `run` directory and shared by the others, which must be the same
-    guest: a migration destination has the source's command line. `daemon` replaces vhostfs (`python -m vhostfs`) with another back end taking
-    --socket-path and --shared-dir (virtiofsd)."""
+    guest: a migration destination has the source's command line. `daemon` replaces vhostfs
+    (`python -m vhostfs`) with another back end taking --socket-path and --shared-dir (virtiofsd)."""
 
     def __init__(self, name: str, run: Path, qemu: str, images, share: Path, script: str,
                  extra_files: dict[str, bytes], daemon_args: list[str], *, mem: int = 512, smp: int = 2,

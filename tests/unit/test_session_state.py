@@ -400,12 +400,13 @@ def test_file_handles_mode_finds_renamed_files(env):
     assert read(other, f, fh, 0, 20) == (0, b"by handle")
 
 
-def test_with_inode_file_handles_the_destination_loads_in_batches_within_its_fd_cache(env):
+@pytest.mark.parametrize("mode", ["find-paths", "file-handles"])
+def test_with_inode_file_handles_the_destination_loads_in_batches_within_its_fd_cache(env, mode):
     share, make = env
     (share / "d").mkdir()
     for i in range(700):
         (share / "d" / f"f{i}").write_bytes(b"%d" % i)
-    src = make(inode_file_handles="prefer")
+    src = make(inode_file_handles="prefer", migration_mode=mode)
     src.init(WANT)
     d = lookup(src, b"d")
     nodes = [lookup(src, f"f{i}".encode(), d) for i in range(700)]

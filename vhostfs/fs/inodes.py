@@ -412,11 +412,13 @@ class InodeTable:
                 os.close(fd)
 
     # -- moving the session (fs/migration.py) ----------------------------------------------------
-    def saved_nodes(self) -> tuple[int, list[tuple[int, int]]]:
-        """The next nodeid and (nodeid, nlookup) of every node but the root, for saving the session."""
+    def saved_nodes(self) -> tuple[int, list[tuple[int, int, int, FileHandle | None]]]:
+        """The next nodeid and (nodeid, nlookup, file type, file handle or None) of every node but
+        the root, for saving the session; a lost node has type 0."""
         with self._lock:
-            nodes = [(i.nodeid, i.nlookup) for i in self._by_id.values() if i is not self.root]
-            nodes += list(self._lost.items())
+            nodes = [(i.nodeid, i.nlookup, i.kind, i.handle) for i in self._by_id.values()
+                     if i is not self.root]
+            nodes += [(nodeid, nlookup, 0, None) for nodeid, nlookup in self._lost.items()]
             return self._next, nodes
 
     def restore(self, nodes: list[tuple[int, int, int, os.stat_result]], lost: dict[int, int],

@@ -281,7 +281,16 @@ class SessionMover:
         prefix = root.rstrip(b"/") + b"/"
         records: list[_Node] = []
         lost: list[tuple[int, int]] = []
-        for nodeid, nlookup in nodes:
+        root_mount = self._inodes.root.key[2]
+        for nodeid, nlookup, kind, handle in nodes:
+            if (self.mode == "file-handles" and handle is not None and handle.mount_id == root_mount
+                    and nodeid not in open_nodes):
+                # The table holds the node by this very handle: nothing to open or resolve.
+                node = _Node(nodeid, nlookup, kind)
+                node.flags = _NODE_HANDLE
+                node.handle_type, node.handle = handle.handle_type, handle.data
+                records.append(node)
+                continue
             try:
                 node = self._describe(nodeid, nlookup, open_nodes, prefix)
             except OSError as e:
