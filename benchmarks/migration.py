@@ -94,8 +94,11 @@ def main() -> None:
     parser.add_argument("--virtiofsd", help="also run the Rust virtiofsd at this path")
     parser.add_argument("--file-handles", action="store_true",
                         help="both back ends hold inodes by file handles (--inode-file-handles=prefer)")
+    parser.add_argument("--migration-mode", choices=("find-paths", "file-handles"), default="find-paths",
+                        help="passed to both back ends (default: find-paths, as theirs)")
     args = parser.parse_args()
     daemon_args = ["--inode-file-handles=prefer"] if args.file_handles else []
+    daemon_args.append(f"--migration-mode={args.migration_mode}")
     images = build_guest("debian13")
     with tempfile.TemporaryDirectory(prefix="vhostfs-bench-share-") as tmp:
         share = Path(tmp)
