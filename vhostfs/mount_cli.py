@@ -2,6 +2,11 @@
 
     vhostfs mount --shared-dir SRC MOUNTPOINT [--threads N] [PASSTHROUGH OPTIONS]
                   [-o allow_other,default_permissions,...]
+    vhostfs mount --mount /a=SRC1 --mount /b=SRC2[:OPTIONS] [--api-socket PATH] MOUNTPOINT ...
+
+With --mount (instead of --shared-dir), several directories are served as one tree (a Vfs, see
+vhostfs/fs/vfs.py), and --api-socket serves the same control API as the daemon's, for mounting and
+unmounting while it is mounted (`vhostfs ctl`).
 
 The passthrough options (--cache, --readonly, --xattr, --posix-acl, --xattrmap, ... and their `-o`
 forms) are the daemon's own, with the same spellings and meanings (vhostfs.cli.add_passthrough_options).
@@ -23,7 +28,14 @@ import logging
 import os
 import sys
 
-from vhostfs.cli import LOG_LEVELS, add_passthrough_options, apply_passthrough_o, passthrough_options
+from vhostfs import control
+from vhostfs.cli import (
+    LOG_LEVELS,
+    add_passthrough_options,
+    apply_passthrough_o,
+    passthrough_options,
+    vfs_specs,
+)
 from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse.fusedev import serve_filesystem
 from vhostfs.fuse.upgrade import UpgradeError
@@ -43,9 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vhostfs mount",
         description="Mount a host directory through the host kernel's FUSE client (/dev/fuse).")
     p.add_argument("mountpoint", help="directory to mount on")
-    p.add_argument("--shared-dir", required=True, help="the host directory to serve")
+    p.add_argument("--shared-dir", help="the host directory to serve")
+    p.add_argument("--mount", action="append", default=[], metavar="GUEST_PATH=HOST_DIR[:OPTIONS]",
+                   help="serve HOST_DIR at GUEST_PATH inside MOUNTPOINT (repeatable; not with --shared-dir)")
+    p.add_argument("--max-mounts", type=_positive, default=None, metavar="N",
+                   help="how many file systems may be mounted at once (default 256)")
+    p.add_argument("--api-socket", metavar="PATH",
+                   help="serve the control API on this Unix socket (owner only); see `vhostfs ctl`")
     p.add_argument("--threads", type=_positive, default=4, help="worker threads (default: 4)")
+    p.add_argument("--fuse-passthrough", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the kernel read, write and mmap regular files on the host itself (FUSE "
+                        "passthrough; needs CAP_SYS_ADMIN, and some options rule it out: see "
+                        "docs/fuse-passthrough.md). Default: on where possible")
+    p.add_argument("--io-uring", action=argparse.BooleanOptionalAction, default=True,
+                   help="take the kernel's requests on per-CPU io_uring queues instead of reading "
+                        "/dev/fuse (FUSE over io_uring; needs the fuse module's enable_uring "
+                        "parameter). Default: on where the kernel offers it")
     add_passthrough_options(p)
+    # A host walk touches far more files than a guest keeps: file handles wherever the share makes them.
+    p.set_defaults(inode_file_handles="prefer")
     p.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: allow_other, default_permissions (both on by default for root; "
                         "no_allow_other, no_default_permissions turn them off), fsname=NAME, subtype=NAME, "
@@ -98,23 +126,46 @@ def main(argv: list[str]) -> int:
     mount_opts = _mount_options(parser, args.o, args)
     logging.basicConfig(level=LOG_LEVELS[args.log_level],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not os.path.isdir(args.shared_dir):
+    specs = vfs_specs(parser, args)
+    if args.shared_dir is None and not specs and args.api_socket is None:
+        parser.error("--shared-dir, --mount or --api-socket is required")
+    if args.shared_dir is not None and not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
+    api = None
     try:
-        fs = Passthrough(args.shared_dir, **passthrough_options(args))
+        if specs or args.api_socket is not None:
+            proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            fs, make_fs = control.build_vfs(args.shared_dir, specs, passthrough_options(args), proc_fd,
+                                            max_mounts=args.max_mounts)
+            if args.api_socket is not None:
+                api = control.ControlServer(fs, control.listen(args.api_socket), make_fs)
+        else:
+            fs = Passthrough(args.shared_dir, **passthrough_options(args))
     except (OSError, ValueError) as exc:  # a bad --xattrmap, no file handles with "mandatory"
-        log.error("%s: %s", args.shared_dir, exc)
+        log.error("%s: %s", args.shared_dir or ", ".join(host for _, host, _ in specs), exc)
         return 1
     try:
+        if api is not None:
+            api.start()
         if args.take_over is None:
-            log.info("mounting %s at %s", args.shared_dir, args.mountpoint)
+            log.info("mounting %s at %s", args.shared_dir or ", ".join(f"{h} at {g}" for g, h, _ in specs),
+                     args.mountpoint)
+        if isinstance(fs, Passthrough):
+            log.info("%s", fs.describe_inodes())
         upgrade = {key: value for key, value in (("upgrade_socket", args.upgrade_socket),
                                                  ("take_over", args.take_over)) if value is not None}
-        serve_filesystem(fs, args.mountpoint, threads=args.threads, **upgrade, **mount_opts)
+        serve_filesystem(fs, args.mountpoint, threads=args.threads, passthrough=args.fuse_passthrough,
+                         io_uring=args.io_uring, **upgrade, **mount_opts)
     except (OSError, ValueError, UpgradeError) as exc:
         log.error("%s: %s", args.mountpoint, exc)
         return 1
     finally:
+        if api is not None:
+            api.close()
+            try:
+                os.unlink(args.api_socket)
+            except FileNotFoundError:
+                pass
         fs.close()
     return 0
 

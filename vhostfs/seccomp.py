@@ -86,8 +86,10 @@ SYSCALLS_X86_64 = {
     "llistxattr": 195, "lremovexattr": 198,
     # ... named relative to /proc as a thread's own working directory (passthrough._proc_as_cwd).
     "unshare": 272,
-    # Credentials: per-thread fsuid/fsgid for create-as-caller (passthrough._as_caller).
+    # Credentials: per-thread fsuid/fsgid for create-as-caller (passthrough._as_caller); getgroups for
+    # a passthrough the control API mounts (it has no supplementary groups to drop by then).
     "setfsuid": 122, "setfsgid": 123, "getuid": 102, "geteuid": 107, "getgid": 104, "getegid": 108,
+    "getgroups": 115,
     "getpid": 39, "gettid": 186, "capget": 125,
     # Memory: the allocator, guest memory and DAX window mappings (mmap, msync, munmap).
     "mmap": 9, "munmap": 11, "mremap": 25, "mprotect": 10, "madvise": 28, "brk": 12, "msync": 26,

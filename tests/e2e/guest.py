@@ -166,6 +166,7 @@ def boot_guest(
     timeout: float = 600,
     daemon_started: Callable[[int], None] | None = None,
     stack: str = DEFAULT_STACK,
+    files: Mapping[str, bytes] | None = None,
 ) -> GuestResult:
     """Serves shared_dir with daemon_cmd ({sock}, {dir} substituted) and runs script in a guest on it.
 
@@ -173,13 +174,15 @@ def boot_guest(
 
     daemon_started, if given, is called with the daemon's pid once its socket exists, before QEMU
     starts (e.g. to watch the daemon's resources from another thread while the guest runs).
+    files are more executables for the guest's root (name -> contents), beside /cmd.sh.
     """
     images = build_guest(stack)
     with tempfile.TemporaryDirectory(prefix="vhostfs-e2e-") as tmp:
         run = Path(tmp)
         sock = run / "vhostfs.sock"
         initrd = run / "initrd.img"
-        initrd.write_bytes(images.initrd.read_bytes() + cpio_archive({"cmd.sh": script.encode()}))
+        archive = cpio_archive({"cmd.sh": script.encode(), **(files or {})})
+        initrd.write_bytes(images.initrd.read_bytes() + archive)
         argv = [
             arg.replace("{sock}", str(sock)).replace("{dir}", os.fspath(shared_dir)) for arg in daemon_cmd
         ]

@@ -71,8 +71,10 @@ def test_mount_passes_to_new_servers_under_fio_and_a_process_inside(tmp_path: Pa
              "while [ ! -e go ]; do sleep 0.05; done; echo after >&3; pwd; ls; echo inside > inside"],
             cwd=mnt / "dir", stdout=subprocess.PIPE, text=True)
         procs.append(sitter)
+        # Rate-limited, so that it writes for about 4 s whatever the machine (and FUSE passthrough)
+        # can do: the upgrades happen while it runs.
         verify = subprocess.Popen(
-            [fio, "--name=verify", f"--filename={mnt}/fio.dat", "--size=32M", "--loops=8", "--bs=4k",
+            [fio, "--name=verify", f"--filename={mnt}/fio.dat", "--size=24M", "--rate=6m", "--bs=4k",
              "--rw=randwrite", "--ioengine=psync", "--verify=crc32c", "--verify_fatal=1",
              "--verify_state_save=0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

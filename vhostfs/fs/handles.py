@@ -52,6 +52,10 @@ class HandleTable:
         #: fhs of a loaded session whose file was not found again (on-error "guest-error"): EIO.
         self._lost: set[int] = set()
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_fh)
+
     def add(self, fd: int, nodeid: int, is_dir: bool) -> int:
         """Takes ownership of the open host `fd` and returns its new fh."""
         with self._lock:
@@ -79,19 +83,21 @@ class HandleTable:
         if close:
             os.close(handle.fd)
 
-    def remove(self, fh: int) -> None:
-        """Releases `fh`: it is unknown from now on, and its fd closes once no request uses it."""
+    def remove(self, fh: int) -> Handle | None:
+        """Releases `fh` and returns its Handle: it is unknown from now on, and its fd closes once no
+        request uses it. A lost fh (a moved session's, see `restore`) is forgotten and gives None."""
         with self._lock:
             handle = self._by_fh.pop(fh, None)
             if handle is None:
                 if fh in self._lost:
                     self._lost.discard(fh)
-                    return
+                    return None
                 raise ebadf()
             handle.released = True
             close = handle.users == 0
         if close:
             os.close(handle.fd)
+        return handle
 
     def clear(self) -> None:
         """Releases every handle."""

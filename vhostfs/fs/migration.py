@@ -612,6 +612,9 @@ class SessionMover:
                 self._handles.restore(handles, lost_fhs, next_fh)
             except ValueError as e:
                 raise StateError(f"the saved handles cannot be installed: {e}") from None
+            # A node with open files keeps its fd (inodes.py: pin), as the source's did.
+            for h in handles:
+                self._inodes.pin(h.nodeid)
         except BaseException:
             for h in handles:
                 os.close(h.fd)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import select
 import stat
@@ -70,6 +71,7 @@ from vhostfs.fuse.abi import (
     FUSE_DONT_MASK,
     FUSE_FLOCK_LOCKS,
     FUSE_HANDLE_KILLPRIV_V2,
+    FUSE_PASSTHROUGH,
     FUSE_POSIX_ACL,
     FUSE_POSIX_LOCKS,
     FUSE_READDIRPLUS_AUTO,
@@ -103,6 +105,7 @@ if TYPE_CHECKING:
 
     from vhostfs.iov import Reader, Writer
 
+log = logging.getLogger("vhostfs.passthrough")
 
 #: Cache policy -> (entry/attr timeout in seconds, FOPEN flags for files, FOPEN flags for directories),
 #: the meanings virtiofsd gives its --cache values.
@@ -120,7 +123,8 @@ CACHE_POLICIES: dict[str, tuple[float, int, int]] = {
 # preserve_noatime (the host refuses it with EPERM to anyone but the file's owner).
 _OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
                | os.O_LARGEFILE)
-_RENAME_FLAGS = 1 | 2 | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
+_RENAME_EXCHANGE = 2
+_RENAME_FLAGS = 1 | _RENAME_EXCHANGE | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _DT_DIR = stat.S_IFDIR >> 12
 _DT_REG = stat.S_IFREG >> 12
@@ -176,7 +180,8 @@ def _fd_name(fd: int) -> str:
 
 
 class Passthrough(Filesystem):
-    """Serves the host directory `root` (the shared dir).
+    """Serves the host directory `root` (the shared dir): a path, or an open fd of the directory (O_PATH
+    is enough), which the passthrough then owns (closed by `close`, and on failure here).
 
     `cache` is "never", "metadata", "auto" or "always" (see CACHE_POLICIES); `readonly` makes every
     modifying operation fail with EROFS; `xattr` enables the extended attribute calls (ENOSYS
@@ -215,16 +220,23 @@ class Passthrough(Filesystem):
     - `migration_mode`, `migration_on_error`, `migration_verify_handles`, `migration_confirm_paths`:
       how a moved session (live migration, live upgrade) finds its files again (fs/migration.py).
     - `fd_budget`: how many fds the daemon may hold for the guest (default: RLIMIT_NOFILE less a
-      reserve, see inodes.py); past it, requests that would open one more fail with EMFILE.
+      reserve, see inodes.py); near it, idle nodes are closed (found again by handle or by name),
+      and only when open files hold the rest do requests that would open one more fail with EMFILE.
+    - `passthrough`: offer open regular files for FUSE passthrough (`Open.backing_fd`), where the
+      transport can (/dev/fuse) and the options allow it; see `passthrough_refusal` and
+      docs/fuse-passthrough.md for when they do not.
+    - `proc_fd`: an fd of /proc to use (duplicated) instead of opening /proc, for a daemon that can no
+      longer name it (its sandbox).
     """
 
-    def __init__(self, root: str, *, cache: str = "auto", readonly: bool = False,
+    def __init__(self, root: str | int, *, cache: str = "auto", readonly: bool = False,
                  xattr: bool = False, posix_lock: bool = True, flock: bool = True,
                  lock_wait: float | None = None, readdirplus: bool | None = None, writeback: bool = False,
                  allow_direct_io: bool = False, allow_mmap: bool = False, announce_submounts: bool = False,
                  preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool = False,
                  xattrmap: str | None = None, inode_file_handles: str = "never",
                  fd_budget: int | None = None, security_label: bool = False,
+                 passthrough: bool = True, proc_fd: int | None = None,
                  migration_mode: str = "find-paths", migration_on_error: str = "abort",
                  migration_verify_handles: bool = False, migration_confirm_paths: bool = False) -> None:
         if cache not in CACHE_POLICIES:
@@ -246,9 +258,22 @@ class Passthrough(Filesystem):
         # Held open so that reopening works after the sandbox hides /proc's path (pivot_root, chroot).
         # /proc itself, not /proc/self/fd: "self" is then resolved at each use, so the names stay right
         # in a process forked after the constructor (serve_filesystem's background mode).
-        self._proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # A daemon in its sandbox can no longer name /proc: it passes an fd of it, duplicated here.
         try:
-            root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._proc_fd = (os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if proc_fd is None
+                             else os.dup(proc_fd))
+        except OSError:
+            if isinstance(root, int):
+                os.close(root)
+            raise
+        try:
+            if isinstance(root, int):
+                root_fd = root
+                if not stat.S_ISDIR(os.stat(root_fd).st_mode):
+                    os.close(root_fd)
+                    raise fs_error(errno.ENOTDIR)
+            else:
+                root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             os.close(self._proc_fd)
             raise
@@ -264,6 +289,12 @@ class Passthrough(Filesystem):
             os.close(self._proc_fd)
             raise
         self._handles = HandleTable()
+        self._want_passthrough = passthrough
+        self._passthrough = False
+        # FUSE passthrough, per node with open files: [passed through?, open handles]; and fh -> nodeid.
+        self._io_lock = threading.Lock()
+        self._io_modes: dict[int, list] = {}
+        self._io_handles: dict[int, int] = {}
         self._posix_lock = posix_lock
         self._flock = flock
         self._locks = LockTable(self._reopen_fd, lock_wait)
@@ -272,11 +303,15 @@ class Passthrough(Filesystem):
                                    verify_handles=migration_verify_handles,
                                    confirm_paths=migration_confirm_paths, flock=flock)
         self._switch_creds = os.geteuid() == 0
-        if self._switch_creds:
+        if self._switch_creds and os.getgroups():
             # Root's supplementary groups would count for every guest user once fsuid/fsgid are
             # switched (the host checks group membership with them), so the daemon holds none.
             os.setgroups([])
         os.umask(0)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for listings (vhostfs.fs.vfs): the nodes the client knows and the handles open."""
+        return {"nodes": len(self._inodes), "handles": len(self._handles)}
 
     def close(self) -> None:
         """Releases every node and handle and closes the root; the object is unusable afterwards."""
@@ -313,16 +348,19 @@ class Passthrough(Filesystem):
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
         return Entry(inode.nodeid, st, entry_timeout=self._timeout, attr_timeout=self._timeout)
 
-    def _lookup_at(self, dir_fd: int, name: bytes) -> Entry:
-        """Looks up one component `name` (not following it) in host directory `dir_fd`; counts a lookup.
+    def _lookup_at(self, dir_inode: Inode, name: bytes) -> Entry:
+        """Looks up one component `name` (not following it) in directory node `dir_inode` (in use);
+        counts a lookup, and notes where the node was seen (not for b"..", see inodes.py).
 
         A file the table already knows (the common case: the guest looks names up again and again)
         costs two stat calls on the name; only a new one is opened, and then it is known by the
         attributes of the fd it is held by, whatever happened to the name meanwhile.
         """
+        dir_fd = dir_inode.fd
+        parent, seen = (None, None) if name == b".." else (dir_inode.nodeid, name)
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         mnt = native.mount_id(dir_fd, name)
-        inode = self._inodes.ref_known((st.st_dev, st.st_ino, mnt)) if mnt is not None else None
+        inode = self._inodes.ref_known((st.st_dev, st.st_ino, mnt), parent, seen) if mnt is not None else None
         if inode is None:
             fd = self._inodes.open_fd(lambda: os.open(name, _O_PATH, dir_fd=dir_fd))
             try:
@@ -330,23 +368,38 @@ class Passthrough(Filesystem):
             except BaseException:
                 os.close(fd)
                 raise
-            inode = self._inodes.add(fd, st)
+            inode = self._inodes.add(fd, st, parent, seen)
         entry = self._entry(inode, st)
         if self._submounts and stat.S_ISDIR(st.st_mode) and st.st_dev != os.stat(dir_fd).st_dev:
             entry.attr_flags = FUSE_ATTR_SUBMOUNT
         return entry
 
-    def _open_new(self, fd: int) -> tuple[Entry, Open]:
-        """The Entry and file handle of a file just created and open as `fd` (which they then own)."""
+    def _open_new(self, fd: int, flags: int, parent: int | None = None,
+                  name: bytes | None = None) -> tuple[Entry, Open]:
+        """The Entry and file handle of a file just created and open as `fd` (which they then own),
+        as `name` in `parent` (None for an unnamed O_TMPFILE)."""
         try:
-            entry = self._add_fd(fd)
+            entry = self._add_fd(fd, parent, name)
         except BaseException:
             os.close(fd)
             raise
-        return entry, Open(self._handles.add(fd, entry.nodeid, False), self._fopen_file)
+        return entry, self._opened(self._new_handle(fd, entry.nodeid, False), entry.nodeid, fd, flags)
 
-    def _add_fd(self, fd: int) -> Entry:
-        """Counts a lookup of the file open as `fd` (any open mode) and returns its Entry."""
+    def _new_handle(self, fd: int, nodeid: int, is_dir: bool) -> int:
+        """A new file handle of `nodeid` open as `fd` (which it then owns); the node keeps its own fd
+        while the handle lives (inodes.py: pin)."""
+        self._inodes.pin(nodeid)
+        return self._handles.add(fd, nodeid, is_dir)
+
+    def _drop_handle(self, fh: int) -> None:
+        """Releases `fh` (EBADF if unknown) and its node's pin."""
+        handle = self._handles.remove(fh)
+        if handle is not None:  # None: a lost handle of a moved session, which pins nothing
+            self._inodes.unpin(handle.nodeid)
+
+    def _add_fd(self, fd: int, parent: int | None = None, name: bytes | None = None) -> Entry:
+        """Counts a lookup of the file open as `fd` (any open mode), seen as `name` in `parent`, and
+        returns its Entry."""
         path_fd = self._inodes.open_fd(
             lambda: os.open(_fd_name(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd))
         try:
@@ -354,7 +407,7 @@ class Passthrough(Filesystem):
         except BaseException:
             os.close(path_fd)
             raise
-        return self._entry(self._inodes.add(path_fd, st), st)
+        return self._entry(self._inodes.add(path_fd, st, parent, name), st)
 
     @contextmanager
     def _as_caller(self, ctx: Context) -> Iterator[None]:
@@ -429,9 +482,47 @@ class Passthrough(Filesystem):
                     pass  # gone already: the error that matters is the label's
             raise
 
+    def describe_inodes(self) -> str:
+        """How the nodes the kernel knows are held (file handles or fds), for the log at start."""
+        return self._inodes.describe()
+
+    def passthrough_refusal(self) -> str | None:
+        """Why the options keep file data away from FUSE passthrough, or None when they allow it.
+
+        With passthrough the kernel reads and writes the host file itself and the daemon never sees
+        the data. That breaks what the daemon must do on the way: cache="never" promises the guest
+        direct I/O (FOPEN_DIRECT_IO, which the kernel puts above passthrough anyway); the writeback
+        cache and passthrough exclude each other in the kernel; killpriv_v2 leaves clearing the
+        set-user-ID bits on write to the daemon (FUSE_WRITE_KILL_SUIDGID); and an xattrmap that
+        renames security.capability stores it where the host kernel does not drop it on write.
+        """
+        if not self._want_passthrough:
+            return "turned off"
+        if self._fopen_file & FOPEN_DIRECT_IO:
+            return "--cache never serves every read and write in the daemon"
+        if self._writeback:
+            return "the kernel does not pass files through with the writeback cache"
+        if self._killpriv_v2:
+            return "--killpriv-v2 clears set-user-ID bits in the daemon on each write"
+        if self._cap_name is not None:
+            return "the xattrmap stores security.capability where a host write does not drop it"
+        return None
+
     # -- session ------------------------------------------------------------------------------------
     def init(self, conn: ConnectionInfo) -> None:
-        """Asks for the INIT flags the options enable (locks, ACLs, ...), and drops READDIRPLUS if off."""
+        """Asks for the INIT flags the options enable (locks, ACLs, ...), and drops READDIRPLUS if off.
+
+        FUSE_PASSTHROUGH stays wanted (the transport asks for it where it can) when the options allow
+        it (`passthrough_refusal`); the decision is logged once per session.
+        """
+        if conn.want & FUSE_PASSTHROUGH:
+            why = self.passthrough_refusal()
+            if why is not None:
+                conn.want &= ~FUSE_PASSTHROUGH
+                log.info("FUSE passthrough is off: %s; file data goes through the daemon", why)
+            else:
+                log.info("FUSE passthrough is on: the kernel reads and writes regular files itself")
+        self._passthrough = bool(conn.want & conn.capable & FUSE_PASSTHROUGH)
         if self._posix_lock:
             conn.want |= FUSE_POSIX_LOCKS
         if self._flock:
@@ -465,6 +556,10 @@ class Passthrough(Filesystem):
 
     def destroy(self) -> None:
         """Forgets every node but the root and closes every handle (a new session may follow)."""
+        with self._io_lock:
+            self._io_modes.clear()
+            self._io_handles.clear()
+        self._passthrough = False
         self._locks.clear()
         self._handles.clear()
         self._inodes.clear()
@@ -477,10 +572,10 @@ class Passthrough(Filesystem):
                 if name == b"." or parent == ROOT_ID:
                     inode = self._inodes.ref(parent)
                     return self._entry(inode, os.stat(inode.fd))
-                return self._lookup_at(dir_inode.fd, b"..")
+                return self._lookup_at(dir_inode, b"..")
         _check_name(name)
         with self._dir(parent) as dir_inode:
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         """Drops `nlookup` references; the node's fd closes when none remain and no request uses it."""
@@ -584,7 +679,7 @@ class Passthrough(Filesystem):
             with self._as_caller(ctx):
                 os.symlink(target, name, dir_fd=dir_inode.fd)
             self._label(ctx, dir_inode.fd, name)
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
         """mknodat(2): regular files, FIFOs, sockets, and device nodes where the host allows them.
@@ -598,7 +693,7 @@ class Passthrough(Filesystem):
             with self._as_caller(ctx):
                 os.mknod(name, stat.S_IFMT(mode) | perm, rdev, dir_fd=dir_inode.fd)
             self._label(ctx, dir_inode.fd, name)
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         """mkdirat(2) with `mode & ~umask` (see _new_mode for posix_acl)."""
@@ -609,7 +704,7 @@ class Passthrough(Filesystem):
             with self._as_caller(ctx):
                 os.mkdir(name, perm, dir_fd=dir_inode.fd)
             self._label(ctx, dir_inode.fd, name, directory=True)
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         """unlinkat(2) of a non-directory."""
@@ -617,6 +712,7 @@ class Passthrough(Filesystem):
         _check_name(name)
         with self._dir(parent) as dir_inode:
             os.unlink(name, dir_fd=dir_inode.fd)
+        self._inodes.removed(parent, name)
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         """unlinkat(2) with AT_REMOVEDIR."""
@@ -624,6 +720,7 @@ class Passthrough(Filesystem):
         _check_name(name)
         with self._dir(parent) as dir_inode:
             os.rmdir(name, dir_fd=dir_inode.fd)
+        self._inodes.removed(parent, name)
 
     def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
                flags: int) -> None:
@@ -638,6 +735,8 @@ class Passthrough(Filesystem):
                 native.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
             else:
                 os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
+        # With RENAME_WHITEOUT the old name holds a new whiteout node, which nothing knows yet.
+        self._inodes.moved(parent, name, newparent, newname, exchange=bool(flags & _RENAME_EXCHANGE))
 
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         """Hard-links `nodeid` as `newparent/newname` (linkat through /proc, so a symlink links itself)."""
@@ -646,7 +745,7 @@ class Passthrough(Filesystem):
         with self._inodes.use(nodeid) as inode, self._dir(newparent) as dir_inode:
             os.link(_fd_name(inode.fd), newname, src_dir_fd=self._proc_fd, dst_dir_fd=dir_inode.fd,
                     follow_symlinks=True)
-            return self._lookup_at(dir_inode.fd, newname)
+            return self._lookup_at(dir_inode, newname)
 
     # -- files --------------------------------------------------------------------------------------
     def _host_flags(self, flags: int) -> int:
@@ -661,14 +760,46 @@ class Passthrough(Filesystem):
             host &= ~os.O_APPEND
         return host
 
-    def _open_inode(self, inode: Inode, flags: int) -> int:
+    def _open_inode(self, inode: Inode, flags: int) -> Open:
         """Opens regular file `inode`; refuses directories (EISDIR), symlinks (ELOOP), others (EBADF)."""
         if inode.kind != stat.S_IFREG:
             if inode.is_dir:
                 raise fs_error(errno.EISDIR)
             raise fs_error(errno.ELOOP if inode.is_symlink else errno.EBADF)
         fd = self._reopen(inode, self._host_flags(flags))
-        return self._handles.add(fd, inode.nodeid, False)
+        return self._opened(self._new_handle(fd, inode.nodeid, False), inode.nodeid, fd, flags)
+
+    def _opened(self, fh: int, nodeid: int, fd: int, flags: int) -> Open:
+        """The Open of new file handle `fh` (host fd `fd`) of `nodeid`, opened with guest `flags`:
+        with `backing_fd` where FUSE passthrough was negotiated and this node's data may bypass the
+        daemon.
+
+        The node's first open decides for all its opens until the last is released (the kernel wants
+        them alike, see `Open`): an O_DIRECT open without allow_direct_io is served (the kernel would
+        open the host file O_DIRECT). Set-user-ID bits need nothing here: the kernel clears them before
+        a passed-through write as before any other.
+        """
+        if not self._passthrough:
+            return Open(fh, self._fopen_file)
+        with self._io_lock:
+            mode = self._io_modes.get(nodeid)
+            if mode is None:
+                direct = flags & os.O_DIRECT and not self._open_flags & os.O_DIRECT
+                mode = self._io_modes[nodeid] = [not direct, 0]
+            mode[1] += 1
+            self._io_handles[fh] = nodeid
+        return Open(fh, self._fopen_file, fd if mode[0] else -1)
+
+    def _closed(self, fh: int) -> None:
+        """Ends the passthrough bookkeeping of released file handle `fh`."""
+        with self._io_lock:
+            nodeid = self._io_handles.pop(fh, None)
+            if nodeid is None:
+                return
+            mode = self._io_modes[nodeid]
+            mode[1] -= 1
+            if not mode[1]:
+                del self._io_modes[nodeid]
 
     def open(self, ctx: Context, nodeid: int, flags: int) -> Open:
         """Opens regular file `nodeid` with the allowed subset of `flags` (see _OPEN_FLAGS).
@@ -679,11 +810,11 @@ class Passthrough(Filesystem):
         killpriv_v2: FUSE_ATOMIC_O_TRUNC hands it the truncation, and no SETATTR follows.
         """
         with self._inodes.use(nodeid) as inode:
-            fh = self._open_inode(inode, flags)
+            opened = self._open_inode(inode, flags)
             if flags & os.O_TRUNC and ctx.uid != 0:
-                with self._handles.use(fh) as handle:
+                with self._handles.use(opened.fh) as handle:
                     self._kill_suidgid(handle, FUSE_WRITE_KILL_SUIDGID)
-            return Open(fh, self._fopen_file)
+            return opened
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
                umask: int) -> tuple[Entry, Open]:
@@ -706,20 +837,20 @@ class Passthrough(Filesystem):
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
-                entry = self._lookup_at(dir_inode.fd, name)
+                entry = self._lookup_at(dir_inode, name)
                 try:
                     with self._inodes.use(entry.nodeid) as inode:
-                        fh = self._open_inode(inode, flags)
+                        opened = self._open_inode(inode, flags)
                 except BaseException:
                     self._inodes.forget(entry.nodeid, 1)
                     raise
-                return entry, Open(fh, self._fopen_file)
+                return entry, opened
             try:
                 self._label(ctx, dir_inode.fd, name, fd=fd)
             except BaseException:
                 os.close(fd)
                 raise
-            return self._open_new(fd)
+            return self._open_new(fd, flags, dir_inode.nodeid, name)
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         """pread(2) on `fh` (the copying path; the server uses read_into)."""
@@ -783,7 +914,8 @@ class Passthrough(Filesystem):
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
         """Forgets `fh`, and the lock owners' descriptions used through it; its fd closes once unused."""
-        self._handles.remove(fh)
+        self._drop_handle(fh)
+        self._closed(fh)
         self._locks.release(fh)
 
     @contextmanager
@@ -841,7 +973,7 @@ class Passthrough(Filesystem):
             except BaseException:
                 os.close(fd)
                 raise
-            return self._open_new(fd)
+            return self._open_new(fd, flags)
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         """fdatasync(2) or fsync(2) on `fh`."""
@@ -906,7 +1038,7 @@ class Passthrough(Filesystem):
         """Opens directory `nodeid` for reading (ENOTDIR for anything else)."""
         with self._dir(nodeid) as inode:
             fd = self._reopen(inode, os.O_RDONLY | os.O_DIRECTORY)
-            return Open(self._handles.add(fd, nodeid, True), self._fopen_dir)
+            return Open(self._new_handle(fd, nodeid, True), self._fopen_dir)
 
     def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int, plus: bool) -> Iterable[DirEntry]:
         """Lists directory handle `fh` from cookie `offset`, starting with b"." and b"..".
@@ -954,7 +1086,7 @@ class Passthrough(Filesystem):
                     yield d
                     continue
                 try:
-                    entry = self._lookup_at(dir_inode.fd, d.name)
+                    entry = self._lookup_at(dir_inode, d.name)
                 except FileNotFoundError:
                     continue
                 yield DirEntry(d.name, entry.attr.st_ino, stat.S_IFMT(entry.attr.st_mode) >> 12, d.offset,
@@ -962,7 +1094,7 @@ class Passthrough(Filesystem):
 
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
         """Forgets directory handle `fh` and its snapshot."""
-        self._handles.remove(fh)
+        self._drop_handle(fh)
 
     def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         """fsync(2) (or fdatasync) on the directory handle."""

@@ -292,10 +292,26 @@ class Statx:
 
 @dataclass(slots=True)
 class Open:
-    """The answer to open, opendir and create: the handle plus FOPEN_* flags for the guest."""
+    """The answer to open, opendir and create: the handle plus FOPEN_* flags for the guest.
+
+    `backing_fd`, for an open regular file, offers FUSE passthrough (docs/fuse-passthrough.md): an
+    open host fd of the very file the handle reads and writes, which the transport may register with
+    the kernel (FUSE_DEV_IOC_BACKING_OPEN) so that the kernel reads, writes and mmaps the host file
+    itself, without READ and WRITE requests for this handle. -1 (the default) serves the data through
+    the file system. Only /dev/fuse can pass files through, and only when INIT negotiated
+    FUSE_PASSTHROUGH (a file system that may offer one keeps FUSE_PASSTHROUGH in `conn.want` in
+    `init`); elsewhere the field is ignored. The fd must stay open until the reply is sent (the
+    kernel holds its own reference from then on); the file system still owns and closes it.
+
+    The kernel requires every open of one node to be passed through while any passed-through open of
+    it is live (another open fails with EIO), and all of them to share one backing file: the
+    transport reuses the node's backing id, and a file system that offers `backing_fd` for a node
+    must offer it for every open of that node until the last such handle is released.
+    """
 
     fh: int
     flags: int = 0
+    backing_fd: int = -1
 
 
 def fs_error(code: int) -> OSError:
