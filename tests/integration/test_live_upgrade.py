@@ -85,14 +85,14 @@ def test_mount_passes_to_new_servers_under_fio_and_a_process_inside(tmp_path: Pa
             new = _start(src, mnt, sock, log, "--take-over", str(sock))
             servers.append(new)
             old = servers[-2]
-            assert old.wait(60) == 0, log.read_text()
+            assert old.wait(120) == 0, log.read_text()
             assert new.poll() is None, log.read_text()
             assert _mount_id(mnt) == mount_id  # never unmounted
             _wait_until(sock.exists, 10, "new upgrade socket")
             time.sleep(0.5)
         assert verify.poll() is None, "fio ended before the upgrades: make it write longer"
         (src / "dir" / "go").write_text("")
-        out, _ = sitter.communicate(timeout=60)
+        out, _ = sitter.communicate(timeout=120)
         fio_out, _ = verify.communicate(timeout=600)
         assert verify.returncode == 0, fio_out
         assert "err= 0" in fio_out, fio_out
