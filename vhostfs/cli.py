@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mount", action="append", default=[], metavar="GUEST_PATH=HOST_DIR[:OPTIONS]",
                    help="share HOST_DIR at GUEST_PATH of one tree of several file systems (repeatable; "
                         "instead of --shared-dir). OPTIONS, comma-separated, override the passthrough "
-                        "options for this mount: ro, cache=MODE, xattr, no_submount, ...")
+                        "options for this mount: ro, cache=MODE, xattr, no_submount, ...; a last "
+                        "':lowerdir=DIR[:DIR...]' serves an overlay of those read-only directories "
+                        "(topmost first) under HOST_DIR, with userxattr among the OPTIONS if wanted")
     p.add_argument("--max-mounts", type=int, default=None, metavar="N",
                    help="how many file systems --mount and the control API may mount at once (default 256)")
     p.add_argument("--api-socket", metavar="PATH",
@@ -106,9 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "socket, for the daemon's owner only; see `vhostfs ctl`")
     p.add_argument("--tag", help="virtio-fs tag, served through the device configuration space")
     add_passthrough_options(p)
+    add_overlay_options(p)
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
+    p.add_argument("--record-vhost-user", metavar="FILE",
+                   help="write one line per vhost-user message (both directions, the back-end channel "
+                        "too) to FILE, for looking at a VMM's session (format: vhostfs/vhost_user/record.py)")
     p.add_argument("--rlimit-nofile", type=int, metavar="N",
                    help="set RLIMIT_NOFILE to N at start (0: leave it; default: raise it to "
                         "min(hard limit, 1000000))")
@@ -213,6 +219,32 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
                         "process renamed files in the share")
 
 
+def add_overlay_options(p: argparse.ArgumentParser) -> None:
+    """Adds the options that turn the shared directory into the upper layer of an overlay (see
+    `shared_filesystem`): the same spellings for `vhostfs` and `vhostfs mount`."""
+    p.add_argument("--overlay-lower", action="append", default=[], metavar="DIR",
+                   help="serve an overlay: DIR is a read-only lower layer under the shared directory, "
+                        "which becomes the writable upper layer, in the on-disk format of the kernel's "
+                        "overlayfs; repeat for more layers, topmost first (as the kernel's lowerdir)")
+    p.add_argument("--overlay-userxattr", action="store_true",
+                   help="keep the overlay's markers in user.overlay.* extended attributes instead of "
+                        "trusted.overlay.* (the kernel's userxattr option)")
+
+
+def shared_filesystem(args: argparse.Namespace) -> Any:
+    """The file system the options of add_passthrough_options and add_overlay_options describe: the
+    passthrough of `args.shared_dir`, or with --overlay-lower, the overlay of the lower directories
+    under it. Raises ValueError (or OSError) for a configuration that cannot be served."""
+    if args.overlay_lower:
+        from vhostfs.fs.overlay import OverlayFs
+
+        return OverlayFs.from_dirs(args.shared_dir, args.overlay_lower, userxattr=args.overlay_userxattr,
+                                   **passthrough_options(args))
+    from vhostfs.fs.passthrough import Passthrough
+
+    return Passthrough(args.shared_dir, **passthrough_options(args))
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -234,10 +266,18 @@ def vfs_specs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list
             specs.append(control.parse_mount_spec(text))
         except ValueError as e:
             parser.error(str(e))
-    for _, host, _ in specs:
-        if not os.path.isdir(host):
-            parser.error(f"--mount: {host!r} is not a directory")
+    for _, host, options in specs:
+        for path in (host, *options.get("lowerdir", ())):
+            if not os.path.isdir(path):
+                parser.error(f"--mount: {path!r} is not a directory")
     return specs
+
+
+def _trusted_overlay(args: argparse.Namespace) -> bool:
+    """Whether the command line serves an overlay whose markers are trusted.* attributes."""
+    if args.overlay_lower and not args.overlay_userxattr:
+        return True
+    return any(options.get("lowerdir") and not options.get("userxattr") for _, _, options in args.mounts)
 
 
 def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -475,10 +515,12 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     if args.rlimit_nofile is not None and args.rlimit_nofile < 0:
         parser.error("--rlimit-nofile must not be negative")
     try:
-        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles, and
-        # a destination of --migration-mode file-handles).
+        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles, and a
+        # destination of --migration-mode file-handles), and an overlay's trusted.overlay.* markers
+        # CAP_SYS_ADMIN (unless --overlay-userxattr).
         keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never"
-                                or args.migration_mode == "file-handles")
+                                or args.migration_mode == "file-handles",
+                                trusted_xattrs=_trusted_overlay(args))
     except caps.CapabilityError as e:
         parser.error(str(e))
     if (args.security_label and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None
@@ -495,7 +537,6 @@ def _build_device(args: argparse.Namespace, api: bool):
     """The file system, FUSE server and virtio-fs device the options describe, and with --mount or
     the control API (`api`) the Vfs and the factory of its mounts (None, None otherwise)."""
     from vhostfs.device import VirtioFsDevice
-    from vhostfs.fs.passthrough import Passthrough
     from vhostfs.fuse.server import FuseServer
 
     vfs = make_fs = None
@@ -506,10 +547,12 @@ def _build_device(args: argparse.Namespace, api: bool):
             # Held for the mounts the control API adds once /proc cannot be named any more.
             proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             vfs, make_fs = control.build_vfs(args.shared_dir, args.mounts, passthrough_options(args),
-                                             proc_fd, max_mounts=args.max_mounts)
+                                             proc_fd, max_mounts=args.max_mounts,
+                                             shared_lowers=args.overlay_lower,
+                                             userxattr=args.overlay_userxattr)
             fs = vfs
         else:
-            fs = Passthrough(args.shared_dir, **passthrough_options(args))
+            fs = shared_filesystem(args)
             log.info("%s", fs.describe_inodes())
     except (OSError, ValueError) as e:
         raise _StartError(str(e)) from None
@@ -541,9 +584,9 @@ def _confine(jail, keep_caps: tuple, args: argparse.Namespace) -> None:
         raise _StartError(str(e)) from None
 
 
-def _serve(listener: socket.socket, device, keep_listening: bool) -> None:
+def _serve(listener: socket.socket, device, keep_listening: bool, recorder=None) -> None:
     """Serves front ends on `listener` until one disconnects (every one with `keep_listening`) or a
-    SIGTERM/SIGINT arrives."""
+    SIGTERM/SIGINT arrives; `recorder` (a vhost_user.record.Recorder) records their messages."""
     from vhostfs.vhost_user.connection import Connection
     from vhostfs.vhost_user.handler import Session
 
@@ -566,7 +609,7 @@ def _serve(listener: socket.socket, device, keep_listening: bool) -> None:
         log.info("front end connected")
         # A new session per connection; on disconnect it resets the device (queues, FUSE state), so
         # the next front end starts from scratch.
-        Session(device).serve(Connection(conn))
+        Session(device, recorder).serve(Connection(conn, recorder))
         stop.conn = None
         if not keep_listening:
             break
@@ -605,6 +648,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         listener, lock_fd = _listen(args.socket_path, group)
     files = _SocketFiles(args.socket_path)
+    recorder = None
+    if args.record_vhost_user:
+        from vhostfs.vhost_user.record import Recorder
+
+        # Opened before the sandbox closes in: the file is outside the share.
+        recorder = Recorder(open(args.record_vhost_user, "w", encoding="ascii"))  # noqa: SIM115
     # The control API's socket is made before the sandbox closes in, like the front end's.
     api_files = _SocketFiles(args.api_socket, lock=False)
     api_listener = None
@@ -637,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared = (args.shared_dir if vfs is None
                   else ", ".join(f"{m.source} at {m.path}" for m in vfs.mounts()))
         log.info("serving %s on %s", shared or "no directory yet", args.socket_path or f"fd {args.fd}")
-        _serve(listener, device, args.keep_listening)
+        _serve(listener, device, args.keep_listening, recorder)
     except (_StartError, sandbox.SandboxError) as e:
         raise SystemExit(f"vhostfs: {e}") from None
     except SystemExit:
@@ -651,4 +700,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_sockets()
         if lock_fd >= 0:
             os.close(lock_fd)
+        if recorder is not None:
+            recorder.close()
     return 0

@@ -69,6 +69,8 @@ SYSCALLS_X86_64 = {
     "read": 0, "write": 1, "readv": 19, "writev": 20, "pread64": 17, "pwrite64": 18, "preadv": 295,
     "pwritev": 296, "preadv2": 327, "pwritev2": 328, "lseek": 8, "copy_file_range": 326, "fallocate": 285,
     "ftruncate": 77, "fsync": 74, "fdatasync": 75, "syncfs": 306,
+    # The DAX window: a copy of the last partial page of a mapped file (vhostfs.dax).
+    "memfd_create": 319,
     # Names and attributes: LOOKUP and every *at call of the passthrough (O_PATH fds, reopening
     # through /proc/self/fd), STATFS, READDIR, READLINK; Python's lazy imports read files too.
     "openat": 257, "openat2": 437, "close": 3, "close_range": 436, "dup": 32, "dup2": 33, "dup3": 292,

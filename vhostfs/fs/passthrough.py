@@ -41,6 +41,7 @@ to be applied here), and the daemon's umask must not change the modes a second t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -84,6 +85,7 @@ from vhostfs.fuse.abi import (
 from vhostfs.fuse.filesystem import (
     LINUX_DIRENT64,
     ROOT_ID,
+    SETUPMAPPING_NO_FH,
     TIME_NOW,
     Attr,
     ConnectionInfo,
@@ -97,6 +99,7 @@ from vhostfs.fuse.filesystem import (
     SetAttr,
     StatVfs,
     Statx,
+    check_name,
     fs_error,
 )
 
@@ -130,6 +133,8 @@ _DT_DIR = stat.S_IFDIR >> 12
 _DT_REG = stat.S_IFREG >> 12
 _DT_LNK = stat.S_IFLNK >> 12
 _DOTS = (b".", b"..")
+#: Where the host refuses to open a file for writing that it would open for reading (DAX mappings).
+_READ_ONLY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY})
 # FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (<linux/fs.h>, chattr(1)'s inode flags), as _IOR/_IOW('f', n, long)
 # encodes them for 64-bit callers and for 32-bit ones (FS_IOC32_*). Whatever the encoding says, the
 # flags travel as a 4-byte unsigned int: the guest kernel sends them so (fuse_fileattr_get/set) and
@@ -138,7 +143,18 @@ _FS_IOC_GETFLAGS = 0x80086601
 _FS_IOC_SETFLAGS = 0x40086602
 _FS_IOC32_GETFLAGS = 0x80046601
 _FS_IOC32_SETFLAGS = 0x40046602
+#: The FS_IOC_GETFLAGS bit of a file that wants DAX (<linux/fs.h> FS_DAX_FL; chattr +x).
+_FS_DAX_FL = 0x02000000
 _IOC_FLAGS = struct.Struct("<I")
+# FS_IOC_FSGETXATTR / FS_IOC_FSSETXATTR (_IOR/_IOW('X', 31/32, struct fsxattr)): the same inode flags as
+# FS_XFLAG_* bits with extent size, project id and CoW extent size hints. Linux's FUSE client asks for
+# both forms when a flag is changed (vfs_fileattr_set reads the old attributes), and xfs_io's chattr
+# uses this one. struct fsxattr: fsx_xflags, fsx_extsize, fsx_nextents, fsx_projid, fsx_cowextsize,
+# 8 bytes of padding.
+_FS_IOC_FSGETXATTR = 0x801C581F
+_FS_IOC_FSSETXATTR = 0x401C5820
+_FSXATTR = struct.Struct("<IIIII8x")
+assert _FSXATTR.size == 28
 # A regular file or a directory on the host is always ready for reading and writing.
 _ALWAYS_READY = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
 # What posix_acl negotiates, all or nothing: ACLs in the guest (FUSE_POSIX_ACL), the umask left to the
@@ -156,14 +172,6 @@ _FLOCK_OPS = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.
 #: Every FALLOC_FL_* bit of linux/falloc.h: KEEP_SIZE, PUNCH_HOLE, NO_HIDE_STALE, COLLAPSE_RANGE,
 #: ZERO_RANGE, INSERT_RANGE, UNSHARE_RANGE.
 _FALLOC_FL_ALL = 0x7F
-
-
-def _check_name(name: bytes) -> None:
-    """Raises unless `name` is one ordinary path component (not b"." or b"..")."""
-    if not name or b"/" in name or b"\0" in name or name in _DOTS:
-        raise fs_error(errno.EINVAL)
-    if len(name) > 255:
-        raise fs_error(errno.ENAMETOOLONG)
 
 
 def _dirent_record(name: bytes, ino: int) -> bytes:
@@ -573,7 +581,7 @@ class Passthrough(Filesystem):
                     inode = self._inodes.ref(parent)
                     return self._entry(inode, os.stat(inode.fd))
                 return self._lookup_at(dir_inode, b"..")
-        _check_name(name)
+        check_name(name)
         with self._dir(parent) as dir_inode:
             return self._lookup_at(dir_inode, name)
 
@@ -672,7 +680,7 @@ class Passthrough(Filesystem):
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
         """Creates symlink `name` -> `target` (stored as given; any bytes but NUL, at most PATH_MAX)."""
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         if not target or b"\0" in target:
             raise fs_error(errno.ENOENT if not target else errno.EINVAL)
         with self._dir(parent) as dir_inode:
@@ -687,7 +695,7 @@ class Passthrough(Filesystem):
         The nodes are created, never opened: the guest kernel serves FIFOs, sockets and devices itself.
         """
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         with self._dir(parent) as dir_inode:
             perm = self._new_mode(dir_inode, mode, umask)
             with self._as_caller(ctx):
@@ -698,7 +706,7 @@ class Passthrough(Filesystem):
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         """mkdirat(2) with `mode & ~umask` (see _new_mode for posix_acl)."""
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         with self._dir(parent) as dir_inode:
             perm = self._new_mode(dir_inode, mode, umask)
             with self._as_caller(ctx):
@@ -709,7 +717,7 @@ class Passthrough(Filesystem):
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         """unlinkat(2) of a non-directory."""
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         with self._dir(parent) as dir_inode:
             os.unlink(name, dir_fd=dir_inode.fd)
         self._inodes.removed(parent, name)
@@ -717,7 +725,7 @@ class Passthrough(Filesystem):
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         """unlinkat(2) with AT_REMOVEDIR."""
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         with self._dir(parent) as dir_inode:
             os.rmdir(name, dir_fd=dir_inode.fd)
         self._inodes.removed(parent, name)
@@ -726,8 +734,8 @@ class Passthrough(Filesystem):
                flags: int) -> None:
         """renameat(2), or renameat2(2) for non-zero RENAME_* `flags` (unknown bits: EINVAL)."""
         self._check_writable()
-        _check_name(name)
-        _check_name(newname)
+        check_name(name)
+        check_name(newname)
         if flags & ~_RENAME_FLAGS:
             raise fs_error(errno.EINVAL)
         with self._dir(parent) as old_dir, self._dir(newparent) as new_dir:
@@ -741,7 +749,7 @@ class Passthrough(Filesystem):
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         """Hard-links `nodeid` as `newparent/newname` (linkat through /proc, so a symlink links itself)."""
         self._check_writable()
-        _check_name(newname)
+        check_name(newname)
         with self._inodes.use(nodeid) as inode, self._dir(newparent) as dir_inode:
             os.link(_fd_name(inode.fd), newname, src_dir_fd=self._proc_fd, dst_dir_fd=dir_inode.fd,
                     follow_symlinks=True)
@@ -824,7 +832,7 @@ class Passthrough(Filesystem):
         device or symlink target; an existing name is looked up and opened like `open` instead.
         """
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         host_flags = self._host_flags(flags)
         with self._dir(parent) as dir_inode:
             perm = self._new_mode(dir_inode, mode, umask)
@@ -919,13 +927,76 @@ class Passthrough(Filesystem):
         self._locks.release(fh)
 
     @contextmanager
-    def fd_for_mapping(self, nodeid: int, fh: int) -> Iterator[tuple[int, bool]]:
-        """The host fd of open file `fh` of `nodeid` and whether it was opened for writing, kept open
-        for the block (for the DAX window, vhostfs.dax); EBADF for a directory or another node's fh."""
+    def fd_for_mapping(self, nodeid: int, fh: int, writable: bool) -> Iterator[tuple[int, bool, int]]:
+        """A host fd of regular file `nodeid` to map into the DAX window (vhostfs.dax), kept open for
+        the block, with whether it is open for writing and the file's size.
+
+        `fh` is an open handle of the node, or SETUPMAPPING_NO_FH: Linux's driver names none (its
+        mappings outlive the opens), and the file is then opened here. It is opened for reading and
+        writing even for a read-only mapping where the host allows it, as a VMM that maps the fd as
+        shared guest RAM (QEMU 11.1) maps it writable either way and makes only the guest's view
+        read-only; on a read-only share, or where the host refuses, a read-only mapping gets a
+        read-only fd and a writable one EROFS/EACCES. A handle open read-only decides likewise what may
+        be mapped (no writable mapping), and the fd lent is a writable description of its file where
+        the host allows one. EBADF for an unknown handle, another node's or a directory's; EBADF too
+        for a node that is not a regular file.
+        """
+        if fh == SETUPMAPPING_NO_FH:
+            if writable:
+                self._check_writable()
+            with self._inodes.use(nodeid) as inode:
+                if inode.kind != stat.S_IFREG:
+                    raise fs_error(errno.EBADF)
+                if self._readonly:
+                    fd = self._reopen(inode, os.O_RDONLY)
+                else:
+                    try:
+                        fd = self._reopen(inode, os.O_RDWR)
+                    except OSError as e:
+                        if writable or e.errno not in _READ_ONLY_ERRORS:
+                            raise
+                        fd = self._reopen(inode, os.O_RDONLY)
+            try:
+                fd_writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+                yield fd, fd_writable, os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            return
         with self._handles.use(fh) as handle:
             if handle.is_dir or handle.nodeid != nodeid:
                 raise fs_error(errno.EBADF)
-            yield handle.fd, fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+            fd_writable = fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+            fd = -1
+            if not fd_writable and not self._readonly:
+                # The handle decides what may be mapped; the VMM gets a writable description of the
+                # same file where the host allows one (see above).
+                with contextlib.suppress(OSError):
+                    fd = self._reopen_fd(handle.fd, os.O_RDWR)
+            try:
+                yield (handle.fd if fd < 0 else fd), fd_writable, os.fstat(handle.fd).st_size
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+    def wants_dax(self, nodeid: int) -> bool:
+        """Whether regular file `nodeid` has the host inode flag FS_DAX_FL (chattr +x): the file a
+        guest mounted with dax=inode maps into its DAX window (vhostfs.dax). False for other kinds of
+        node, and where the host file system keeps no such flag."""
+        with self._inodes.use(nodeid) as inode:
+            if inode.kind != stat.S_IFREG:
+                return False
+            try:
+                fd = self._reopen(inode, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                return False
+        try:
+            buf = bytearray(8)
+            fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return bool(_IOC_FLAGS.unpack_from(buf)[0] & _FS_DAX_FL)
 
     # -- locks (see locks.py) ---------------------------------------------------------------------
     def _lock_handle(self, fh: int, enabled: bool) -> Handle:
@@ -1005,10 +1076,12 @@ class Passthrough(Filesystem):
 
     def ioctl(self, ctx: Context, nodeid: int, fh: int, flags: int, cmd: int, arg: int, in_data: bytes,
               out_size: int) -> tuple[int, bytes]:
-        """FS_IOC_GETFLAGS and FS_IOC_SETFLAGS (chattr/lsattr inode flags) on the host file or directory
-        of `fh`; ENOTTY for every other ioctl, which could reach host drivers or file systems in ways
-        the guest must not. The guest kernel has already checked that the caller owns the file (and
-        CAP_LINUX_IMMUTABLE for the immutable and append-only flags)."""
+        """FS_IOC_GETFLAGS and FS_IOC_SETFLAGS (chattr/lsattr inode flags), and FS_IOC_FSGETXATTR and
+        FS_IOC_FSSETXATTR (the same flags as FS_XFLAG_*; a change of anything but the flags is
+        EOPNOTSUPP) on the host file or directory of `fh`; ENOTTY for every other ioctl, which could
+        reach host drivers or file systems in ways the guest must not. The guest kernel has already
+        checked that the caller owns the file (and CAP_LINUX_IMMUTABLE for the immutable and
+        append-only flags)."""
         with self._handles.use(fh) as handle:
             if handle.nodeid != nodeid:
                 raise fs_error(errno.EBADF)
@@ -1024,6 +1097,27 @@ class Passthrough(Filesystem):
                     raise fs_error(errno.EINVAL)
                 buf[:_IOC_FLAGS.size] = in_data[:_IOC_FLAGS.size]
                 fcntl.ioctl(handle.fd, _FS_IOC_SETFLAGS, buf)
+                return 0, b""
+            if cmd == _FS_IOC_FSGETXATTR:
+                if out_size < _FSXATTR.size:
+                    raise fs_error(errno.EINVAL)
+                fsx = bytearray(_FSXATTR.size)
+                fcntl.ioctl(handle.fd, _FS_IOC_FSGETXATTR, fsx)
+                return 0, bytes(fsx)
+            if cmd == _FS_IOC_FSSETXATTR:
+                # Only the flags may change: a project id or extent size hint set from the guest would
+                # reach host quotas and allocation, which the guest has no say in.
+                self._check_writable()
+                if len(in_data) < _FSXATTR.size:
+                    raise fs_error(errno.EINVAL)
+                current = bytearray(_FSXATTR.size)
+                fcntl.ioctl(handle.fd, _FS_IOC_FSGETXATTR, current)
+                wanted = _FSXATTR.unpack_from(in_data)
+                have = _FSXATTR.unpack_from(current)
+                if (wanted[1], wanted[3], wanted[4]) != (have[1], have[3], have[4]):
+                    raise fs_error(errno.EOPNOTSUPP)
+                _FSXATTR.pack_into(current, 0, wanted[0], *have[1:])
+                fcntl.ioctl(handle.fd, _FS_IOC_FSSETXATTR, current)
                 return 0, b""
         raise fs_error(errno.ENOTTY)
 

@@ -87,7 +87,11 @@ class Attr(Protocol):
 
 @dataclass(slots=True)
 class Stat:
-    """A plain `Attr` for file systems that do not start from os.stat()."""
+    """A plain `Attr` for file systems that do not start from os.stat().
+
+    `attr_flags` are the fuse_attr.flags bits of a getattr or setattr reply (FUSE_ATTR_DAX: the file
+    is to be mapped by a guest mounted dax=inode); an `os.stat_result` has none.
+    """
 
     st_ino: int = 0
     st_mode: int = 0
@@ -101,6 +105,7 @@ class Stat:
     st_atime_ns: int = 0
     st_mtime_ns: int = 0
     st_ctime_ns: int = 0
+    attr_flags: int = 0
 
 
 @dataclass(slots=True)
@@ -319,8 +324,23 @@ def fs_error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
+def check_name(name: bytes) -> None:
+    """Raises EINVAL unless `name` is one ordinary path component (not empty, no b"/" or NUL, not b"."
+    or b".."), ENAMETOOLONG past 255 bytes: for file systems that check again what the server checked,
+    or that pass names on to others."""
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise fs_error(errno.EINVAL)
+    if len(name) > 255:
+        raise fs_error(errno.ENAMETOOLONG)
+
+
 def _nosys() -> OSError:
     return fs_error(errno.ENOSYS)
+
+
+#: FUSE_SETUPMAPPING's fh when the request names no open file: Linux always sends it (fs/fuse/dax.c,
+#: fuse_setup_one_mapping), mapping by inode.
+SETUPMAPPING_NO_FH = (1 << 64) - 1
 
 
 class Filesystem:
@@ -607,12 +627,14 @@ class Filesystem:
     # -- DAX window (virtio-fs) -----------------------------------------------------------------
     def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int, flags: int,
                      moffset: int) -> None:
-        """Maps `length` bytes of open file `fh` from `foffset` at offset `moffset` of the DAX window.
+        """Maps `length` bytes of file `nodeid` from `foffset` at offset `moffset` of the DAX window.
 
-        `flags` holds FUSE_SETUPMAPPING_FLAG_READ and/or FUSE_SETUPMAPPING_FLAG_WRITE; the server has
-        checked that `length` > 0, no other flag is set and neither range overflows 64 bits. A mapping
-        the new one overlaps is replaced. EINVAL for a range outside the window or not aligned to
-        `map_alignment`, EACCES for a writable mapping of a file not open for writing.
+        `fh` is an open handle of the file or SETUPMAPPING_NO_FH, which is what Linux sends: its
+        mappings belong to the inode, not to an open. `flags` holds FUSE_SETUPMAPPING_FLAG_READ and/or
+        FUSE_SETUPMAPPING_FLAG_WRITE; the server has checked that `length` > 0, no other flag is set
+        and neither range overflows 64 bits. A mapping the new one overlaps is replaced. EINVAL for a
+        range outside the window, not aligned to `map_alignment` or starting at or past the end of the
+        file, EACCES for a writable mapping of a handle not open for writing.
         """
         raise _nosys()
 

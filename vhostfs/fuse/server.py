@@ -785,7 +785,8 @@ class FuseServer:
 
     def _reply_attr(self, writer: Writer, unique: int, attr: Attr, timeout: float) -> int:
         av, avn = _timeout(timeout)
-        return _send(writer, unique, _R_ATTR.pack(_R_ATTR.size, 0, unique, av, avn, *_attr_values(attr)))
+        values = _attr_values(attr, getattr(attr, "attr_flags", 0))
+        return _send(writer, unique, _R_ATTR.pack(_R_ATTR.size, 0, unique, av, avn, *values))
 
     def _statx(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                writer: Writer) -> int:
