@@ -708,6 +708,12 @@ def _take_over(server: FuseServer, path: str, passthrough: bool) -> int:
 
 def _serve(server: FuseServer, fd: int, mountpoint: str, threads: int, max_write: int,
            passthrough: bool, io_uring: bool, upgrade_socket: str | None = None) -> None:
+    if io_uring and upgrade_socket is not None:
+        # Requests on io_uring queues are bound to this process's rings: a handover could not pause
+        # and pass them on.
+        log.info("FUSE over io_uring is off: a mount that may be handed over (--upgrade-socket) "
+                 "reads its requests from /dev/fuse")
+        io_uring = False
     session = FuseDevSession(server, fd, threads=threads, max_write=max_write, mountpoint=mountpoint,
                              passthrough=passthrough, io_uring=io_uring,
                              upgradable=upgrade_socket is not None)
