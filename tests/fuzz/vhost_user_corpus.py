@@ -36,7 +36,8 @@ class RecordingBackend:
 
     max_queues = 2
     features = 1 << m.VIRTIO_F_VERSION_1 | 1 << m.VIRTIO_RING_F_EVENT_IDX | 1 << m.VHOST_F_LOG_ALL
-    protocol_features = 1 << m.VHOST_USER_PROTOCOL_F_CONFIG | 1 << m.VHOST_USER_PROTOCOL_F_SHMEM
+    protocol_features = (1 << m.VHOST_USER_PROTOCOL_F_CONFIG | 1 << m.VHOST_USER_PROTOCOL_F_SHMEM
+                         | 1 << m.VHOST_USER_PROTOCOL_F_DEVICE_STATE)
     shmem_regions = [SHMEM_SIZE]
     check_ring_size = staticmethod(split.check_queue_size)
     check_ring_addresses = staticmethod(split.check_ring_addresses)
@@ -63,6 +64,13 @@ class RecordingBackend:
     def reset(self):
         self.events.append(("reset",))
 
+    def save_state(self) -> bytes:
+        self.events.append(("save",))
+        return b"device state"
+
+    def load_state(self, data: bytes) -> None:
+        self.events.append(("load", data))
+
     def set_backend_channel(self, channel):
         self.events.append(("channel", channel is not None))
         if channel is not None:
@@ -70,7 +78,7 @@ class RecordingBackend:
 
 
 #: fd kinds a message may carry.
-FD_KINDS = ("memfd", "eventfd", "socket", "log")
+FD_KINDS = ("memfd", "eventfd", "socket", "log", "pipe")
 #: Requests answered with a payload of their own (vhost-user.rst, "Communication").
 WITH_REPLY = {R.VHOST_USER_GET_FEATURES, R.VHOST_USER_GET_PROTOCOL_FEATURES, R.VHOST_USER_GET_VRING_BASE,
               R.VHOST_USER_GET_QUEUE_NUM, R.VHOST_USER_GET_CONFIG, R.VHOST_USER_GET_MAX_MEM_SLOTS,
@@ -168,6 +176,9 @@ SEED: tuple[Msg, ...] = (
     Msg(R.VHOST_USER_SET_VRING_CALL, (_u64(1 | m.VHOST_USER_VRING_NOFD_MASK),)),
     Msg(R.VHOST_USER_REM_MEM_REG, (bytes(8), REGION2), ("memfd",)),
     Msg(R.VHOST_USER_GET_VRING_BASE, (_state(1, 0),)),
+    # The rings stopped, the state can be saved (direction SAVE, phase STOPPED) into a pipe.
+    Msg(R.VHOST_USER_SET_DEVICE_STATE_FD, ((m.DEVICE_STATE_PARAMS, (0, 0)),), ("pipe",)),
+    Msg(R.VHOST_USER_CHECK_DEVICE_STATE),
     Msg(R.VHOST_USER_SET_VRING_ENABLE, (_state(1, 0),)),
     Msg(R.VHOST_USER_RESET_DEVICE),
     Msg(R.VHOST_USER_RESET_OWNER),
@@ -176,7 +187,7 @@ SEED: tuple[Msg, ...] = (
 REFUSED = {R.VHOST_USER_SET_CONFIG: "the virtio-fs configuration space is read-only"}
 
 
-def make_fd(kind: str, keep: list[socket.socket]) -> int:
+def make_fd(kind: str, keep: list) -> int:
     """A new fd of `kind` for a message (the sender closes its copy after sending)."""
     if kind == "memfd":
         fd = os.memfd_create("fuzz-guest", os.MFD_CLOEXEC)
@@ -188,6 +199,10 @@ def make_fd(kind: str, keep: list[socket.socket]) -> int:
         return fd
     if kind == "eventfd":
         return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    if kind == "pipe":
+        r, w = os.pipe()
+        keep.append(os.fdopen(r, "rb"))  # the state written stays in the pipe's buffer
+        return w
     ours, theirs = socket.socketpair()
     keep.append(ours)
     fd = os.dup(theirs.fileno())
@@ -205,7 +220,7 @@ class Peer:
     def __post_init__(self) -> None:
         self.sock, theirs = socket.socketpair()
         self.sock.settimeout(30)
-        self.keep: list[socket.socket] = []
+        self.keep: list = []
         self.session = Session(self.backend)
 
         def serve() -> None:
