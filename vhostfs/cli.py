@@ -106,16 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="poll a request queue that ran dry for up to US microseconds before sleeping: "
                         "a guest that waits on each reply gets the next one served sooner, for some CPU "
                         "time after each burst (default 500; 0: sleep at once)")
-    p.add_argument("--sandbox", choices=("namespace", "chroot", "none"), default="none",
-                   help="confine the daemon to the shared directory: namespace (new mount, pid and net "
-                        "namespaces, pivot_root into it; needs root), chroot (for containers), or none "
-                        "(default)")
+    p.add_argument("--sandbox", choices=("namespace", "chroot", "none"), default="namespace",
+                   help="confine the daemon to the shared directory: namespace (default: new mount, pid "
+                        "and net namespaces, pivot_root into it; without root inside a new user "
+                        "namespace), chroot (for containers, root only), or none")
     p.add_argument("--modcaps", metavar="+CAP:-CAP",
                    help="adjust the capabilities the daemon keeps, e.g. +sys_admin:-mknod (names with or "
                         "without CAP_, colon-separated, each with + to keep or - to drop)")
-    p.add_argument("--seccomp", choices=("none", "kill", "log", "trap"), default="none",
-                   help="system calls outside the daemon's list: none (no filter, default), kill the "
-                        "daemon, log them (kernel audit log) or trap (SIGSYS)")
+    p.add_argument("--seccomp", choices=("none", "kill", "log", "trap"), default="kill",
+                   help="system calls outside the daemon's list: kill the daemon (default), log them "
+                        "(kernel audit log), trap (SIGSYS), or none (no filter)")
     p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
     p.add_argument("--syslog", action="store_true", help="log to syslog instead of stderr")
     p.add_argument("--print-capabilities", action="store_true",
@@ -390,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("--security-label: the host will refuse security.* labels without SELinux; keep "
                     "CAP_SYS_ADMIN (--modcaps=+sys_admin) or store them elsewhere with --xattrmap")
     if args.seccomp != "none" and not seccomp.supported():
-        parser.error(f"--seccomp={args.seccomp}: {seccomp.UNSUPPORTED}")
+        parser.error(f"--seccomp={args.seccomp}: {seccomp.UNSUPPORTED} (pass --seccomp=none to serve "
+                     "without a filter)")
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     lock_fd = -1

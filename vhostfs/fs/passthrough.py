@@ -1051,7 +1051,7 @@ class Passthrough(Filesystem):
             if kill_sgid:
                 mode = os.stat(inode.fd).st_mode
                 if mode & stat.S_ISGID:
-                    os.chmod(_fd_name(inode.fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
+                    os.chmod(_fd_name(inode.fd), stat.S_IMODE(mode) & ~stat.S_ISGID, dir_fd=self._proc_fd)
 
     def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:
         """getxattr(2): the value, or ENODATA (ENOSYS unless xattr=True)."""
