@@ -46,6 +46,10 @@ _O_SWITCHES = {
     "announce_submounts": "announce_submounts", "killpriv_v2": "killpriv_v2", "posix_acl": "posix_acl",
     "security_label": "security_label",
 }
+#: virtiofsd 1.14's negotiated features: --posix-acl[=never|auto|always], --security-label[=...]. The
+#: plain switch (and its `-o` form) means "always", as there; its `no_` form "never".
+NEGOTIATION_MODES = ("never", "auto", "always")
+_NEGOTIATED = ("--posix-acl", "--security-label")
 
 
 def _apply_o_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -140,7 +144,12 @@ def apply_passthrough_o(parser: argparse.ArgumentParser, args: argparse.Namespac
         if args.cache not in CACHE_MODES:
             parser.error(f"-o cache={value}: expected one of {', '.join(CACHE_MODES)}")
     elif key.removeprefix("no_") in _O_SWITCHES and not value:
-        setattr(args, _O_SWITCHES[key.removeprefix("no_")], not key.startswith("no_"))
+        name = _O_SWITCHES[key.removeprefix("no_")]
+        on = not key.startswith("no_")
+        if "--" + name.replace("_", "-") in _NEGOTIATED:
+            setattr(args, name, "always" if on else "never")
+        else:
+            setattr(args, name, on)
     elif key == "xattrmap":
         args.xattrmap = value
     else:
@@ -175,15 +184,42 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
                    help="do not serve flock(2) locks (the kernel keeps them local)")
     p.add_argument("--killpriv-v2", action="store_true",
                    help="clear set-user/group-ID bits as the kernel asks (FUSE_HANDLE_KILLPRIV_V2)")
-    p.add_argument("--posix-acl", action="store_true",
-                   help="POSIX ACLs (FUSE_POSIX_ACL); implies --xattr")
+    p.add_argument("--posix-acl", choices=NEGOTIATION_MODES, default="never", metavar="never|auto|always",
+                   help="POSIX ACLs (FUSE_POSIX_ACL); implies --xattr. auto: where the kernel can, "
+                        "always (the plain switch): the session fails where it cannot; never (default)")
     p.add_argument("--inode-file-handles", choices=("never", "prefer", "mandatory"), default="never",
                    help="hold the files the kernel knows by file handles instead of open fds, so that "
                         "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
                         "can, mandatory: refuse to start otherwise (default: never)")
-    p.add_argument("--security-label", action="store_true",
+    p.add_argument("--security-label", choices=NEGOTIATION_MODES, default="never",
+                   metavar="never|auto|always",
                    help="set the security context the kernel gives a new file (FUSE_SECURITY_CTX) as an "
-                        "extended attribute on the host file; implies --xattr")
+                        "extended attribute on the host file; implies --xattr. auto, always (the plain "
+                        "switch), never (default) as for --posix-acl")
+    p.add_argument("--translate-uid", action="append", default=[], metavar="TYPE:SOURCE:TARGET:COUNT",
+                   help="translate UIDs between the kernel and the host, repeatable: guest:G:H:N, "
+                        "host:H:G:N, squash-guest:G:H:N, squash-host:H:G:N, forbid-guest:G:N, map:G:H:N "
+                        "(both ways); IDs no rule names stay as they are")
+    p.add_argument("--translate-gid", action="append", default=[], metavar="TYPE:SOURCE:TARGET:COUNT",
+                   help="the same for GIDs")
+
+
+def negotiated_switches(argv: Sequence[str]) -> list[str]:
+    """`argv` with each bare --posix-acl or --security-label spelled =always: their value must be
+    given with "=" (as virtiofsd requires), so a following argument is never taken for one."""
+    return [f"{arg}=always" if arg in _NEGOTIATED else arg for arg in argv]
+
+
+def translate_maps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Replaces the --translate-uid/--translate-gid rule lists in `args` by checked `IdMap`s (None
+    without rules); a rule that does not parse or overlaps another is a command-line error naming it."""
+    from vhostfs.fs.idmap import IdMap, IdMapError
+
+    try:
+        args.translate_uid = IdMap(args.translate_uid, "--translate-uid") if args.translate_uid else None
+        args.translate_gid = IdMap(args.translate_gid, "--translate-gid") if args.translate_gid else None
+    except IdMapError as e:
+        parser.error(str(e))
 
 
 def _non_negative(text: str) -> int:
@@ -198,7 +234,7 @@ def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in (
         "cache", "readonly", "xattr", "readdirplus", "writeback", "allow_direct_io", "allow_mmap",
         "announce_submounts", "preserve_noatime", "xattrmap", "posix_lock", "flock", "killpriv_v2",
-        "posix_acl", "inode_file_handles", "security_label")}
+        "posix_acl", "inode_file_handles", "security_label", "translate_uid", "translate_gid")}
 
 
 def _setup_logging(level: str, use_syslog: bool) -> None:
@@ -251,11 +287,14 @@ def _listen(path: str, group: int | None = None) -> tuple[socket.socket, int]:
 def capabilities() -> dict:
     """The vhost-user back-end description (docs/interop/vhost-user.rst, "Backend program conventions").
 
-    "separate-options" tells libvirt to pass --shared-dir, --cache, ... rather than one `-o` list.
+    "separate-options" tells libvirt to pass --shared-dir, --cache, ... rather than one `-o` list;
+    "posix-acl-negotiation-mode" and "security-label-negotiation-mode" that --posix-acl and
+    --security-label take never|auto|always, as virtiofsd 1.14's do.
     "migrate-precopy" is left out: guest memory is dirty-logged (VHOST_F_LOG_ALL), but the FUSE
     session (node ids, open files) is not transferred, so a migrated guest would lose its files.
     """
-    return {"type": "fs", "features": ["separate-options"]}
+    return {"type": "fs", "features": ["posix-acl-negotiation-mode", "security-label-negotiation-mode",
+                                       "separate-options"]}
 
 
 _SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -348,8 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(capabilities(), indent=2))
         return 0
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(negotiated_switches(argv))
     _apply_o_options(parser, args)
+    translate_maps(parser, args)
     _setup_logging("debug" if args.debug else args.log_level, args.syslog)
     for item in args.ignored_o:
         log.warning("-o %s is accepted and has no effect", item)
@@ -384,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never")
     except caps.CapabilityError as e:
         parser.error(str(e))
-    if (args.security_label and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None
+    if (args.security_label != "never" and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None
             and not os.path.isdir("/sys/fs/selinux")):
         # Without SELinux to decide, the host lets only CAP_SYS_ADMIN set security.* attributes.
         log.warning("--security-label: the host will refuse security.* labels without SELinux; keep "

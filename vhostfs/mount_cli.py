@@ -22,7 +22,13 @@ import logging
 import os
 import sys
 
-from vhostfs.cli import add_passthrough_options, apply_passthrough_o, passthrough_options
+from vhostfs.cli import (
+    add_passthrough_options,
+    apply_passthrough_o,
+    negotiated_switches,
+    passthrough_options,
+    translate_maps,
+)
 from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse.fusedev import serve_filesystem
 
@@ -89,8 +95,9 @@ def main(argv: list[str]) -> int:
     1 if it could not be mounted or serving failed. Argument errors exit with status 2, as argparse does.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(negotiated_switches(argv))
     mount_opts = _mount_options(parser, args.o, args)
+    translate_maps(parser, args)
     logging.basicConfig(level=_LOG_LEVELS[args.log_level],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not os.path.isdir(args.shared_dir):

@@ -16,6 +16,7 @@ import pytest
 
 from tests.unit.test_passthrough_options import ALL_RWX, USER_1000_READS
 from vhostfs import cli, mount_cli
+from vhostfs.fs.idmap import IdMap
 from vhostfs.fs.passthrough import Passthrough
 
 MAP = ":map:trusted.:user.virtiofs.:"
@@ -28,8 +29,11 @@ OPTIONS = [
     (["--readonly"], {"readonly": True}),
     (["--xattr"], {"xattr": True}),
     (["-o", "xattr"], {"xattr": True}),
-    (["--posix-acl"], {"posix_acl": True}),
-    (["-o", "posix_acl"], {"posix_acl": True}),
+    (["--posix-acl"], {"posix_acl": "always"}),
+    (["--posix-acl=auto"], {"posix_acl": "auto"}),
+    (["--posix-acl=always"], {"posix_acl": "always"}),
+    (["--posix-acl=never"], {}),
+    (["-o", "posix_acl"], {"posix_acl": "always"}),
     (["--writeback"], {"writeback": True}),
     (["-o", "writeback"], {"writeback": True}),
     (["--xattrmap", MAP], {"xattrmap": MAP}),
@@ -49,9 +53,13 @@ OPTIONS = [
     (["-o", "no_posix_lock"], {"posix_lock": False}),
     (["--no-flock"], {"flock": False}),
     (["-o", "no_flock"], {"flock": False}),
-    (["-o", "xattr,no_xattr,no_posix_acl,posix_acl"], {"posix_acl": True}),
-    (["--security-label"], {"security_label": True}),
-    (["-o", "security_label"], {"security_label": True}),
+    (["-o", "xattr,no_xattr,no_posix_acl,posix_acl"], {"posix_acl": "always"}),
+    (["--security-label"], {"security_label": "always"}),
+    (["--security-label=auto"], {"security_label": "auto"}),
+    (["-o", "security_label"], {"security_label": "always"}),
+    (["--translate-uid", "map:0:1000:10", "--translate-uid=forbid-guest:10:5"],
+     {"translate_uid": IdMap(["map:0:1000:10", "forbid-guest:10:5"])}),
+    (["--translate-gid", "squash-guest:0:100:65536"], {"translate_gid": IdMap(["squash-guest:0:100:65536"])}),
 ]
 _DEFAULTS = {name: p.default for name, p in inspect.signature(Passthrough).parameters.items()
              if p.kind is inspect.Parameter.KEYWORD_ONLY}
@@ -106,15 +114,18 @@ def test_mount_options_and_ro_still_reach_the_mount(recorded):
 
 def _daemon_options(argv: list[str]) -> dict:
     parser = cli.build_parser()
-    args = parser.parse_args(["--shared-dir", "/", "--socket-path", "/unused", *argv])
+    argv = ["--shared-dir", "/", "--socket-path", "/unused", *argv]
+    args = parser.parse_args(cli.negotiated_switches(argv))
     cli._apply_o_options(parser, args)
+    cli.translate_maps(parser, args)
     return cli.passthrough_options(args)
 
 
 def _mount_options(argv: list[str]) -> dict:
     parser = mount_cli.build_parser()
-    args = parser.parse_args(["--shared-dir", "/", "/mnt", *argv])
+    args = parser.parse_args(cli.negotiated_switches(["--shared-dir", "/", "/mnt", *argv]))
     mount_cli._mount_options(parser, args.o, args)
+    cli.translate_maps(parser, args)
     return cli.passthrough_options(args)
 
 
