@@ -3,8 +3,9 @@
 # pytest's status; extra arguments go to pytest (e.g. scripts/test.sh -k readdir).
 #
 # On a fresh Debian 12 machine, as root, it first installs what the tests use: fuse3 for the
-# /dev/fuse mounts, fio for the I/O workloads, QEMU and the guest's build tools for the e2e tests, and
-# vhostfs with its test extras into .venv. Without root it uses what is there; the e2e tests then
+# /dev/fuse mounts, fio for the I/O workloads, uidmap (newuidmap) for the rootless daemon's user
+# namespace, QEMU and the guest's build tools for the e2e tests, and vhostfs with its test extras
+# into .venv. Without root it uses what is there; the e2e tests then
 # skip with the reason if the guest cannot be built (except under CI=true, where they fail).
 set -euo pipefail
 
@@ -16,6 +17,8 @@ repo=$(dirname "$here")
 missing=()
 command -v fusermount3 >/dev/null || missing+=(fuse3)
 command -v fio >/dev/null || missing+=(fio)
+# newuidmap/newgidmap: the rootless tests map a test user's subordinate IDs into its user namespace.
+command -v newuidmap >/dev/null || missing+=(uidmap)
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install "${missing[@]}" || log "continuing without ${missing[*]}"
 fi

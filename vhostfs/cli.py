@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="confine the daemon to the shared directory: namespace (default: new mount, pid "
                         "and net namespaces, pivot_root into it; without root inside a new user "
                         "namespace), chroot (for containers, root only), or none")
+    p.add_argument("--uid-map", action="append", default=[], metavar=":INSIDE:OUTSIDE:COUNT:",
+                   help="without root: map host UIDs OUTSIDE.. to INSIDE.. in the daemon's user namespace "
+                        "(repeatable; newuidmap and /etc/subuid for any but your own UID; default: your "
+                        "UID as 0 and your subordinate UIDs from 1, or only your UID as itself)")
+    p.add_argument("--gid-map", action="append", default=[], metavar=":INSIDE:OUTSIDE:COUNT:",
+                   help="the same for GIDs (newgidmap, /etc/subgid)")
     p.add_argument("--modcaps", metavar="+CAP:-CAP",
                    help="adjust the capabilities the daemon keeps, e.g. +sys_admin:-mknod (names with or "
                         "without CAP_, colon-separated, each with + to keep or - to drop)")
@@ -459,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # path), then lock the sandbox down: see vhostfs/sandbox.py. In namespace mode the process that
     # returns here is the sandboxed child; the outer one removes the socket when it is done.
     try:
-        jail = sandbox.prepare(args.sandbox, args.shared_dir, remove_socket)
+        jail = sandbox.prepare(args.sandbox, args.shared_dir, remove_socket, args.uid_map, args.gid_map)
     except sandbox.SandboxError as e:
         remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
@@ -497,6 +503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.sandbox != "namespace":
             remove_socket()
         raise SystemExit(f"vhostfs: {e}") from None
+    translated = [f"{option} {rule}" for option, ids in (("--translate-uid", args.translate_uid),
+                                                          ("--translate-gid", args.translate_gid))
+                  if ids is not None for rule in ids.rules]
+    log.info("%s%s", jail.describe(), "; " + ", ".join(translated) if translated else "")
     log.info("serving %s on %s", args.shared_dir, args.socket_path or f"fd {args.fd}")
     stop = _Stop(listener)
     signal.signal(signal.SIGTERM, stop)

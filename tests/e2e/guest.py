@@ -150,15 +150,20 @@ def boot_guest(
     mount_opts: str | None = None,
     timeout: float = 600,
     daemon_started: Callable[[int], None] | None = None,
+    run_dir_owner: tuple[int, int] | None = None,
 ) -> GuestResult:
     """Serves shared_dir with daemon_cmd ({sock}, {dir} substituted) and runs script in a guest on it.
 
     daemon_started, if given, is called with the daemon's pid once its socket exists, before QEMU
     starts (e.g. to watch the daemon's resources from another thread while the guest runs).
+    run_dir_owner (uid, gid) gives the directory of the socket to that user, for a daemon that runs
+    as someone else than the tests.
     """
     images = build_guest()
     with tempfile.TemporaryDirectory(prefix="vhostfs-e2e-") as tmp:
         run = Path(tmp)
+        if run_dir_owner is not None:
+            os.chown(run, *run_dir_owner)
         sock = run / "vhostfs.sock"
         initrd = run / "initrd.img"
         initrd.write_bytes(images.initrd.read_bytes() + cpio_archive({"cmd.sh": script.encode()}))
