@@ -2,21 +2,32 @@
 # Builds the guest that the e2e tests and run-qemu.sh boot: Debian's kernel (the linux-image-amd64
 # package) and a busybox initramfs whose /init (scripts/guest-init) mounts the virtio-fs share.
 #
-# Usage: scripts/build-guest.sh [OUT]
-#   OUT defaults to $VHOSTFS_GUEST_DIR, else /var/tmp/vhostfs-guest. Prints "OUT/vmlinuz OUT/initrd.img".
+# Usage: scripts/build-guest.sh [--stack STACK] [OUT]
+#   STACK is one of scripts/stack.sh's: debian12 (default: the host's QEMU 7.2, a Linux 6.1 guest),
+#   debian13 (QEMU 10.0, Linux 6.12) or forky (QEMU 11.1, Linux 7.2).
+#   OUT defaults to $VHOSTFS_GUEST_DIR, else /var/tmp/vhostfs-guest, with "-STACK" appended for stacks
+#   other than debian12. Prints "OUT/vmlinuz OUT/initrd.img QEMU", QEMU being the stack's emulator.
 #   Missing host tools are installed with apt-get (as root). Exits 3 when something needed cannot be
 #   had here (not root, no apt, no network), so that callers can tell "unavailable" from "broken".
 #
-# A second run is quick: the kernel .deb is kept in OUT/kernels/, and the initramfs is rebuilt only
-# when the kernel or the files it is made from (this script, guest-init, the host programs it copies in)
-# change.
+# A second run is quick: the kernel .deb (debian12) is kept in OUT/kernels/, the other stacks' trees in
+# stack.sh's cache, and the initramfs is rebuilt only when the kernel or the files it is made from
+# (this script, guest-init, the host programs it copies in) change.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=scripts/common.sh
 . "$here/common.sh"
 
-out=${1:-${VHOSTFS_GUEST_DIR:-/var/tmp/vhostfs-guest}}
+stack=debian12
+if [ "${1:-}" = --stack ]; then
+    [ $# -ge 2 ] || { log "--stack needs a value"; exit 2; }
+    stack=$2
+    shift 2
+fi
+default_out=${VHOSTFS_GUEST_DIR:-/var/tmp/vhostfs-guest}
+[ "$stack" = debian12 ] || default_out=$default_out-$stack
+out=${1:-$default_out}
 mkdir -p "$out/kernels"
 out=$(cd "$out" && pwd)
 
@@ -43,67 +54,82 @@ if [ ${#tool_packages[@]} -gt 0 ]; then
     apt_install "${tool_packages[@]}" || log "continuing without ${tool_packages[*]}: the guest will lack their programs"
 fi
 
-# Prints the .deb file name (PACKAGE_VERSION_amd64.deb) of the kernel that linux-image-amd64
-# currently depends on, or nothing when the package lists do not know it.
-candidate_kernel_deb() {
-    local pkg ver
-    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
-        awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
-    [ -n "$pkg" ] || return 0
-    ver=$(apt-cache policy "$pkg" | awk '$1 == "Candidate:" { print $2 }')
-    [ -n "$ver" ] && [ "$ver" != "(none)" ] && echo "${pkg}_${ver//:/%3a}_amd64.deb"
-}
+# kernel_id names the kernel the guest boots (it goes into the stamp); kernel_tree DIR prints the root of
+# a tree holding it (boot/vmlinuz-*, lib/modules/* with modules.dep), unpacking it into DIR if need be.
+stack_paths=$("$here/stack.sh" "$stack") || exit
+read -r qemu kroot <<<"$stack_paths"
+if [ "$stack" = debian12 ]; then
+    # Prints the .deb file name (PACKAGE_VERSION_amd64.deb) of the kernel that linux-image-amd64
+    # currently depends on, or nothing when the package lists do not know it.
+    candidate_kernel_deb() {
+        local pkg ver
+        pkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
+            awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
+        [ -n "$pkg" ] || return 0
+        ver=$(apt-cache policy "$pkg" | awk '$1 == "Candidate:" { print $2 }')
+        [ -n "$ver" ] && [ "$ver" != "(none)" ] && echo "${pkg}_${ver//:/%3a}_amd64.deb"
+    }
 
-deb=$(candidate_kernel_deb || true)
-if [ -z "$deb" ]; then
-    # Offline or never-updated package lists: an already downloaded kernel will do.
-    deb=$(find "$out/kernels" -maxdepth 1 -name '*.deb' -printf '%T@ %f\n' | sort -rn | awk 'NR == 1 { print $2 }')
-fi
-if [ -z "$deb" ]; then
-    apt_update || exit
     deb=$(candidate_kernel_deb || true)
-    [ -n "$deb" ] || { log "cannot find a linux-image-amd64 kernel with apt"; exit "$VHOSTFS_EXIT_UNAVAILABLE"; }
-fi
-
-# download_kernel DEB: fetches the kernel package into OUT/kernels; fails if apt cannot provide DEB.
-download_kernel() {
-    local deb=$1 dl
-    log "downloading ${deb%%_*}"
-    dl=$(mktemp -d "$out/kernels/download.XXXXXX")
-    # apt-get download writes to the current directory; its unsandboxed-as-root warning is harmless.
-    (cd "$dl" && apt-get download "${deb%%_*}" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
-    if [ -f "$dl/$deb" ]; then mv "$dl/$deb" "$out/kernels/$deb"; fi
-    rm -rf "$dl"
-    [ -f "$out/kernels/$deb" ]
-}
-
-if [ ! -f "$out/kernels/$deb" ] && ! download_kernel "$deb"; then
-    # Package lists older than the mirror name a kernel it no longer has: refresh them, try once more.
-    apt_update || exit
-    deb=$(candidate_kernel_deb || true)
-    if [ -z "$deb" ] || ! download_kernel "$deb"; then
-        log "cannot download the kernel"
-        exit "$VHOSTFS_EXIT_UNAVAILABLE"
+    if [ -z "$deb" ]; then
+        # Offline or never-updated package lists: an already downloaded kernel will do.
+        deb=$(find "$out/kernels" -maxdepth 1 -name '*.deb' -printf '%T@ %f\n' | sort -rn | awk 'NR == 1 { print $2 }')
     fi
+    if [ -z "$deb" ]; then
+        apt_update || exit
+        deb=$(candidate_kernel_deb || true)
+        [ -n "$deb" ] || { log "cannot find a linux-image-amd64 kernel with apt"; exit "$VHOSTFS_EXIT_UNAVAILABLE"; }
+    fi
+
+    # download_kernel DEB: fetches the kernel package into OUT/kernels; fails if apt cannot provide DEB.
+    download_kernel() {
+        local deb=$1 dl
+        log "downloading ${deb%%_*}"
+        dl=$(mktemp -d "$out/kernels/download.XXXXXX")
+        # apt-get download writes to the current directory; its unsandboxed-as-root warning is harmless.
+        (cd "$dl" && apt-get download "${deb%%_*}" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) || true
+        if [ -f "$dl/$deb" ]; then mv "$dl/$deb" "$out/kernels/$deb"; fi
+        rm -rf "$dl"
+        [ -f "$out/kernels/$deb" ]
+    }
+
+    if [ ! -f "$out/kernels/$deb" ] && ! download_kernel "$deb"; then
+        # Package lists older than the mirror name a kernel it no longer has: refresh them, try once more.
+        apt_update || exit
+        deb=$(candidate_kernel_deb || true)
+        if [ -z "$deb" ] || ! download_kernel "$deb"; then
+            log "cannot download the kernel"
+            exit "$VHOSTFS_EXIT_UNAVAILABLE"
+        fi
+    fi
+    kernel_id=$deb
+    kernel_tree() {
+        dpkg-deb -x "$out/kernels/$deb" "$1"
+        # Debian generates modules.dep in the package's postinst, so the extracted tree has none yet.
+        depmod -b "$1" "$(ls "$1/lib/modules")"
+        echo "$1"
+    }
+else
+    kernel_id="$stack $(ls "$kroot/lib/modules") $(stat -c %Y "$kroot"/boot/vmlinuz-*)"
+    # debootstrap ran the kernel package's postinst, so the stack's tree is complete as it is.
+    kernel_tree() { echo "$kroot"; }
 fi
 
 # The host programs copied in are part of the stamp too: installing or upgrading one changes the guest.
 programs_id=$(for tool in fio "${guest_tools[@]}"; do
     if path=$(command -v "$tool"); then echo "$tool $(sha256sum <"$path")"; else echo "$tool none"; fi
 done | sha256sum | cut -d' ' -f1)
-stamp="$deb $(cat "${BASH_SOURCE[0]}" "$here/guest-init" | sha256sum | cut -d' ' -f1) programs=$programs_id"
+stamp="$kernel_id $(cat "${BASH_SOURCE[0]}" "$here/guest-init" | sha256sum | cut -d' ' -f1) programs=$programs_id"
 if [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
-    echo "$out/vmlinuz $out/initrd.img"
+    echo "$out/vmlinuz $out/initrd.img $qemu"
     exit 0
 fi
 
-log "building the initramfs for $deb"
+log "building the initramfs for $kernel_id"
 work=$(mktemp -d "$out/build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-dpkg-deb -x "$out/kernels/$deb" "$work/kernel"
-kver=$(ls "$work/kernel/lib/modules")
-# Debian generates modules.dep in the package's postinst, so the extracted tree has none yet.
-depmod -b "$work/kernel" "$kver"
+ktree=$(kernel_tree "$work/kernel")
+kver=$(ls "$ktree/lib/modules")
 
 root=$work/initramfs
 mkdir -p "$root/bin" "$root/lib/vhostfs-modules"
@@ -141,7 +167,10 @@ done
 
 # modprobe resolves the dependencies and prints them in load order (one "insmod PATH" line per
 # module, repeated when two modules share a dependency); busybox's insmod then loads them in that order.
-modprobe -d "$work/kernel" -S "$kver" --show-depends -a virtio_pci virtiofs |
+# Modules built into the kernel (virtio_pci, fuse and virtiofs in Linux 6.12) come out as "builtin"
+# lines, so the list may be empty.
+: >"$root/lib/vhostfs-modules/load-order"
+modprobe -d "$ktree" -S "$kver" --show-depends -a virtio_pci virtiofs |
     awk '$1 == "insmod" && !seen[$2]++ { print $2 }' >"$work/modules"
 while read -r ko; do
     name=${ko##*/}
@@ -156,10 +185,10 @@ done <"$work/modules"
 
 # Owned by root inside the guest whoever builds it; gzip because the kernel can always unpack it.
 (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --quiet -o -0 -H newc -R 0:0) | gzip -6 >"$work/initrd.img"
-cp "$work/kernel/boot/vmlinuz-$kver" "$work/vmlinuz"
+cp "$ktree/boot/vmlinuz-$kver" "$work/vmlinuz"
 mv -f "$work/vmlinuz" "$out/vmlinuz"
 mv -f "$work/initrd.img" "$out/initrd.img"
 echo "$stamp" >"$out/stamp"
 # Keep only the kernel that is in use.
-find "$out/kernels" -maxdepth 1 -name '*.deb' ! -name "$deb" -delete
-echo "$out/vmlinuz $out/initrd.img"
+find "$out/kernels" -maxdepth 1 -name '*.deb' ! -name "${deb:-}" -delete
+echo "$out/vmlinuz $out/initrd.img $qemu"

@@ -3,6 +3,10 @@
 #
 # Usage: scripts/run-qemu.sh [options]
 #   --shared-dir DIR          directory to share (default /var/tmp/vhostfs-share, created if missing)
+#   --stack STACK             the QEMU and guest kernel: debian12 (default; the host's QEMU 7.2 and a
+#                             Linux 6.1 guest), debian13 (QEMU 10.0, Linux 6.12) or forky (QEMU 11.1,
+#                             Linux 7.2); the last two are Debian's packages, unpacked once into
+#                             /var/cache/vhostfs/stacks without touching the host's (scripts/stack.sh)
 #   --cmd 'SHELL COMMAND'     run it in the guest (cwd /mnt) and exit with its status; without it the
 #                             guest console is an interactive shell (leave it to power off; ^A x quits QEMU)
 #   --mem MIB                 guest memory (default 1024)
@@ -29,7 +33,7 @@ usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; exit 
 
 shared_dir=/var/tmp/vhostfs-share
 cmd='' have_cmd=''
-mem=1024 smp=2 queue_size=1024 num_request_queues=1 tag=vhostfs mount_opts='' timeout=1800
+stack=debian12 mem=1024 smp=2 queue_size=1024 num_request_queues=1 tag=vhostfs mount_opts='' timeout=1800
 daemon_cmd=''
 while [ $# -gt 0 ]; do
     case $1 in -h | --help) usage 0 ;; esac
@@ -37,6 +41,7 @@ while [ $# -gt 0 ]; do
     case $1 in
         --shared-dir) shared_dir=$2 ;;
         --cmd) cmd=$2 have_cmd=1 ;;
+        --stack) stack=$2 ;;
         --mem) mem=$2 ;;
         --smp) smp=$2 ;;
         --queue-size) queue_size=$2 ;;
@@ -51,8 +56,8 @@ while [ $# -gt 0 ]; do
 done
 
 # It also installs QEMU when it is missing.
-guest=$("$here/build-guest.sh") || { log "building the guest failed"; exit 1; }
-read -r vmlinuz initrd <<<"$guest"
+guest=$("$here/build-guest.sh" --stack "$stack") || { log "building the guest failed"; exit 1; }
+read -r vmlinuz initrd qemu_bin <<<"$guest"
 
 mkdir -p "$shared_dir"
 shared_dir=$(cd "$shared_dir" && pwd)
@@ -109,7 +114,7 @@ fi
 
 # shellcheck disable=SC2054 # the commas separate QEMU's sub-options, not array elements
 qemu=(
-    qemu-system-x86_64 -accel tcg -cpu max -smp "$smp" -m "$mem"
+    "$qemu_bin" -accel tcg -cpu max -smp "$smp" -m "$mem"
     # vhost-user needs guest RAM in a shareable memfd that the daemon can map.
     -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" -numa node,memdev=mem
     -kernel "$vmlinuz" -initrd "$initrd"

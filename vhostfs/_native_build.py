@@ -195,6 +195,23 @@ int vhostfs_open_by_handle(int mount_fd, const unsigned char *buf, unsigned int 
 #: The descriptor-chain walker of vhostfs/virtqueue/split.py (virtio 1.2, 2.7.5). A request's chain
 #: can hold hundreds of descriptors (a 1 MiB read is one per 4 KiB page); walked in Python that was
 #: most of the cost of a large request, here it is one call.
+#: The chain walker's error codes, in order from 1 (vhostfs_walk_chain returns them negated), with
+#: the ChainError message of each; VQ_E_FULL is not an error but asks for larger output arrays.
+WALK_ERRORS = {
+    "VQ_E_HEAD": "head index >= queue size",
+    "VQ_E_LOOP": "descriptor chain loops or is longer than its table",
+    "VQ_E_INDIRECT_FEATURE": "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC",
+    "VQ_E_INDIRECT_NESTED": "nested indirect descriptor table",
+    "VQ_E_INDIRECT_NEXT": "indirect descriptor with VIRTQ_DESC_F_NEXT",
+    "VQ_E_INDIRECT_LENGTH": "indirect table length is not a non-zero multiple of 16",
+    "VQ_E_INDIRECT_MEMORY": "indirect table outside guest memory",
+    "VQ_E_TOO_LONG": "descriptor chain longer than 4 GiB",
+    "VQ_E_ORDER": "device-readable descriptor after a device-writable one",
+    "VQ_E_MEMORY": "buffer outside guest memory",
+    "VQ_E_NEXT": "next index >= table size",
+    "VQ_E_FULL": "more buffers than the output arrays hold",
+}
+
 VIRTQUEUE_CDEF = """
 struct vhostfs_region { uint64_t gpa; uint64_t size; const uint8_t *host; };
 int vhostfs_walk_chain(const uint8_t *table, uint32_t num, uint32_t head, int indirect_ok,
@@ -235,12 +252,8 @@ int vhostfs_poll_u16(const uint16_t *p, uint16_t value, const uint32_t *wake, ui
 #define VQ_DESC_F_WRITE 2
 #define VQ_DESC_F_INDIRECT 4
 
-/* Error codes, negated; split.py maps them to messages. */
-enum {
-    VQ_E_HEAD = 1, VQ_E_LOOP, VQ_E_INDIRECT_FEATURE, VQ_E_INDIRECT_NESTED, VQ_E_INDIRECT_NEXT,
-    VQ_E_INDIRECT_LENGTH, VQ_E_INDIRECT_MEMORY, VQ_E_TOO_LONG, VQ_E_ORDER, VQ_E_MEMORY, VQ_E_NEXT,
-    VQ_E_FULL,
-};
+/* Error codes, negated (WALK_ERRORS: the enum is generated from it). */
+@WALK_ERRORS_ENUM@
 
 /* The index of the region holding gpa (regions sorted by gpa, not overlapping), or -1. *hint is the
  * last region found: consecutive buffers almost always share one. */
@@ -494,7 +507,9 @@ uint32_t vhostfs_pack_dirents(const uint8_t *data, size_t len, const uint32_t *o
 """
 
 _CDEF = CDEF + VIRTQUEUE_CDEF + DIRENT_CDEF
-_SOURCE = SOURCE + VIRTQUEUE_SOURCE + DIRENT_SOURCE
+_WALK_ENUM = "enum {\n" + "".join(f"    {name} = {code},\n"
+                                  for code, name in enumerate(WALK_ERRORS, 1)) + "};"
+_SOURCE = SOURCE + VIRTQUEUE_SOURCE.replace("@WALK_ERRORS_ENUM@", _WALK_ENUM) + DIRENT_SOURCE
 #: Names this version of the helper: a library built from other source is never used (see native.py).
 BUILD_ID = hashlib.sha256((_CDEF + _SOURCE).encode()).hexdigest()[:16]
 

@@ -22,11 +22,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vhostfs import __version__
+from vhostfs import __version__, sandbox, seccomp
+from vhostfs.fs.filehandles import INODE_FILE_HANDLES
+from vhostfs.fs.passthrough import CACHE_POLICIES
 
 log = logging.getLogger("vhostfs")
 
-CACHE_MODES = ("never", "metadata", "auto", "always")
+CACHE_MODES = tuple(CACHE_POLICIES)
 #: virtiofsd's old "-o cache=" names.
 _CACHE_ALIASES = {"none": "never"}
 LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG,
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="poll a request queue that ran dry for up to US microseconds before sleeping: "
                         "a guest that waits on each reply gets the next one served sooner, for some CPU "
                         "time after each burst (default 500; 0: sleep at once)")
-    p.add_argument("--sandbox", choices=("namespace", "chroot", "none"), default="namespace",
+    p.add_argument("--sandbox", choices=sandbox.MODES, default="namespace",
                    help="confine the daemon to the shared directory: namespace (default: new mount, pid "
                         "and net namespaces, pivot_root into it; without root inside a new user "
                         "namespace), chroot (for containers, root only), or none")
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modcaps", metavar="+CAP:-CAP",
                    help="adjust the capabilities the daemon keeps, e.g. +sys_admin:-mknod (names with or "
                         "without CAP_, colon-separated, each with + to keep or - to drop)")
-    p.add_argument("--seccomp", choices=("none", "kill", "log", "trap"), default="kill",
+    p.add_argument("--seccomp", choices=("none", *seccomp.ACTIONS), default="kill",
                    help="system calls outside the daemon's list: kill the daemon (default), log them "
                         "(kernel audit log), trap (SIGSYS), or none (no filter)")
     p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
@@ -193,7 +195,7 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--posix-acl", choices=NEGOTIATION_MODES, default="never", metavar="never|auto|always",
                    help="POSIX ACLs (FUSE_POSIX_ACL); implies --xattr. auto: where the kernel can, "
                         "always (the plain switch): the session fails where it cannot; never (default)")
-    p.add_argument("--inode-file-handles", choices=("never", "prefer", "mandatory"), default="never",
+    p.add_argument("--inode-file-handles", choices=INODE_FILE_HANDLES, default="never",
                    help="hold the files the kernel knows by file handles instead of open fds, so that "
                         "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
                         "can, mandatory: refuse to start otherwise (default: never)")
@@ -257,11 +259,13 @@ def _setup_logging(level: str, use_syslog: bool) -> None:
 
 
 def _listen(path: str, group: int | None = None) -> tuple[socket.socket, int]:
-    """Binds the listening socket at `path`, guarded by a `<path>.pid` lock file.
+    """Listens on a Unix socket at `path`, guarded by a `<path>.pid` lock file.
 
-    The lock stops a second daemon from taking over a socket that is being served; a stale socket
-    left by a daemon that died is replaced. The socket is for its owner only (0600), or with a
-    `group` gid, owned by that group too (0660).
+    The socket is bound and set to listen under a temporary name in the same directory, then renamed
+    to `path`: a front end that connects as soon as the path exists is never refused. The lock stops
+    a second daemon from taking over a socket that is being served; a stale socket left by a daemon
+    that died is replaced, anything else at `path` is an error. The socket is for its owner only
+    (0600), or with a `group` gid, owned by that group too (0660).
     """
     pid_path = path + ".pid"
     lock_fd = os.open(pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -273,20 +277,42 @@ def _listen(path: str, group: int | None = None) -> tuple[socket.socket, int]:
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, f"{os.getpid()}\n".encode())
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.close(lock_fd)
+            raise SystemExit(f"vhostfs: {path} exists and is not a socket")
     except FileNotFoundError:
         pass
+    directory, name = os.path.split(os.path.abspath(path))
+    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Named through the directory fd, the temporary path stays short whatever the directory's length
+    # (sockaddr_un.sun_path holds 108 bytes); the lock makes the name ours alone.
+    temp = f".{name}.{os.getpid()}.new"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o077)
     try:
-        sock.bind(path)
+        try:
+            os.unlink(temp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(f"/proc/self/fd/{dir_fd}/{temp}")
+        finally:
+            os.umask(old_umask)
+        try:
+            if group is not None:
+                os.chown(temp, -1, group, dir_fd=dir_fd)
+                os.chmod(temp, 0o660, dir_fd=dir_fd)
+            sock.listen(1)
+            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            os.unlink(temp, dir_fd=dir_fd)
+            raise
+    except BaseException:
+        sock.close()
+        os.close(lock_fd)
+        raise
     finally:
-        os.umask(old_umask)
-    if group is not None:
-        os.chown(path, -1, group)
-        os.chmod(path, 0o660)
-    sock.listen(1)
+        os.close(dir_fd)
     return sock, lock_fd
 
 
@@ -382,16 +408,42 @@ class _Stop:
                     pass  # already closed, or a listener that was never connected
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["mount"]:
-        from vhostfs import mount_cli
+class _StartError(Exception):
+    """Start-up failed: the daemon exits with this message, after removing its socket."""
 
-        return mount_cli.main(argv[1:])
-    if "--print-capabilities" in argv:
-        # The other options are ignored, as the back-end program conventions ask.
-        print(json.dumps(capabilities(), indent=2))
-        return 0
+
+class _SocketFiles:
+    """The socket and its lock file at `path` (None: an inherited socket, nothing to remove).
+
+    The directory is held open so that the files can be removed after a chroot too.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.name = os.path.basename(path) if path is not None else ""
+        self.dir_fd = -1 if path is None else os.open(
+            os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def remove(self) -> None:
+        if self.dir_fd >= 0:
+            for name in (self.name, self.name + ".pid"):
+                try:
+                    os.unlink(name, dir_fd=self.dir_fd)
+                except FileNotFoundError:
+                    pass
+
+    def disown(self) -> None:
+        """Leaves the removal to another process (the namespace sandbox's outer one): `remove` does
+        nothing from now on, and no directory fd outside the share stays open."""
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
+    """Parses and checks the command line and sets up logging; returns the arguments, the socket's
+    group id (or None) and the capabilities to keep. Errors exit with status 2."""
+    from vhostfs import caps
+
     parser = build_parser()
     args = parser.parse_args(negotiated_switches(argv))
     _apply_o_options(parser, args)
@@ -413,18 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             group = grp.getgrnam(args.socket_group).gr_gid
         except KeyError:
             parser.error(f"--socket-group: no group named {args.socket_group!r}")
-
     if args.rlimit_nofile is not None and args.rlimit_nofile < 0:
         parser.error("--rlimit-nofile must not be negative")
-    set_rlimit_nofile(args.rlimit_nofile)
-
-    from vhostfs import caps, sandbox, seccomp
-    from vhostfs.device import VirtioFsDevice
-    from vhostfs.fs.passthrough import Passthrough
-    from vhostfs.fuse.server import FuseServer
-    from vhostfs.vhost_user.connection import Connection
-    from vhostfs.vhost_user.handler import Session
-
     try:
         # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles).
         keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never")
@@ -438,42 +480,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seccomp != "none" and not seccomp.supported():
         parser.error(f"--seccomp={args.seccomp}: {seccomp.UNSUPPORTED} (pass --seccomp=none to serve "
                      "without a filter)")
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
-    lock_fd = -1
-    if args.fd is not None:
-        listener = socket.socket(fileno=args.fd)
-    else:
-        listener, lock_fd = _listen(args.socket_path, group)
+    return args, group, keep_caps
 
-    # The socket's directory, held so that the socket can be removed after a chroot too.
-    socket_dir = -1
-    if args.socket_path is not None:
-        socket_dir = os.open(os.path.dirname(os.path.abspath(args.socket_path)),
-                             os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def remove_socket() -> None:
-        if socket_dir >= 0:
-            name = os.path.basename(args.socket_path)
-            for path in (name, name + ".pid"):
-                try:
-                    os.unlink(path, dir_fd=socket_dir)
-                except FileNotFoundError:
-                    pass
+def _build_device(args: argparse.Namespace):
+    """The file system, FUSE server and virtio-fs device the options describe."""
+    from vhostfs.device import VirtioFsDevice
+    from vhostfs.fs.passthrough import Passthrough
+    from vhostfs.fuse.server import FuseServer
 
-    # Listen, enter the sandbox, build the file system (it opens the share and /proc/self/fd by
-    # path), then lock the sandbox down: see vhostfs/sandbox.py. In namespace mode the process that
-    # returns here is the sandboxed child; the outer one removes the socket when it is done.
-    try:
-        jail = sandbox.prepare(args.sandbox, args.shared_dir, remove_socket, args.uid_map, args.gid_map)
-    except sandbox.SandboxError as e:
-        remove_socket()
-        raise SystemExit(f"vhostfs: {e}") from None
     try:
         fs = Passthrough(args.shared_dir, **passthrough_options(args))
     except ValueError as e:
-        remove_socket()
-        raise SystemExit(f"vhostfs: {e}") from None
+        raise _StartError(str(e)) from None
     window = None
     if args.dax_window_size:
         from vhostfs.dax import DaxFilesystem, DaxWindow
@@ -481,60 +500,108 @@ def main(argv: Sequence[str] | None = None) -> int:
         window = DaxWindow(args.dax_window_size)
         fs = DaxFilesystem(fs, window)
     server = FuseServer(fs, map_alignment=window.alignment_log2 if window is not None else None)
-    device = VirtioFsDevice(server, tag=args.tag, thread_pool_size=args.thread_pool_size,
-                            dax_window=window, poll_us=args.poll_us)
-    if args.sandbox == "namespace" and socket_dir >= 0:
-        # The outer process removes the socket; a directory fd outside the share has no place inside.
-        os.close(socket_dir)
-        socket_dir = -1
+    return VirtioFsDevice(server, tag=args.tag, thread_pool_size=args.thread_pool_size,
+                          dax_window=window, poll_us=args.poll_us)
+
+
+def _confine(jail, keep_caps: tuple, args: argparse.Namespace) -> None:
+    """Locks the sandbox down, drops capabilities and installs the seccomp filter, in that order.
+
+    Last of the set-up and before the first worker thread starts: threads inherit the capabilities
+    and the filter of the thread that creates them (see caps.py and seccomp.py).
+    """
+    from vhostfs import caps
+
     try:
         jail.lock_down()
-    except sandbox.SandboxError as e:
-        if args.sandbox != "namespace":
-            remove_socket()
-        raise SystemExit(f"vhostfs: {e}") from None
-    # Last, with everything set up and before the first worker thread starts (threads inherit the
-    # capabilities and the filter of the thread that creates them): see caps.py and seccomp.py.
-    try:
         caps.drop(*keep_caps)
         if args.seccomp != "none":
             seccomp.install(args.seccomp, syslog=args.syslog)
-    except (caps.CapabilityError, seccomp.SeccompError) as e:
-        if args.sandbox != "namespace":
-            remove_socket()
-        raise SystemExit(f"vhostfs: {e}") from None
+    except (sandbox.SandboxError, caps.CapabilityError, seccomp.SeccompError) as e:
+        raise _StartError(str(e)) from None
+
+
+def _in_force(jail, args: argparse.Namespace) -> str:
+    """One line: the sandbox, the user namespace's mapping and the ID translation in force."""
     translated = [f"{option} {rule}" for option, ids in (("--translate-uid", args.translate_uid),
                                                           ("--translate-gid", args.translate_gid))
                   if ids is not None for rule in ids.rules]
-    log.info("%s%s", jail.describe(), "; " + ", ".join(translated) if translated else "")
-    log.info("serving %s on %s", args.shared_dir, args.socket_path or f"fd {args.fd}")
+    return jail.describe() + ("; " + ", ".join(translated) if translated else "")
+
+
+def _serve(listener: socket.socket, device, keep_listening: bool) -> None:
+    """Serves front ends on `listener` until one disconnects (every one with `keep_listening`) or a
+    SIGTERM/SIGINT arrives."""
+    from vhostfs.vhost_user.connection import Connection
+    from vhostfs.vhost_user.handler import Session
+
     stop = _Stop(listener)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    try:
-        while not stop.requested:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                if stop.requested:
-                    break
-                raise
-            stop.conn = conn
+    while not stop.requested:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
             if stop.requested:
-                conn.close()
                 break
-            if not args.keep_listening:
-                listener.close()
-            log.info("front end connected")
-            # A new session per connection; on disconnect it resets the device (queues, FUSE
-            # state), so the next front end starts from scratch.
-            Session(device).serve(Connection(conn))
-            stop.conn = None
-            if not args.keep_listening:
-                break
-            log.info("waiting for the next front end")
+            raise
+        stop.conn = conn
         if stop.requested:
-            log.info("terminated by signal")
+            conn.close()
+            break
+        if not keep_listening:
+            listener.close()
+        log.info("front end connected")
+        # A new session per connection; on disconnect it resets the device (queues, FUSE state), so
+        # the next front end starts from scratch.
+        Session(device).serve(Connection(conn))
+        stop.conn = None
+        if not keep_listening:
+            break
+        log.info("waiting for the next front end")
+    if stop.requested:
+        log.info("terminated by signal")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the daemon (or `vhostfs mount`, or --print-capabilities); returns the exit status.
+
+    The steps: parse the command line, listen on the socket, enter the sandbox, build the device (the
+    file system opens the share and /proc/self/fd by path), confine the process, serve. A failure
+    after listening removes the socket and its lock file and exits with a message.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["mount"]:
+        from vhostfs import mount_cli
+
+        return mount_cli.main(argv[1:])
+    if "--print-capabilities" in argv:
+        # The other options are ignored, as the back-end program conventions ask.
+        print(json.dumps(capabilities(), indent=2))
+        return 0
+    args, group, keep_caps = _parse(argv)
+    set_rlimit_nofile(args.rlimit_nofile)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    lock_fd = -1
+    if args.fd is not None:
+        listener = socket.socket(fileno=args.fd)
+    else:
+        listener, lock_fd = _listen(args.socket_path, group)
+    files = _SocketFiles(args.socket_path)
+    try:
+        # In namespace mode the process that returns here is the sandboxed child; the outer one
+        # removes the socket when it is done (see vhostfs/sandbox.py).
+        jail = sandbox.prepare(args.sandbox, args.shared_dir, files.remove, args.uid_map, args.gid_map)
+        if args.sandbox == "namespace":
+            files.disown()
+        device = _build_device(args)
+        _confine(jail, keep_caps, args)
+        log.info("%s", _in_force(jail, args))
+        log.info("serving %s on %s", args.shared_dir, args.socket_path or f"fd {args.fd}")
+        _serve(listener, device, args.keep_listening)
+    except (_StartError, sandbox.SandboxError) as e:
+        raise SystemExit(f"vhostfs: {e}") from None
     except SystemExit:
         log.info("terminated by signal")
     finally:
@@ -543,8 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # default action for the handlers set above but keeps SIG_IGN.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if args.sandbox != "namespace":
-            remove_socket()
+        files.remove()
         if lock_fd >= 0:
             os.close(lock_fd)
     return 0

@@ -12,8 +12,8 @@ largest fixed costs of a round trip. Kicks stay disabled while polling (virtio 1
 driver does not even notify.
 
 A request that may wait without bound (FUSE_SETLKW: a lock another owner holds, perhaps one whose
-unlock is queued behind it) is served on a thread of its own, so that the queue goes on; this is the
-one place where the device looks into a request, at the opcode and unique of its fuse_in_header.
+unlock is queued behind it) is served on a thread of its own, so that the queue goes on; the server
+says which requests those are (FuseServer.may_wait), so the device never parses a request itself.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from vhostfs import native
 from vhostfs.dax import DaxWindow
-from vhostfs.fuse import abi
+from vhostfs.iov import Reader
 from vhostfs.vhost_user import messages as vu
 from vhostfs.vhost_user.backend_channel import BackendChannel
 from vhostfs.vhost_user.dirty_log import QueueLog
@@ -40,6 +40,8 @@ from vhostfs.virtqueue.split import (
     QueueBroken,
     SplitQueue,
     avail_ring_size,
+    check_queue_size,
+    check_ring_addresses,
     desc_table_size,
     used_ring_size,
 )
@@ -54,9 +56,6 @@ VIRTIO_FS_TAG_MAX = 36
 #: Request queues a front end may set up (GET_QUEUE_NUM reports one more, for the hiprio queue).
 MAX_REQUEST_QUEUES = 16
 
-#: Offsets of fuse_in_header's u32 opcode and u64 unique (fuse.h), after its u32 len.
-_FUSE_OPCODE_OFFSET = 4
-_FUSE_UNIQUE_OFFSET = 8
 #: Requests of one queue waiting on threads of their own at a time; later ones queue for a thread.
 MAX_WAITING = 64
 
@@ -66,11 +65,6 @@ DEVICE_FEATURES = (
     | 1 << vu.VIRTIO_RING_F_EVENT_IDX
     | 1 << vu.VHOST_F_LOG_ALL
 )
-
-
-def _may_wait(chain) -> bool:
-    """Whether the request in `chain` may wait without bound (FUSE_SETLKW)."""
-    return chain.reader.peek_u32(_FUSE_OPCODE_OFFSET) == abi.FUSE_SETLKW
 
 
 def ring_views(memory: GuestMemory, vring: Vring) -> tuple[memoryview, memoryview, memoryview]:
@@ -89,20 +83,23 @@ class QueueWorker:
 
     With `pool_size` > 0 the worker only takes chains off the ring and `pool_size` threads serve
     them, so a request that blocks (a lock, a slow host file system) does not hold up the others and
-    system calls of several requests overlap. The used ring is then shared: `used_lock` orders the
-    completions, and a head already in flight is never taken (nor completed) a second time.
+    system calls of several requests overlap. A head already in flight is never taken (nor
+    completed) a second time.
 
-    In either mode a request that may wait without bound (`_may_wait`) is served on a thread of its
-    own (up to MAX_WAITING at a time, then in turn), and completes under `used_lock` like the pool's;
-    the inline path takes the lock only while such a request is out (`waiting`, head -> unique), since
-    no other thread touches the used ring then. `stop` ends those waits with `interrupt(unique)`
+    In either mode a request that may wait without bound (`may_wait(reader)` gives its unique,
+    else None) is served on a thread of its
+    own (up to MAX_WAITING at a time, then in turn; `waiting` maps its head to its unique). Every
+    thread completes its chains through `_complete`, which writes the used ring under `used_lock`.
+    `stop` ends those waits with `interrupt(unique)`
     (the server's FuseServer.interrupt: the request answers EINTR) rather than waiting for a lock
     that may never come, and returns once they have completed.
     """
 
     def __init__(self, index: int, vq: SplitQueue, vring: Vring, handle, pool_size: int = 0,
-                 interrupt: Callable[[int], object] | None = None, poll_us: int = 0) -> None:
+                 interrupt: Callable[[int], object] | None = None, poll_us: int = 0,
+                 may_wait: Callable[[Reader], int | None] = lambda reader: None) -> None:
         self.index = index
+        self.may_wait = may_wait
         self.queue = vq
         self.vring = vring
         self.kick_fd = vring.kick_fd
@@ -217,19 +214,18 @@ class QueueWorker:
                         chain = q.chain(head)
                     except ChainError as e:
                         log.error("queue %d: bad descriptor chain %d: %s", self.index, head, e)
-                        self._push(head, 0)
+                        self._complete(head, 0, None, batch=True)
                         served += 1
                         continue
-                    if _may_wait(chain):
-                        self._serve_apart(chain)
+                    unique = self.may_wait(chain.reader)
+                    if unique is not None:
+                        self._serve_apart(chain, unique)
                         continue
-                    length = handle(chain.reader, chain.writer)
-                    if q.log is not None:
-                        q.log.mark_written(chain.writable_ranges, length)
-                    self._push(head, length)
+                    self._complete(head, handle(chain.reader, chain.writer), chain.writable_ranges,
+                                   batch=True)
                     served += 1
-                if served and self._notify_needed():
-                    self._signal()
+                if served:
+                    self._flush()
                 if self.stopping:
                     return
                 # Kicks stay disabled while polling. Each turn of the poll yields the CPU to whatever
@@ -244,24 +240,37 @@ class QueueWorker:
             log.error("queue %d: %s; the queue is stopped until it is reset", self.index, e)
             self.broken = True
 
+    def _complete(self, head: int, length: int, ranges: list[tuple[int, int]] | None, *,
+                  batch: bool = False) -> None:
+        """Returns chain `head` to the driver with `length` bytes written: the one place where the
+        queue's used ring is written, by whichever thread served the request.
 
-    def _push(self, head: int, length: int) -> None:
-        """q.push from the worker's own thread (inline mode)."""
-        if self.waiting:
-            with self.used_lock:
-                self.queue.push(head, length)
-        else:
-            self.queue.push(head, length)
+        `ranges` are the chain's writable guest ranges when they were recorded (dirty-page logging),
+        marked dirty up to `length`. The push happens under `used_lock`, as the worker, the pool and
+        the threads of waiting requests may all complete chains, and the head stops being in flight.
+        With `batch`, the interrupt is left to `_flush` (the worker signals once per burst).
+        """
+        q = self.queue
+        if ranges is not None:
+            assert q.log is not None
+            q.log.mark_written(ranges, length)
+        with self.used_lock:
+            q.push(head, length)
+            self.in_flight.discard(head)
+            self.waiting.pop(head, None)
+            notify = not batch and q.notify_needed()
+        if notify:
+            self._signal()
 
-    def _notify_needed(self) -> bool:
-        if self.waiting:
-            with self.used_lock:
-                return self.queue.notify_needed()
-        return self.queue.notify_needed()
+    def _flush(self) -> None:
+        """Signals the driver if it wants an interrupt for the chains completed with `batch`."""
+        with self.used_lock:
+            notify = self.queue.notify_needed()
+        if notify:
+            self._signal()
 
-    def _serve_apart(self, chain) -> None:
-        """Serves a request that may wait without bound on a thread of its own (both modes)."""
-        unique = chain.reader.peek_u64(_FUSE_UNIQUE_OFFSET)
+    def _serve_apart(self, chain, unique: int) -> None:
+        """Serves request `unique`, which may wait without bound, on a thread of its own (both modes)."""
         with self.used_lock:
             self.waiting[chain.head] = unique
             if self._waiters >= MAX_WAITING:
@@ -272,17 +281,10 @@ class QueueWorker:
                          daemon=True).start()
 
     def _serve_waiting(self, chain) -> None:
-        q = self.queue
         handle = self.handle
         while chain is not None:
-            length = handle(chain.reader, chain.writer)
-            if q.log is not None:
-                q.log.mark_written(chain.writable_ranges, length)
+            self._complete(chain.head, handle(chain.reader, chain.writer), chain.writable_ranges)
             with self.used_lock:
-                q.push(chain.head, length)
-                notify = q.notify_needed()
-                # Last: while `waiting` is not empty the inline path pushes under the lock.
-                del self.waiting[chain.head]
                 chain = self._backlog.popleft() if self._backlog else None
                 if chain is None:
                     self._waiters -= 1
@@ -290,8 +292,6 @@ class QueueWorker:
                     # stop() may have interrupted it before it was taken: once more, now.
                     self.interrupt(self.waiting[chain.head])
                 self._waiter_done.notify_all()
-            if notify:
-                self._signal()
 
     def _dispatch(self, head: int) -> None:
         """Hands chain `head` to the pool (pool mode)."""
@@ -306,29 +306,22 @@ class QueueWorker:
                 chain = q.chain(head)
             except ChainError as e:
                 log.error("queue %d: bad descriptor chain %d: %s", self.index, head, e)
-                q.push(head, 0)
-                if q.notify_needed():
-                    self._signal()
-                return
-            if not _may_wait(chain):
-                self.in_flight.add(head)
-                self.jobs.put(chain)
-                return
-        self._serve_apart(chain)
+                chain = None
+            else:
+                unique = self.may_wait(chain.reader)
+                if unique is None:
+                    self.in_flight.add(head)
+                    self.jobs.put(chain)
+                    return
+        if chain is None:
+            self._complete(head, 0, None)
+        else:
+            self._serve_apart(chain, unique)
 
     def _serve_jobs(self) -> None:
-        q = self.queue
         handle = self.handle
         while (chain := self.jobs.get()) is not None:
-            length = handle(chain.reader, chain.writer)
-            if q.log is not None:
-                q.log.mark_written(chain.writable_ranges, length)
-            with self.used_lock:
-                self.in_flight.discard(chain.head)
-                q.push(chain.head, length)
-                notify = q.notify_needed()
-            if notify:
-                self._signal()
+            self._complete(chain.head, handle(chain.reader, chain.writer), chain.writable_ranges)
 
 
 class VirtioFsDevice:
@@ -367,6 +360,10 @@ class VirtioFsDevice:
             log.exception("request failed")
             return 0
 
+    #: The split ring's own rules (virtio 1.2, 2.7), checked as the front end sets a ring up.
+    check_ring_size = staticmethod(check_queue_size)
+    check_ring_addresses = staticmethod(check_ring_addresses)
+
     def start_queue(self, index: int, vring: Vring, memory: GuestMemory, features: int,
                     log: QueueLog | None = None) -> None:
         vq = SplitQueue(memory, vring.num, *ring_views(memory, vring), last_avail_idx=vring.base,
@@ -376,7 +373,7 @@ class VirtioFsDevice:
         vq.log = log
         # The hiprio queue only carries FORGET and INTERRUPT, which never block.
         worker = QueueWorker(index, vq, vring, self._handle, self.thread_pool_size if index else 0,
-                             self.server.interrupt, self.poll_us if index else 0)
+                             self.server.interrupt, self.poll_us if index else 0, self.server.may_wait)
         self.workers[index] = worker
         worker.start()
 

@@ -23,6 +23,7 @@ import os
 import sys
 
 from vhostfs.cli import (
+    LOG_LEVELS,
     add_passthrough_options,
     apply_passthrough_o,
     negotiated_switches,
@@ -33,9 +34,6 @@ from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse.fusedev import serve_filesystem
 
 log = logging.getLogger("vhostfs")
-
-_LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
-
 
 def _positive(text: str) -> int:
     value = int(text)
@@ -60,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "passthrough's: cache=, xattrmap= and the switches xattr, posix_acl, writeback, "
                         "readdirplus, flock, posix_lock, allow_direct_io, announce_submounts, killpriv_v2, "
                         "security_label with their no_ forms")
-    p.add_argument("--log-level", default="info", choices=tuple(_LOG_LEVELS))
+    p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
     return p
 
 
@@ -98,7 +96,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(negotiated_switches(argv))
     mount_opts = _mount_options(parser, args.o, args)
     translate_maps(parser, args)
-    logging.basicConfig(level=_LOG_LEVELS[args.log_level],
+    logging.basicConfig(level=LOG_LEVELS[args.log_level],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")

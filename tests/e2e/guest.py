@@ -49,10 +49,17 @@ class GuestError(Exception):
     """Booting failed before the guest ran, e.g. the daemon never created its socket."""
 
 
+# The stacks a guest can be booted on (scripts/stack.sh): Debian 12's QEMU 7.2 with a Linux 6.1 guest,
+# Debian 13's QEMU 10.0 with Linux 6.12, and Debian testing's QEMU 11.1 with Linux 7.2.
+STACKS = ("debian12", "debian13", "forky")
+DEFAULT_STACK = "debian12"
+
+
 @dataclass(frozen=True)
 class GuestImages:
     kernel: Path
     initrd: Path
+    qemu: str  # the stack's qemu-system-x86_64
 
 
 @dataclass(frozen=True)
@@ -99,8 +106,14 @@ def running_in_ci() -> bool:
 
 
 @functools.cache
-def build_guest() -> GuestImages:
-    """Builds the guest with scripts/build-guest.sh (once per process; later builds are no-ops anyway)."""
+def build_guest(stack: str = DEFAULT_STACK) -> GuestImages:
+    """Builds the guest of stack with scripts/build-guest.sh (once per process and stack).
+
+    For the stacks other than debian12 this first unpacks that Debian release's QEMU and kernel
+    (scripts/stack.sh), which takes a minute or two the first time on a machine.
+    """
+    if stack not in STACKS:
+        raise ValueError(f"unknown stack {stack!r}; one of {', '.join(STACKS)}")
     missing = [
         f"{tool} (package {package})" for tool, package in HOST_TOOLS.items() if not shutil.which(tool)
     ]
@@ -108,13 +121,15 @@ def build_guest() -> GuestImages:
         raise GuestUnavailable(
             f"missing {', '.join(missing)}; build-guest.sh installs them only as root with apt"
         )
-    proc = subprocess.run([str(BUILD_GUEST)], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(BUILD_GUEST), "--stack", stack], stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
     if proc.returncode == EXIT_UNAVAILABLE:
         raise GuestUnavailable(f"cannot build the guest: {proc.stderr.strip()}")
     if proc.returncode != 0:
         raise RuntimeError(f"{BUILD_GUEST} failed with status {proc.returncode}:\n{proc.stderr}")
-    kernel, initrd = proc.stdout.split()
-    return GuestImages(Path(kernel), Path(initrd))
+    kernel, initrd, qemu = proc.stdout.split()
+    return GuestImages(Path(kernel), Path(initrd), qemu)
 
 
 def cpio_archive(files: Mapping[str, bytes]) -> bytes:
@@ -150,16 +165,19 @@ def boot_guest(
     mount_opts: str | None = None,
     timeout: float = 600,
     daemon_started: Callable[[int], None] | None = None,
+    stack: str = DEFAULT_STACK,
     run_dir_owner: tuple[int, int] | None = None,
 ) -> GuestResult:
     """Serves shared_dir with daemon_cmd ({sock}, {dir} substituted) and runs script in a guest on it.
+
+    stack names the QEMU and guest kernel (one of STACKS).
 
     daemon_started, if given, is called with the daemon's pid once its socket exists, before QEMU
     starts (e.g. to watch the daemon's resources from another thread while the guest runs).
     run_dir_owner (uid, gid) gives the directory of the socket to that user, for a daemon that runs
     as someone else than the tests.
     """
-    images = build_guest()
+    images = build_guest(stack)
     with tempfile.TemporaryDirectory(prefix="vhostfs-e2e-") as tmp:
         run = Path(tmp)
         if run_dir_owner is not None:
@@ -182,7 +200,7 @@ def boot_guest(
             if mount_opts:
                 append += f" vhostfs.opts={mount_opts}"
             qemu = [
-                "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", str(smp), "-m", str(mem),
+                images.qemu, "-accel", "tcg", "-cpu", "max", "-smp", str(smp), "-m", str(mem),
                 # vhost-user needs guest RAM in a shareable memfd that the daemon can map.
                 "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on", "-numa", "node,memdev=mem",
                 "-kernel", str(images.kernel), "-initrd", str(initrd), "-append", append,

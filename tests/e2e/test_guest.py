@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .guest import GuestImages, GuestResult, boot_guest, daemon_command
+from .guest import GuestResult, boot_guest, daemon_command
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -51,9 +51,9 @@ def _one(result: GuestResult, prefix: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def share(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The host side of the main workload, and the sha256 of its 100 MB file."""
-    root = tmp_path_factory.mktemp("share")
+def share(guest_stack: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The host side of the main workload (a fresh one for each stack), and its 100 MB file's sha256."""
+    root = tmp_path_factory.mktemp(f"share-{guest_stack}")
     hello = root / "hello.txt"
     hello.write_bytes(HELLO)
     hello.chmod(HELLO_MODE)
@@ -73,9 +73,9 @@ def share(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def workload(guest_images: GuestImages, share: tuple[Path, str]) -> GuestResult:
+def workload(guest_stack: str, share: tuple[Path, str]) -> GuestResult:
     root, _ = share
-    return boot_guest(WORKLOAD, root, daemon_command(), timeout=900)
+    return boot_guest(WORKLOAD, root, daemon_command(), timeout=900, stack=guest_stack)
 
 
 def test_workload_completes_and_unmounts(workload: GuestResult) -> None:
@@ -119,7 +119,7 @@ def test_readdir_of_5000_entries(workload: GuestResult) -> None:
     assert int(_one(workload, "ENTRIES ")) == MANY_ENTRIES
 
 
-def test_two_request_queues(guest_images: GuestImages, tmp_path: Path) -> None:
+def test_two_request_queues(guest_stack: str, tmp_path: Path) -> None:
     daemon = daemon_command()
     if Path(daemon[0]).name == "virtiofsd":
         # Both QEMU's C virtiofsd and the Rust one size their device for one request queue: the C one
@@ -134,7 +134,9 @@ cat small-*.txt | wc -l | sed 's/^/LINES /'
 cp input.bin output.bin
 sha256sum output.bin | sed 's/^/SHA256 /'
 """
-    result = boot_guest(script, tmp_path, daemon, queue_size=1024, num_request_queues=2, timeout=600)
+    result = boot_guest(
+        script, tmp_path, daemon, queue_size=1024, num_request_queues=2, timeout=600, stack=guest_stack
+    )
     assert result.exit_status == 0, result.describe()
     assert result.unmounted, result.describe()
     assert int(_one(result, "LINES ")) == 50

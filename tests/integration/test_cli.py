@@ -6,10 +6,12 @@ from __future__ import annotations
 import grp
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from importlib import resources
 
 import pytest
@@ -191,6 +193,52 @@ def test_negative_poll_us_is_an_error(tmp_path):
     r = run("--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path), "--poll-us", "-1")
     assert r.returncode == 2 and "--poll-us: -1 is negative" in r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_the_socket_path_appears_only_once_it_listens(tmp_path):
+    """A front end that connects the moment the path exists is never refused: the daemon binds under
+    a temporary name and renames the socket into place once it listens."""
+    from vhostfs.cli import _listen
+
+    for i in range(100):
+        path = str(tmp_path / f"s{i}")
+        pid = os.fork()
+        if pid == 0:
+            try:
+                listener, _ = _listen(path)
+                time.sleep(5)
+                listener.close()
+            finally:
+                os._exit(0)
+        try:
+            deadline = time.monotonic() + 10
+            while not os.path.exists(path):
+                assert time.monotonic() < deadline, "the socket never appeared"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(path)  # ECONNREFUSED if the path existed before listen(2)
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    # Nothing is left under the temporary names.
+    assert sorted(os.listdir(tmp_path)) == sorted(f"s{i}{ext}" for i in range(100) for ext in ("", ".pid"))
+
+
+def test_the_socket_is_for_its_owner_only(tmp_path):
+    d = start_daemon(tmp_path)
+    try:
+        st = os.lstat(d.socket)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_uid == os.geteuid()
+    finally:
+        stop_daemon(d)
+
+
+def test_a_file_that_is_not_a_socket_is_not_replaced(tmp_path):
+    (tmp_path / "s").write_bytes(b"keep me")
+    r = run("--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path))
+    assert r.returncode != 0 and "is not a socket" in r.stderr
+    assert (tmp_path / "s").read_bytes() == b"keep me"
 
 
 def test_print_capabilities_announces_the_negotiation_modes():

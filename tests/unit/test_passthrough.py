@@ -19,7 +19,8 @@ import pytest
 
 from vhostfs import native
 from vhostfs.fs.inodes import InodeTable
-from vhostfs.fs.passthrough import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, Passthrough
+from vhostfs.fs.passthrough import Passthrough
+from vhostfs.fuse.abi import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 from vhostfs.fuse.filesystem import ROOT_ID, STATX_BASIC_STATS, TIME_NOW, Context, SetAttr
 from vhostfs.iov import Reader, Writer
 

@@ -13,8 +13,9 @@ import subprocess
 import pytest
 
 from tests.unit.test_passthrough_locks import Server
-from vhostfs.fs.passthrough import FUSE_WRITE_KILL_SUIDGID, Passthrough
+from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse import abi
+from vhostfs.fuse.abi import FUSE_WRITE_KILL_SUIDGID
 from vhostfs.fuse.filesystem import ROOT_ID, ConnectionInfo, Context, SetAttr
 from vhostfs.fuse.server import DEFAULT_WANT
 

@@ -14,6 +14,7 @@ from vhostfs.testing.frontend import Frontend
 from vhostfs.vhost_user import messages as m
 from vhostfs.vhost_user.connection import Connection
 from vhostfs.vhost_user.handler import SESSION_PROTOCOL_FEATURES, Session
+from vhostfs.virtqueue import split
 
 R = m.Request
 REPLY_ACK = 1 << m.VHOST_USER_PROTOCOL_F_REPLY_ACK
@@ -23,6 +24,8 @@ class RecordingBackend:
     max_queues = 2
     features = 1 << m.VIRTIO_F_VERSION_1 | 1 << m.VIRTIO_RING_F_EVENT_IDX | 1 << m.VHOST_F_LOG_ALL
     protocol_features = 1 << m.VHOST_USER_PROTOCOL_F_CONFIG
+    check_ring_size = staticmethod(split.check_queue_size)
+    check_ring_addresses = staticmethod(split.check_ring_addresses)
 
     def __init__(self):
         self.events = []

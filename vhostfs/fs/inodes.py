@@ -42,7 +42,7 @@ from collections.abc import Callable
 
 from vhostfs import native
 from vhostfs.fs.filehandles import INODE_FILE_HANDLES, FileHandle, MountFds, make_handle, mount_id, probe
-from vhostfs.fuse.filesystem import ROOT_ID
+from vhostfs.fuse.filesystem import ROOT_ID, fs_error
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,7 @@ _FD_ERRORS = (errno.EMFILE, errno.ENFILE)
 
 def ebadf() -> OSError:
     """The error for an unknown or forgotten nodeid or file handle."""
-    return OSError(errno.EBADF, os.strerror(errno.EBADF))
-
-
-def _err(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
+    return fs_error(errno.EBADF)
 
 
 def default_fd_budget() -> int:
@@ -188,7 +184,7 @@ class InodeTable:
             if keep:
                 return fd
             os.close(fd)
-        raise _err(errno.EMFILE)
+        raise fs_error(errno.EMFILE)
 
     def shrink(self) -> int:
         """Closes the fds of all idle nodes that hold file handles; returns how many were closed."""
@@ -221,7 +217,7 @@ class InodeTable:
         try:
             handle = make_handle(fd)
             if handle.mount_id != mnt:
-                raise _err(errno.ESTALE)
+                raise fs_error(errno.ESTALE)
             if not self._mounts.acquire(mnt, fd, kind):
                 raise OSError(errno.EOPNOTSUPP, "no directory open on the file's mount")
         except OSError:
@@ -342,7 +338,7 @@ class InodeTable:
             raise
         if not same:
             os.close(fd)
-            raise _err(errno.ESTALE)
+            raise fs_error(errno.ESTALE)
         return fd
 
     def unuse(self, inode: Inode) -> None:

@@ -37,6 +37,8 @@ import struct
 import threading
 import time
 
+from vhostfs.fuse.filesystem import fs_error
+
 #: fcntl(2) commands for open-file-description locks (<fcntl.h>, Linux).
 F_OFD_GETLK = 36
 F_OFD_SETLK = 37
@@ -53,14 +55,10 @@ _SLEEP_FIRST = 0.001
 _SLEEP_MAX = 0.05
 
 
-def _err(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
-
-
 def _range(start: int, end: int) -> tuple[int, int]:
     """FUSE's inclusive [start, end] as flock's (l_start, l_len); EINVAL for an inverted range."""
     if not 0 <= start <= end <= OFFSET_MAX:
-        raise _err(errno.EINVAL)
+        raise fs_error(errno.EINVAL)
     return start, 0 if end == OFFSET_MAX else end - start + 1
 
 
@@ -79,7 +77,7 @@ def wait_until(attempt, interrupt: threading.Event | None, gone, wait_limit: flo
     pause = _SLEEP_FIRST
     while True:
         if interrupt is not None and interrupt.is_set():
-            raise _err(errno.EINTR)
+            raise fs_error(errno.EINTR)
         try:
             attempt()
         except OSError as exc:
@@ -87,14 +85,14 @@ def wait_until(attempt, interrupt: threading.Event | None, gone, wait_limit: flo
                 raise
         else:
             if gone():
-                raise _err(errno.EBADF)
+                raise fs_error(errno.EBADF)
             return
         if gone():
-            raise _err(errno.EBADF)
+            raise fs_error(errno.EBADF)
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise _err(errno.EDEADLK)
+                raise fs_error(errno.EDEADLK)
             pause = min(pause, left)
         if interrupt is not None:
             interrupt.wait(pause)
@@ -199,7 +197,7 @@ class LockTable:
         0 otherwise (a host process's lock, or several readers).
         """
         if kind not in LOCK_TYPES:
-            raise _err(errno.EINVAL)
+            raise fs_error(errno.EINVAL)
         l_start, l_len = _range(start, end)
         entry = self._use(nodeid, owner, fh, fd)
         try:
@@ -237,7 +235,7 @@ class LockTable:
         """F_OFD_SETLK of [start, end] for `owner` (EAGAIN on conflict); `wait` waits until the lock
         is free, ended by `interrupt` or by the owner's description being dropped (see module doc)."""
         if kind not in LOCK_TYPES:
-            raise _err(errno.EINVAL)
+            raise fs_error(errno.EINVAL)
         l_start, l_len = _range(start, end)
         if kind == fcntl.F_UNLCK:
             with self._lock:

@@ -60,6 +60,25 @@ from vhostfs.fs.idmap import IdMap, IdTranslation, parse_proc_id_map
 from vhostfs.fs.inodes import Inode, InodeTable
 from vhostfs.fs.locks import LockTable
 from vhostfs.fs.xattrmap import XattrMap
+from vhostfs.fuse.abi import (
+    FOPEN_CACHE_DIR,
+    FOPEN_DIRECT_IO,
+    FOPEN_KEEP_CACHE,
+    FUSE_ATTR_SUBMOUNT,
+    FUSE_DIRECT_IO_ALLOW_MMAP,
+    FUSE_DO_READDIRPLUS,
+    FUSE_DONT_MASK,
+    FUSE_FLOCK_LOCKS,
+    FUSE_HANDLE_KILLPRIV_V2,
+    FUSE_POSIX_ACL,
+    FUSE_POSIX_LOCKS,
+    FUSE_READDIRPLUS_AUTO,
+    FUSE_SECURITY_CTX,
+    FUSE_SETXATTR_EXT,
+    FUSE_SUBMOUNTS,
+    FUSE_WRITE_KILL_SUIDGID,
+    FUSE_WRITEBACK_CACHE,
+)
 from vhostfs.fuse.filesystem import (
     LINUX_DIRENT64,
     ROOT_ID,
@@ -76,6 +95,7 @@ from vhostfs.fuse.filesystem import (
     SetAttr,
     StatVfs,
     Statx,
+    fs_error,
 )
 
 if TYPE_CHECKING:
@@ -83,25 +103,6 @@ if TYPE_CHECKING:
 
     from vhostfs.iov import Reader, Writer
 
-# FOPEN_* reply flags and FUSE_WRITE_* request flags, with their names from <linux/fuse.h>. Defined
-# here rather than imported so that this module does not depend on the wire ABI module.
-FOPEN_DIRECT_IO = 1 << 0
-FOPEN_KEEP_CACHE = 1 << 1
-FOPEN_CACHE_DIR = 1 << 3
-FUSE_WRITE_KILL_SUIDGID = 1 << 2
-FUSE_POSIX_LOCKS = 1 << 1
-FUSE_DONT_MASK = 1 << 6
-FUSE_POSIX_ACL = 1 << 20
-FUSE_SETXATTR_EXT = 1 << 29
-FUSE_FLOCK_LOCKS = 1 << 10
-FUSE_DO_READDIRPLUS = 1 << 13
-FUSE_READDIRPLUS_AUTO = 1 << 14
-FUSE_WRITEBACK_CACHE = 1 << 16
-FUSE_SUBMOUNTS = 1 << 27
-FUSE_HANDLE_KILLPRIV_V2 = 1 << 28
-FUSE_DIRECT_IO_ALLOW_MMAP = 1 << 36
-FUSE_SECURITY_CTX = 1 << 32
-FUSE_ATTR_SUBMOUNT = 1 << 0
 
 #: Cache policy -> (entry/attr timeout in seconds, FOPEN flags for files, FOPEN flags for directories),
 #: the meanings virtiofsd gives its --cache values.
@@ -153,10 +154,6 @@ _FLOCK_OPS = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.
 _FALLOC_FL_ALL = 0x7F
 
 
-def _err(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
-
-
 def _negotiation_mode(option: str, value: bool | str) -> str:
     """"never", "auto" or "always" from a mode or a bool (True: "auto"); ValueError otherwise."""
     if value is True or value is False:
@@ -169,9 +166,9 @@ def _negotiation_mode(option: str, value: bool | str) -> str:
 def _check_name(name: bytes) -> None:
     """Raises unless `name` is one ordinary path component (not b"." or b"..")."""
     if not name or b"/" in name or b"\0" in name or name in _DOTS:
-        raise _err(errno.EINVAL)
+        raise fs_error(errno.EINVAL)
     if len(name) > 255:
-        raise _err(errno.ENAMETOOLONG)
+        raise fs_error(errno.ENAMETOOLONG)
 
 
 def _dirent_record(name: bytes, ino: int) -> bytes:
@@ -337,14 +334,14 @@ class Passthrough(Filesystem):
     # -- helpers ----------------------------------------------------------------------------------
     def _check_writable(self) -> None:
         if self._readonly:
-            raise _err(errno.EROFS)
+            raise fs_error(errno.EROFS)
 
     def _dir(self, nodeid: int) -> Inode:
         """`use`s `nodeid` and checks that it is a directory (ENOTDIR otherwise)."""
         inode = self._inodes.use(nodeid)
         if not inode.is_dir:
             self._inodes.unuse(inode)
-            raise _err(errno.ENOTDIR)
+            raise fs_error(errno.ENOTDIR)
         return inode
 
     def _reopen(self, inode: Inode, flags: int) -> int:
@@ -434,7 +431,7 @@ class Passthrough(Filesystem):
         try:
             # setfsuid(-1) changes nothing and returns the current value: the only way to see failure.
             if native.setfsuid(0xFFFFFFFF) != uid or native.setfsgid(0xFFFFFFFF) != gid:
-                raise _err(errno.EPERM)
+                raise fs_error(errno.EPERM)
             yield
         finally:
             native.setfsuid(old_uid)
@@ -586,7 +583,7 @@ class Passthrough(Filesystem):
                 # EINVAL: an ID the daemon's user namespace does not map. To the guest, as to a
                 # process in that namespace, such an owner is simply not permitted.
                 if e.errno == errno.EINVAL:
-                    raise _err(errno.EPERM) from None
+                    raise fs_error(errno.EPERM) from None
                 raise
             if inode.kind == stat.S_IFREG:
                 self._drop_capability(fd if fd is not None else inode)
@@ -602,14 +599,14 @@ class Passthrough(Filesystem):
             if fd is not None:
                 os.fchmod(fd, stat.S_IMODE(mode))
             elif inode.is_symlink:
-                raise _err(errno.EOPNOTSUPP)
+                raise fs_error(errno.EOPNOTSUPP)
             else:
                 os.chmod(name, stat.S_IMODE(mode), dir_fd=proc)
         if ch.size is not None:
             if fd is not None:
                 os.ftruncate(fd, ch.size)
             elif inode.kind != stat.S_IFREG:
-                raise _err(errno.EISDIR if inode.is_dir else errno.EINVAL)
+                raise fs_error(errno.EISDIR if inode.is_dir else errno.EINVAL)
             else:
                 wfd = self._reopen(inode, os.O_WRONLY)
                 try:
@@ -638,7 +635,7 @@ class Passthrough(Filesystem):
         """readlinkat(fd, "") on the symlink's O_PATH fd: the target bytes, never followed."""
         with self._inodes.use(nodeid) as inode:
             if not inode.is_symlink:
-                raise _err(errno.EINVAL)
+                raise fs_error(errno.EINVAL)
             return os.fsencode(os.readlink("", dir_fd=inode.fd))
 
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
@@ -646,7 +643,7 @@ class Passthrough(Filesystem):
         self._check_writable()
         _check_name(name)
         if not target or b"\0" in target:
-            raise _err(errno.ENOENT if not target else errno.EINVAL)
+            raise fs_error(errno.ENOENT if not target else errno.EINVAL)
         with self._dir(parent) as dir_inode:
             with self._as_caller(ctx):
                 os.symlink(target, name, dir_fd=dir_inode.fd)
@@ -699,7 +696,7 @@ class Passthrough(Filesystem):
         _check_name(name)
         _check_name(newname)
         if flags & ~_RENAME_FLAGS:
-            raise _err(errno.EINVAL)
+            raise fs_error(errno.EINVAL)
         with self._dir(parent) as old_dir, self._dir(newparent) as new_dir:
             if flags:
                 native.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
@@ -718,7 +715,7 @@ class Passthrough(Filesystem):
     # -- files --------------------------------------------------------------------------------------
     def _host_flags(self, flags: int) -> int:
         if self._readonly and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
-            raise _err(errno.EROFS)
+            raise fs_error(errno.EROFS)
         host = flags & self._open_flags
         if self._writeback:
             # The guest's page cache may read back pages a write-only file fills partly, and it puts
@@ -732,8 +729,8 @@ class Passthrough(Filesystem):
         """Opens regular file `inode`; refuses directories (EISDIR), symlinks (ELOOP), others (EBADF)."""
         if inode.kind != stat.S_IFREG:
             if inode.is_dir:
-                raise _err(errno.EISDIR)
-            raise _err(errno.ELOOP if inode.is_symlink else errno.EBADF)
+                raise fs_error(errno.EISDIR)
+            raise fs_error(errno.ELOOP if inode.is_symlink else errno.EBADF)
         fd = self._reopen(inode, self._host_flags(flags))
         return self._handles.add(fd, inode.nodeid, False)
 
@@ -859,17 +856,17 @@ class Passthrough(Filesystem):
         for the block (for the DAX window, vhostfs.dax); EBADF for a directory or another node's fh."""
         with self._handles.use(fh) as handle:
             if handle.is_dir or handle.nodeid != nodeid:
-                raise _err(errno.EBADF)
+                raise fs_error(errno.EBADF)
             yield handle.fd, fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
 
     # -- locks (see locks.py) ---------------------------------------------------------------------
     def _lock_handle(self, fh: int, enabled: bool) -> Handle:
         if not enabled:
-            raise _err(errno.ENOSYS)
+            raise fs_error(errno.ENOSYS)
         handle = self._handles.use(fh)
         if handle.is_dir:
             self._handles.unuse(handle)
-            raise _err(errno.EBADF)
+            raise fs_error(errno.EBADF)
         return handle
 
     def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, lock: Lock) -> Lock:
@@ -891,7 +888,7 @@ class Passthrough(Filesystem):
         op = _FLOCK_OPS.get(kind)
         with self._lock_handle(fh, self._flock) as handle:
             if op is None:
-                raise _err(errno.EINVAL)
+                raise fs_error(errno.EINVAL)
             self._locks.flock(fh, handle.fd, op, wait, ctx.interrupt)
 
     def tmpfile(self, ctx: Context, parent: int, mode: int, flags: int, umask: int) -> tuple[Entry, Open]:
@@ -920,7 +917,7 @@ class Passthrough(Filesystem):
         the host would answer)."""
         self._check_writable()
         if mode & ~_FALLOC_FL_ALL:
-            raise _err(errno.EOPNOTSUPP)
+            raise fs_error(errno.EOPNOTSUPP)
         with self._handles.use(fh) as handle:
             native.fallocate(handle.fd, mode, offset, length)
 
@@ -934,7 +931,7 @@ class Passthrough(Filesystem):
         """copy_file_range(2) between two open handles; `flags` must be 0, as the syscall requires."""
         self._check_writable()
         if flags:
-            raise _err(errno.EINVAL)
+            raise fs_error(errno.EINVAL)
         with self._handles.use(fh_in) as src, self._handles.use(fh_out) as dst:
             return os.copy_file_range(src.fd, dst.fd, length, off_in, off_out)
 
@@ -946,21 +943,21 @@ class Passthrough(Filesystem):
         CAP_LINUX_IMMUTABLE for the immutable and append-only flags)."""
         with self._handles.use(fh) as handle:
             if handle.nodeid != nodeid:
-                raise _err(errno.EBADF)
+                raise fs_error(errno.EBADF)
             buf = bytearray(8)
             if cmd in (_FS_IOC_GETFLAGS, _FS_IOC32_GETFLAGS):
                 if out_size < _IOC_FLAGS.size:
-                    raise _err(errno.EINVAL)
+                    raise fs_error(errno.EINVAL)
                 fcntl.ioctl(handle.fd, _FS_IOC_GETFLAGS, buf)
                 return 0, bytes(buf[:_IOC_FLAGS.size])
             if cmd in (_FS_IOC_SETFLAGS, _FS_IOC32_SETFLAGS):
                 self._check_writable()
                 if len(in_data) < _IOC_FLAGS.size:
-                    raise _err(errno.EINVAL)
+                    raise fs_error(errno.EINVAL)
                 buf[:_IOC_FLAGS.size] = in_data[:_IOC_FLAGS.size]
                 fcntl.ioctl(handle.fd, _FS_IOC_SETFLAGS, buf)
                 return 0, b""
-        raise _err(errno.ENOTTY)
+        raise fs_error(errno.ENOTTY)
 
     def poll(self, ctx: Context, nodeid: int, fh: int, kh: int, flags: int, events: int) -> int:
         """Only regular files and directories are ever opened, and those the host always reports
@@ -991,7 +988,7 @@ class Passthrough(Filesystem):
         """
         with self._handles.use(fh) as handle:
             if not handle.is_dir:
-                raise _err(errno.ENOTDIR)
+                raise fs_error(errno.ENOTDIR)
             with handle.lock:
                 if offset == 0 or handle.listing is None:
                     handle.listing = self._snapshot(handle)
@@ -1053,10 +1050,10 @@ class Passthrough(Filesystem):
             st = self._guest_attr(os.stat(inode.fd))
         mask &= os.R_OK | os.W_OK | os.X_OK
         if mask & os.W_OK and self._readonly:
-            raise _err(errno.EROFS)
+            raise fs_error(errno.EROFS)
         if ctx.uid == 0:
             if mask & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
-                raise _err(errno.EACCES)
+                raise fs_error(errno.EACCES)
             return
         if st.st_uid == ctx.uid:
             granted = st.st_mode >> 6
@@ -1065,7 +1062,7 @@ class Passthrough(Filesystem):
         else:
             granted = st.st_mode
         if mask & ~granted & 0o7:
-            raise _err(errno.EACCES)
+            raise fs_error(errno.EACCES)
 
     def syncfs(self, ctx: Context, nodeid: int) -> None:
         """syncfs(2) of the shared directory's file system (it needs a real fd, not O_PATH)."""
@@ -1079,11 +1076,11 @@ class Passthrough(Filesystem):
     def _check_xattr(self, name: bytes | None = None, *, modify: bool = False) -> None:
         """ENOSYS unless xattr=True; EROFS for changes to a read-only share; EINVAL for a bad name."""
         if not self._xattr:
-            raise _err(errno.ENOSYS)
+            raise fs_error(errno.ENOSYS)
         if modify:
             self._check_writable()
         if name is not None and (not name or b"\0" in name):
-            raise _err(errno.EINVAL)
+            raise fs_error(errno.EINVAL)
 
     def _host_name(self, name: bytes) -> bytes:
         """The host name of guest attribute `name` under the xattrmap (EPERM/ENOTSUP if refused)."""

@@ -298,8 +298,13 @@ class Open:
     flags: int = 0
 
 
+def fs_error(code: int) -> OSError:
+    """The exception a Filesystem raises to answer `-code` (an errno value), with its message."""
+    return OSError(code, os.strerror(code))
+
+
 def _nosys() -> OSError:
-    return OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    return fs_error(errno.ENOSYS)
 
 
 class Filesystem:

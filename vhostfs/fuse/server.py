@@ -65,6 +65,10 @@ _HDR_SIZE = _HDR.size
 _IN_SIZE = abi.IN_HEADER.size
 # len, opcode, unique: the part of fuse_in_header needed to answer even a truncated request.
 _IN_PREFIX = struct.Struct("<IIQ")
+assert abi.IN_HEADER.format.startswith(_IN_PREFIX.format)
+# Where fuse_in_header's opcode and unique lie (after the u32 len; the opcode is a u32).
+_OPCODE_OFFSET = 4
+_UNIQUE_OFFSET = 8
 # fcntl(2) F_UNLCK, the lock type FUSE carries for "unlock".
 _F_UNLCK = 2
 _PAGE = 4096
@@ -429,6 +433,17 @@ class FuseServer:
         if initialized:
             self.conn = None
             self.fs.destroy()
+
+    @staticmethod
+    def may_wait(reader: Reader) -> int | None:
+        """The unique of the request in `reader` if serving it may wait without bound (FUSE_SETLKW:
+        a lock another owner holds), so that the transport can serve it apart; None otherwise.
+
+        Reads fuse_in_header's opcode and unique without consuming anything or copying.
+        """
+        if reader.peek_u32(_OPCODE_OFFSET) != abi.FUSE_SETLKW:
+            return None
+        return reader.peek_u64(_UNIQUE_OFFSET)
 
     def interrupt(self, unique: int) -> bool:
         """Makes request `unique` stop waiting (it then answers EINTR), as FUSE_INTERRUPT does.

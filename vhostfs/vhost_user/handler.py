@@ -67,6 +67,12 @@ class Backend(Protocol):
     #: Protocol feature bits the device supports beyond the session's own.
     protocol_features: int
 
+    def check_ring_size(self, num: int) -> None:
+        """Raises ValueError unless the device's queues can have `num` entries (SET_VRING_NUM)."""
+
+    def check_ring_addresses(self, desc: int, avail: int, used: int) -> None:
+        """Raises ValueError unless the rings may lie at these addresses (SET_VRING_ADDR: alignment)."""
+
     def start_queue(self, index: int, vring: Vring, memory: GuestMemory, features: int,
                     log: QueueLog | None) -> None:
         """Starts serving queue `index`; raises GuestMemoryError/ValueError if the ring is unusable.
@@ -361,8 +367,10 @@ class Session:
     def set_vring_num(self, msg: Message) -> None:
         index, num = m.parse_vring_state(msg.payload)
         vr = self._vring(index)
-        if num == 0 or num > m.VIRTQUEUE_MAX_SIZE or num & (num - 1):
-            raise m.VhostUserError(f"vring size {num} is not a power of two in 1..{m.VIRTQUEUE_MAX_SIZE}")
+        try:
+            self.backend.check_ring_size(num)
+        except ValueError as e:
+            raise m.VhostUserError(f"SET_VRING_NUM: {e}") from None
         if vr.running:
             raise m.VhostUserError(f"SET_VRING_NUM on running queue {index}")
         vr.num = num
@@ -370,11 +378,10 @@ class Session:
     def set_vring_addr(self, msg: Message) -> None:
         addr = m.parse_vring_addr(msg.payload)
         vr = self._vring(addr.index)
-        # virtio 1.2, 2.7: descriptor table 16-byte aligned, avail ring 2, used ring 4.
-        for value, align, what in ((addr.desc, 16, "descriptor table"), (addr.avail, 2, "avail ring"),
-                                   (addr.used, 4, "used ring")):
-            if value % align:
-                raise m.VhostUserError(f"{what} address {value:#x} is not {align}-byte aligned")
+        try:
+            self.backend.check_ring_addresses(addr.desc, addr.avail, addr.used)
+        except ValueError as e:
+            raise m.VhostUserError(f"SET_VRING_ADDR: {e}") from None
         if vr.running:
             # During migration the front end toggles VHOST_VRING_F_LOG (and sets log_guest_addr) on
             # running rings; moving the rings themselves needs the ring stopped first.

@@ -126,8 +126,6 @@ VHOST_USER_VRING_NOFD_MASK = 0x1 << 8
 MAX_PAYLOAD = 4096
 #: Regions one SET_MEM_TABLE may carry (VHOST_MEMORY_BASELINE_NREGIONS).
 VHOST_MEMORY_BASELINE_NREGIONS = 8
-#: Largest split virtqueue (virtio 1.2, 2.7: Queue Size is at most 32768).
-VIRTQUEUE_MAX_SIZE = 32768
 #: Largest number of file descriptors one message may carry.
 MAX_FDS = VHOST_MEMORY_BASELINE_NREGIONS
 

@@ -16,6 +16,7 @@ import struct
 import sys
 
 from vhostfs import native
+from vhostfs._native_build import WALK_ERRORS
 from vhostfs.iov import Reader, Writer
 
 # Descriptor flags (2.7.5 "The Virtqueue Descriptor Table").
@@ -41,6 +42,7 @@ assert USED_ELEM.size == 8
 
 #: Alignment of the rings (2.7: descriptor table 16, available ring 2, used ring 4).
 DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
+#: Largest split virtqueue (2.7: Queue Size is at most 32768).
 MAX_QUEUE_SIZE = 32768
 
 
@@ -50,6 +52,20 @@ class ChainError(Exception):
 
 class QueueBroken(Exception):
     """The driver broke the ring itself (e.g. avail idx ran ahead by more than the queue size)."""
+
+
+def check_queue_size(num: int) -> None:
+    """Raises ValueError unless `num` is a valid split queue size: a power of two in 1..32768 (2.7)."""
+    if num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+        raise ValueError(f"queue size {num} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+
+
+def check_ring_addresses(desc: int, avail: int, used: int) -> None:
+    """Raises ValueError unless the ring addresses have the alignment 2.7 requires."""
+    for value, align, what in ((desc, DESC_ALIGN, "descriptor table"), (avail, AVAIL_ALIGN, "avail ring"),
+                               (used, USED_ALIGN, "used ring")):
+        if value % align:
+            raise ValueError(f"{what} address {value:#x} is not {align}-byte aligned")
 
 
 def desc_table_size(num: int) -> int:
@@ -81,21 +97,9 @@ class DescriptorChain:
         self.writable_ranges = writable_ranges
 
 
-#: ChainError messages for the walker's error codes (VQ_E_* in vhostfs/_native_build.py).
-_WALK_ERRORS = {
-    1: "head index >= queue size",
-    2: "descriptor chain loops or is longer than its table",
-    3: "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC",
-    4: "nested indirect descriptor table",
-    5: "indirect descriptor with VIRTQ_DESC_F_NEXT",
-    6: "indirect table length is not a non-zero multiple of 16",
-    7: "indirect table outside guest memory",
-    8: "descriptor chain longer than 4 GiB",
-    9: "device-readable descriptor after a device-writable one",
-    10: "buffer outside guest memory",
-    11: "next index >= table size",
-}
-_WALK_FULL = 12
+#: ChainError messages by the walker's error code (defined with the native helper's source).
+_WALK_ERRORS = dict(enumerate(WALK_ERRORS.values(), 1))
+_WALK_FULL = list(WALK_ERRORS).index("VQ_E_FULL") + 1
 #: Buffers one chain may have: far more than a FUSE request needs (a 1 MiB one has ~260), and a bound
 #: on what a driver can make the device allocate for it.
 MAX_CHAIN_SEGMENTS = 1 << 16
@@ -184,8 +188,7 @@ class SplitQueue:
 
     def __init__(self, memory, num: int, desc: memoryview, avail: memoryview, used: memoryview,
                  *, last_avail_idx: int = 0, event_idx: bool = False, indirect: bool = False) -> None:
-        if num == 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
-            raise ValueError(f"queue size {num} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        check_queue_size(num)
         self.num = num
         self.event_idx = event_idx
         self.indirect = indirect
