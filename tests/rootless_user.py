@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class HostUser:
     uid: int
     gid: int
     sub: int  # the first subordinate ID (uids and gids alike)
+    home: Path  # a directory of the user's, its HOME for the daemon
 
 
 @contextmanager
@@ -68,16 +70,19 @@ def host_user() -> Iterator[HostUser]:
             unavailable(f"{tool} is missing (packages passwd, uidmap, util-linux; scripts/test.sh installs "
                         "uidmap)")
     name = f"vhfs-t{os.getpid()}"
-    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                   check=True, capture_output=True)
+    home = Path(tempfile.mkdtemp(prefix="vhostfs-home-", dir="/tmp"))
     try:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       check=True, capture_output=True)
         start = _free_subordinate_start()
         span = f"{start}-{start + SUBORDINATE_COUNT - 1}"
         subprocess.run(["usermod", "--add-subuids", span, "--add-subgids", span, name], check=True,
                        capture_output=True)
         entry = pwd.getpwnam(name)
-        yield HostUser(name, entry.pw_uid, entry.pw_gid, start)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        yield HostUser(name, entry.pw_uid, entry.pw_gid, start, home)
     finally:
+        shutil.rmtree(home, ignore_errors=True)
         subprocess.run(["userdel", name], capture_output=True)
         # userdel of older shadow versions leaves the subordinate ranges behind.
         for path in ("/etc/subuid", "/etc/subgid"):
@@ -92,8 +97,21 @@ def daemon_command(user: HostUser) -> list[str]:
     """The argv prefix that runs `python -m vhostfs` of this checkout as `user`: with this interpreter,
     or the system's python3 of the same version given this one's packages, whichever `user` may run
     (this one may live where other users cannot reach, such as root's home)."""
+    from vhostfs import native
+
+    # The native helper as this process loaded it (built into its own cache when the checkout's is
+    # older than the source), copied to where the user's daemon looks (see vhostfs/native.py).
+    built = Path(native._mod.__file__)
+    cache = user.home / ".cache"
+    if built.parent.parent.name == "vhostfs" and not built.is_relative_to(REPO):
+        target = cache / "vhostfs" / built.parent.name / built.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(built, target)
+        target.chmod(0o755)
+        subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(cache)], check=True)
     purelib = sysconfig.get_paths()["purelib"]
-    env = ["env", f"PYTHONPATH={REPO}:{purelib}", "PYTHONDONTWRITEBYTECODE=1", "HOME=/nonexistent"]
+    env = ["env", f"PYTHONPATH={REPO}:{purelib}", "PYTHONDONTWRITEBYTECODE=1", f"HOME={user.home}",
+           f"XDG_CACHE_HOME={cache}"]
     candidates = [os.path.realpath(sys.executable)]
     system = shutil.which("python3", path="/usr/bin:/bin")
     if system:
