@@ -8,6 +8,7 @@ import errno
 import inspect
 import os
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,31 @@ def test_xattrmap_through_the_kernel(mount):
     with pytest.raises(OSError) as exc:  # a host name carrying the prefix is not the guest's to name
         os.getxattr(mnt / "f", "user.virtiofs.trusted.overlay.opaque")
     assert exc.value.errno == errno.EPERM
+
+
+def _acl_ids(value: bytes) -> set[tuple[int, int]]:
+    """(tag, id) of each entry of a POSIX ACL in the xattr format."""
+    return {struct.unpack_from("<HHI", value, off)[0::2] for off in range(4, len(value), 8)}
+
+
+def test_translated_ids_through_the_kernel(mount):
+    """--translate-uid/--translate-gid over /dev/fuse: the host kernel's callers (root here) are guest
+    IDs 0-1999, the source directory's files host IDs 100000-101999 and 200000-201999."""
+    src, mnt = mount("--posix-acl", "--translate-uid", "map:0:100000:2000",
+                     "--translate-gid", "map:0:200000:2000")
+    src.chmod(0o777)
+    (mnt / "f").write_bytes(b"x")
+    st = os.stat(src / "f")
+    assert (st.st_uid, st.st_gid) == (100000, 200000), "made by root, who is host 100000:200000"
+    assert (os.stat(mnt / "f").st_uid, os.stat(mnt / "f").st_gid) == (0, 0)
+    os.chown(mnt / "f", 1000, 1001)
+    st = os.stat(src / "f")
+    assert (st.st_uid, st.st_gid) == (101000, 201001)
+    assert (os.stat(mnt / "f").st_uid, os.stat(mnt / "f").st_gid) == (1000, 1001)
+    os.setxattr(mnt / "f", "system.posix_acl_access", USER_1000_READS)  # setfacl -m u:1000:r
+    assert (0x02, 101000) in _acl_ids(os.getxattr(src / "f", "system.posix_acl_access"))
+    assert os.getxattr(mnt / "f", "system.posix_acl_access") == USER_1000_READS
+    # Guest uid 2000 is past the rules: it stays 2000 on the host; the directory listing agrees.
+    os.chown(mnt / "f", 2000, -1)
+    assert os.stat(src / "f").st_uid == 2000
+    assert [(e.name, e.stat().st_uid) for e in os.scandir(mnt)] == [("f", 2000)]
