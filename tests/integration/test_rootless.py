@@ -126,3 +126,32 @@ def test_uid_map_as_root_is_refused(tmp_path):
     assert result.returncode != 0
     assert "use --translate-uid" in result.stderr, result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_own_ids_only_mapping_needs_no_helper(user, place):
+    """virtiofsd's README example: only the user's own IDs, as 0; written without newuidmap (setgroups
+    is then denied, and the daemon keeps the groups it has)."""
+    proc, log = _start(user, place, f"--uid-map=:0:{user.uid}:1:", f"--gid-map=:0:{user.gid}:1:")
+    try:
+        _wait_socket(proc, place, log)
+        with Frontend.connect(str(place / "s")) as fe:
+            fe.setup(queues=2)
+            client = FuseClient(fe)
+            client.init()
+            (inner,) = _children(proc.pid)
+            with open(f"/proc/{inner}/setgroups") as f:
+                assert f.read().strip() == "deny"
+            entry, (fh, _) = client.create(ROOT, b"mine")
+            client.release(entry[0], fh)
+            assert entry[17:19] == (0, 0), "the guest sees the user as root (fuse_attr uid, gid)"
+            # Guest user 1000 has no ID in this namespace: creating as it is refused.
+            expect_errno(errno.EPERM, FuseClient(fe, uid=1000, gid=1000).create, ROOT, b"theirs")
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    st = (place / "share" / "mine").stat()
+    assert (st.st_uid, st.st_gid) == (user.uid, user.gid)
+    assert not (place / "share" / "theirs").exists()
+    assert "Traceback" not in log.read_text()
