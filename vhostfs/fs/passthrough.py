@@ -358,8 +358,9 @@ class Passthrough(Filesystem):
         return self._inodes.open_fd(lambda: os.open(_fd_name(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd))
 
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
-        return Entry(inode.nodeid, self._guest_attr(st), entry_timeout=self._timeout,
-                     attr_timeout=self._timeout)
+        # Tested inline: the untranslated case is every LOOKUP's and READDIRPLUS entry's hot path.
+        return Entry(inode.nodeid, st if self._ids is None else self._guest_attr(st),
+                     entry_timeout=self._timeout, attr_timeout=self._timeout)
 
     def _guest_attr(self, st: os.stat_result) -> Attr:
         """`st` as the guest sees it: with its owner and group translated (see translate_uid)."""
@@ -543,7 +544,8 @@ class Passthrough(Filesystem):
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
         """fstat of the node's O_PATH fd (the same inode as any `fh` opened from it)."""
         with self._inodes.use(nodeid) as inode:
-            return self._guest_attr(os.stat(inode.fd)), self._timeout
+            st = os.stat(inode.fd)
+            return (st if self._ids is None else self._guest_attr(st)), self._timeout
 
     def statx(self, ctx: Context, nodeid: int, fh: int | None, flags: int, mask: int) -> tuple[Statx, float]:
         """The basic stats of the node (fstat of its O_PATH fd); no birth time, so `mask` says so."""
