@@ -358,7 +358,7 @@ class Passthrough(Filesystem):
         return self._inodes.open_fd(lambda: os.open(_fd_name(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd))
 
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
-        # Tested inline: the untranslated case is every LOOKUP's and READDIRPLUS entry's hot path.
+        # Checked here, not in _guest_attr: untranslated replies are the hot path of LOOKUP and READDIRPLUS.
         return Entry(inode.nodeid, st if self._ids is None else self._guest_attr(st),
                      entry_timeout=self._timeout, attr_timeout=self._timeout)
 
