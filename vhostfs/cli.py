@@ -25,6 +25,7 @@ from typing import Any
 from vhostfs import __version__, sandbox, seccomp
 from vhostfs.fs.filehandles import INODE_FILE_HANDLES
 from vhostfs.fs.passthrough import CACHE_POLICIES
+from vhostfs.fs.vfs import MAX_MOUNTS
 
 log = logging.getLogger("vhostfs")
 
@@ -98,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-listening", action="store_true",
                    help="serve the next front end after one disconnects (default: exit, like virtiofsd)")
     p.add_argument("--shared-dir", help="the host directory to share")
+    p.add_argument("--mount", action="append", default=[], metavar="GUEST_PATH=HOST_DIR[:OPTIONS]",
+                   help="share HOST_DIR at GUEST_PATH of one tree of several file systems (repeatable; "
+                        "instead of --shared-dir). OPTIONS, comma-separated, override the passthrough "
+                        "options for this mount: ro, cache=MODE, xattr, no_submount, ...")
+    p.add_argument("--max-mounts", type=int, default=None, metavar="N",
+                   help="how many file systems --mount and the control API may mount at once (default 256)")
+    p.add_argument("--api-socket", metavar="PATH",
+                   help="serve the control API (HTTP/JSON: mount, umount, list at run time) on this Unix "
+                        "socket, for the daemon's owner only; see `vhostfs ctl`")
     p.add_argument("--tag", help="virtio-fs tag, served through the device configuration space")
     add_passthrough_options(p)
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
@@ -235,6 +245,26 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
+
+
+def vfs_specs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, str, dict]]:
+    """The parsed `--mount` options (see vhostfs.control.parse_mount_spec); a command-line error for
+    a malformed one, or for --mount beside --shared-dir: a file system at / is alone in the tree."""
+    from vhostfs import control
+
+    if args.mount and args.shared_dir is not None:
+        parser.error("--mount replaces --shared-dir (a directory at / would hide every other mount); "
+                     "use --mount /=DIR only, or --mount GUEST_PATH=DIR for each")
+    specs = []
+    for text in args.mount:
+        try:
+            specs.append(control.parse_mount_spec(text))
+        except ValueError as e:
+            parser.error(str(e))
+    for _, host, _ in specs:
+        if not os.path.isdir(host):
+            parser.error(f"--mount: {host!r} is not a directory")
+    return specs
 
 
 def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -413,19 +443,21 @@ class _StartError(Exception):
 
 
 class _SocketFiles:
-    """The socket and its lock file at `path` (None: an inherited socket, nothing to remove).
+    """The socket at `path` and, with `lock`, its lock file (None: an inherited socket, nothing to
+    remove).
 
     The directory is held open so that the files can be removed after a chroot too.
     """
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, lock: bool = True) -> None:
         self.name = os.path.basename(path) if path is not None else ""
+        self.lock = lock
         self.dir_fd = -1 if path is None else os.open(
             os.path.dirname(os.path.abspath(path)), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def remove(self) -> None:
         if self.dir_fd >= 0:
-            for name in (self.name, self.name + ".pid"):
+            for name in (self.name, self.name + ".pid") if self.lock else (self.name,):
                 try:
                     os.unlink(name, dir_fd=self.dir_fd)
                 except FileNotFoundError:
@@ -451,11 +483,16 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     _setup_logging("debug" if args.debug else args.log_level, args.syslog)
     for item in args.ignored_o:
         log.warning("-o %s is accepted and has no effect", item)
-    if args.shared_dir is None:
-        parser.error("--shared-dir (or -o source=DIR) is required")
+    args.mounts = vfs_specs(parser, args)
+    if args.shared_dir is None and not args.mounts:
+        parser.error("--shared-dir (or -o source=DIR) or --mount is required")
+    if args.max_mounts is not None and not 1 <= args.max_mounts <= MAX_MOUNTS:
+        parser.error(f"--max-mounts must be 1..{MAX_MOUNTS}")
+    if args.mounts and args.dax_window_size:
+        parser.error("--dax-window-size serves one --shared-dir, not --mount")
     if (args.socket_path is None) == (args.fd is None):
         parser.error("exactly one of --socket-path (--socket) or --fd is required")
-    if not os.path.isdir(args.shared_dir):
+    if args.shared_dir is not None and not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
     group = None
     if args.socket_group is not None:
@@ -483,15 +520,26 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     return args, group, keep_caps
 
 
-def _build_device(args: argparse.Namespace):
-    """The file system, FUSE server and virtio-fs device the options describe."""
+def _build_device(args: argparse.Namespace, api: bool):
+    """The file system, FUSE server and virtio-fs device the options describe, and with --mount or
+    the control API (`api`) the Vfs and the factory of its mounts (None, None otherwise)."""
     from vhostfs.device import VirtioFsDevice
     from vhostfs.fs.passthrough import Passthrough
     from vhostfs.fuse.server import FuseServer
 
+    vfs = make_fs = None
     try:
-        fs = Passthrough(args.shared_dir, **passthrough_options(args))
-    except ValueError as e:
+        if args.mounts or api:
+            from vhostfs import control
+
+            # Held for the mounts the control API adds once /proc cannot be named any more.
+            proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            vfs, make_fs = control.build_vfs(args.shared_dir, args.mounts, passthrough_options(args),
+                                             proc_fd, max_mounts=args.max_mounts)
+            fs = vfs
+        else:
+            fs = Passthrough(args.shared_dir, **passthrough_options(args))
+    except (OSError, ValueError) as e:
         raise _StartError(str(e)) from None
     window = None
     if args.dax_window_size:
@@ -501,7 +549,7 @@ def _build_device(args: argparse.Namespace):
         fs = DaxFilesystem(fs, window)
     server = FuseServer(fs, map_alignment=window.alignment_log2 if window is not None else None)
     return VirtioFsDevice(server, tag=args.tag, thread_pool_size=args.thread_pool_size,
-                          dax_window=window, poll_us=args.poll_us)
+                          dax_window=window, poll_us=args.poll_us), vfs, make_fs
 
 
 def _confine(jail, keep_caps: tuple, args: argparse.Namespace) -> None:
@@ -575,6 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vhostfs import mount_cli
 
         return mount_cli.main(argv[1:])
+    if argv[:1] == ["ctl"]:
+        from vhostfs import control
+
+        return control.ctl_main(argv[1:])
     if "--print-capabilities" in argv:
         # The other options are ignored, as the back-end program conventions ask.
         print(json.dumps(capabilities(), indent=2))
@@ -589,16 +641,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         listener, lock_fd = _listen(args.socket_path, group)
     files = _SocketFiles(args.socket_path)
+    # The control API's socket is made before the sandbox closes in, like the front end's.
+    api_files = _SocketFiles(args.api_socket, lock=False)
+    api_listener = None
+
+    def remove_sockets() -> None:
+        files.remove()
+        api_files.remove()
+
     try:
+        if args.api_socket is not None:
+            from vhostfs import control
+
+            try:
+                api_listener = control.listen(args.api_socket)
+            except OSError as e:
+                raise _StartError(f"--api-socket {args.api_socket}: {e}") from None
         # In namespace mode the process that returns here is the sandboxed child; the outer one
-        # removes the socket when it is done (see vhostfs/sandbox.py).
-        jail = sandbox.prepare(args.sandbox, args.shared_dir, files.remove, args.uid_map, args.gid_map)
+        # removes the sockets when it is done (see vhostfs/sandbox.py). The sandbox's root is the
+        # share, or the first --mount's directory (the others are held by fds).
+        jail_dir = args.shared_dir if args.shared_dir is not None else args.mounts[0][1]
+        jail = sandbox.prepare(args.sandbox, jail_dir, remove_sockets, args.uid_map, args.gid_map)
         if args.sandbox == "namespace":
             files.disown()
-        device = _build_device(args)
+            api_files.disown()
+        device, vfs, make_fs = _build_device(args, api_listener is not None)
         _confine(jail, keep_caps, args)
+        if api_listener is not None:
+            control.ControlServer(vfs, api_listener, make_fs).start()
+            log.info("control API on %s", args.api_socket)
         log.info("%s", _in_force(jail, args))
-        log.info("serving %s on %s", args.shared_dir, args.socket_path or f"fd {args.fd}")
+        shared = (args.shared_dir if vfs is None
+                  else ", ".join(f"{m.source} at {m.path}" for m in vfs.mounts()))
+        log.info("serving %s on %s", shared or "no directory yet", args.socket_path or f"fd {args.fd}")
         _serve(listener, device, args.keep_listening)
     except (_StartError, sandbox.SandboxError) as e:
         raise SystemExit(f"vhostfs: {e}") from None
@@ -610,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # default action for the handlers set above but keeps SIG_IGN.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        files.remove()
+        remove_sockets()
         if lock_fd >= 0:
             os.close(lock_fd)
     return 0

@@ -2,6 +2,11 @@
 
     vhostfs mount --shared-dir SRC MOUNTPOINT [--threads N] [PASSTHROUGH OPTIONS]
                   [-o allow_other,default_permissions,...]
+    vhostfs mount --mount /a=SRC1 --mount /b=SRC2[:OPTIONS] [--api-socket PATH] MOUNTPOINT ...
+
+With --mount (instead of --shared-dir), several directories are served as one tree (a Vfs, see
+vhostfs/fs/vfs.py), and --api-socket serves the same control API as the daemon's, for mounting and
+unmounting while it is mounted (`vhostfs ctl`).
 
 The passthrough options (--cache, --readonly, --xattr, --posix-acl, --xattrmap, ... and their `-o`
 forms) are the daemon's own, with the same spellings and meanings (vhostfs.cli.add_passthrough_options).
@@ -22,6 +27,7 @@ import logging
 import os
 import sys
 
+from vhostfs import control
 from vhostfs.cli import (
     LOG_LEVELS,
     add_passthrough_options,
@@ -29,6 +35,7 @@ from vhostfs.cli import (
     negotiated_switches,
     passthrough_options,
     translate_maps,
+    vfs_specs,
 )
 from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse.fusedev import serve_filesystem
@@ -48,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vhostfs mount",
         description="Mount a host directory through the host kernel's FUSE client (/dev/fuse).")
     p.add_argument("mountpoint", help="directory to mount on")
-    p.add_argument("--shared-dir", required=True, help="the host directory to serve")
+    p.add_argument("--shared-dir", help="the host directory to serve")
+    p.add_argument("--mount", action="append", default=[], metavar="GUEST_PATH=HOST_DIR[:OPTIONS]",
+                   help="serve HOST_DIR at GUEST_PATH inside MOUNTPOINT (repeatable; not with --shared-dir)")
+    p.add_argument("--max-mounts", type=_positive, default=None, metavar="N",
+                   help="how many file systems may be mounted at once (default 256)")
+    p.add_argument("--api-socket", metavar="PATH",
+                   help="serve the control API on this Unix socket (owner only); see `vhostfs ctl`")
     p.add_argument("--threads", type=_positive, default=4, help="worker threads (default: 4)")
     add_passthrough_options(p)
     p.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]",
@@ -98,20 +111,40 @@ def main(argv: list[str]) -> int:
     translate_maps(parser, args)
     logging.basicConfig(level=LOG_LEVELS[args.log_level],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not os.path.isdir(args.shared_dir):
+    specs = vfs_specs(parser, args)
+    if args.shared_dir is None and not specs and args.api_socket is None:
+        parser.error("--shared-dir, --mount or --api-socket is required")
+    if args.shared_dir is not None and not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
+    api = None
     try:
-        fs = Passthrough(args.shared_dir, **passthrough_options(args))
+        if specs or args.api_socket is not None:
+            proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            fs, make_fs = control.build_vfs(args.shared_dir, specs, passthrough_options(args), proc_fd,
+                                            max_mounts=args.max_mounts)
+            if args.api_socket is not None:
+                api = control.ControlServer(fs, control.listen(args.api_socket), make_fs)
+        else:
+            fs = Passthrough(args.shared_dir, **passthrough_options(args))
     except (OSError, ValueError) as exc:  # a bad --xattrmap, no file handles with "mandatory"
-        log.error("%s: %s", args.shared_dir, exc)
+        log.error("%s: %s", args.shared_dir or ", ".join(host for _, host, _ in specs), exc)
         return 1
     try:
-        log.info("mounting %s at %s", args.shared_dir, args.mountpoint)
+        if api is not None:
+            api.start()
+        log.info("mounting %s at %s", args.shared_dir or ", ".join(f"{h} at {g}" for g, h, _ in specs),
+                 args.mountpoint)
         serve_filesystem(fs, args.mountpoint, threads=args.threads, **mount_opts)
     except (OSError, ValueError) as exc:
         log.error("%s: %s", args.mountpoint, exc)
         return 1
     finally:
+        if api is not None:
+            api.close()
+            try:
+                os.unlink(args.api_socket)
+            except FileNotFoundError:
+                pass
         fs.close()
     return 0
 

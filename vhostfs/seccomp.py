@@ -134,6 +134,7 @@ SYSCALLS_X86_64 = {
     "unshare": 272,  # CLONE_FS: a serving thread's own working directory for the xattr calls
     "setfsuid": 122,  # creating nodes as the guest's caller (passthrough._as_caller)
     "setfsgid": 123,  # creating nodes as the guest's caller (passthrough._as_caller)
+    "getgroups": 115,  # a passthrough the control API mounts (no supplementary groups left to drop)
     "getuid": 102,  # Python and glibc ask
     "geteuid": 107,  # Python and glibc ask
     "getgid": 104,  # Python and glibc ask

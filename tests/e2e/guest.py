@@ -166,6 +166,7 @@ def boot_guest(
     timeout: float = 600,
     daemon_started: Callable[[int], None] | None = None,
     stack: str = DEFAULT_STACK,
+    files: Mapping[str, bytes] | None = None,
     run_dir_owner: tuple[int, int] | None = None,
 ) -> GuestResult:
     """Serves shared_dir with daemon_cmd ({sock}, {dir} substituted) and runs script in a guest on it.
@@ -174,6 +175,7 @@ def boot_guest(
 
     daemon_started, if given, is called with the daemon's pid once its socket exists, before QEMU
     starts (e.g. to watch the daemon's resources from another thread while the guest runs).
+    files are more executables for the guest's root (name -> contents), beside /cmd.sh.
     run_dir_owner (uid, gid) gives the directory of the socket to that user, for a daemon that runs
     as someone else than the tests.
     """
@@ -184,7 +186,8 @@ def boot_guest(
             os.chown(run, *run_dir_owner)
         sock = run / "vhostfs.sock"
         initrd = run / "initrd.img"
-        initrd.write_bytes(images.initrd.read_bytes() + cpio_archive({"cmd.sh": script.encode()}))
+        archive = cpio_archive({"cmd.sh": script.encode(), **(files or {})})
+        initrd.write_bytes(images.initrd.read_bytes() + archive)
         argv = [
             arg.replace("{sock}", str(sock)).replace("{dir}", os.fspath(shared_dir)) for arg in daemon_cmd
         ]

@@ -49,6 +49,10 @@ class HandleTable:
         self._next = 1
         self._by_fh: dict[int, Handle] = {}
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_fh)
+
     def add(self, fd: int, nodeid: int, is_dir: bool) -> int:
         """Takes ownership of the open host `fd` and returns its new fh."""
         with self._lock:

@@ -154,11 +154,21 @@ class InodeTable:
             return len(self._by_id)
 
     def close(self) -> None:
-        """Forgets every node and closes the root and the mount fds; the table is unusable afterwards."""
+        """Forgets every node and closes the root and the mount fds; the table is unusable afterwards.
+
+        A request still using the root (a file system unmounted under a running session) keeps its fd
+        until it ends, as any node's: the fd number cannot meanwhile be reused for another file."""
         self.clear()
         if self._mode != "never":
             self._mounts.release(self.root.key[2])
-        os.close(self.root.fd)
+        with self._lock:
+            root = self.root
+            root.nlookup = 0
+            fd = -1
+            if not root.users:
+                fd, root.fd = root.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     # -- the fd budget ----------------------------------------------------------------------------
     def open_fd(self, opener: Callable[[], int], *, keep: bool = False) -> int:

@@ -199,7 +199,8 @@ def _fd_name(fd: int) -> str:
 
 
 class Passthrough(Filesystem):
-    """Serves the host directory `root` (the shared dir).
+    """Serves the host directory `root` (the shared dir): a path, or an open fd of the directory (O_PATH
+    is enough), which the passthrough then owns (closed by `close`, and on failure here).
 
     `cache` is "never", "metadata", "auto" or "always" (see CACHE_POLICIES); `readonly` makes every
     modifying operation fail with EROFS; `xattr` enables the extended attribute calls (ENOSYS
@@ -244,16 +245,19 @@ class Passthrough(Filesystem):
       idmap.py) applied to the caller's credentials, the owners the guest gives, every attribute
       reply and the IDs inside POSIX ACLs and v3 file capabilities. Inside a user namespace, a guest
       ID that would become a host ID the namespace does not map is refused with EPERM.
+    - `proc_fd`: an fd of /proc to use (duplicated) instead of opening /proc, for a daemon that can no
+      longer name it (its sandbox).
     """
 
-    def __init__(self, root: str, *, cache: str = "auto", readonly: bool = False,
+    def __init__(self, root: str | int, *, cache: str = "auto", readonly: bool = False,
                  xattr: bool = False, posix_lock: bool = True, flock: bool = True,
                  lock_wait: float | None = None, readdirplus: bool | None = None, writeback: bool = False,
                  allow_direct_io: bool = False, allow_mmap: bool = False, announce_submounts: bool = False,
                  preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool | str = "never",
                  xattrmap: str | None = None, inode_file_handles: str = "never",
                  fd_budget: int | None = None, security_label: bool | str = "never",
-                 translate_uid: IdMap | None = None, translate_gid: IdMap | None = None) -> None:
+                 proc_fd: int | None = None, translate_uid: IdMap | None = None,
+                 translate_gid: IdMap | None = None) -> None:
         if cache not in CACHE_POLICIES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
         self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
@@ -275,9 +279,22 @@ class Passthrough(Filesystem):
         # Held open so that reopening works after the sandbox hides /proc's path (pivot_root, chroot).
         # /proc itself, not /proc/self/fd: "self" is then resolved at each use, so the names stay right
         # in a process forked after the constructor (serve_filesystem's background mode).
-        self._proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # A daemon in its sandbox can no longer name /proc: it passes an fd of it, duplicated here.
         try:
-            root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._proc_fd = (os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) if proc_fd is None
+                             else os.dup(proc_fd))
+        except OSError:
+            if isinstance(root, int):
+                os.close(root)
+            raise
+        try:
+            if isinstance(root, int):
+                root_fd = root
+                if not stat.S_ISDIR(os.stat(root_fd).st_mode):
+                    os.close(root_fd)
+                    raise fs_error(errno.ENOTDIR)
+            else:
+                root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             os.close(self._proc_fd)
             raise
@@ -299,7 +316,7 @@ class Passthrough(Filesystem):
         self._ids = self._translation(translate_uid or IdMap(), translate_gid or IdMap())
         self._creds = (os.geteuid(), os.getegid())
         self._switch_creds = self._creds[0] == 0
-        if self._switch_creds:
+        if self._switch_creds and os.getgroups():
             # Root's supplementary groups would count for every guest user once fsuid/fsgid are
             # switched (the host checks group membership with them), so the daemon holds none.
             try:
@@ -310,6 +327,10 @@ class Passthrough(Filesystem):
                 if self._proc_text("self/setgroups").strip() != "deny":
                     raise
         os.umask(0)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for listings (vhostfs.fs.vfs): the nodes the client knows and the handles open."""
+        return {"nodes": len(self._inodes), "handles": len(self._handles)}
 
     def _proc_text(self, name: str) -> str:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._proc_fd)
