@@ -299,8 +299,14 @@ def prepare(mode: str, shared_dir: str, cleanup: Callable[[], None], uid_map: Se
 
 def _supervise(pid: int, cleanup: Callable[[], None]) -> None:
     """The outer process: forwards signals to the daemon `pid`, reaps it, cleans up, exits as it did."""
+    def forward(signum: int, frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass  # waitpid has reaped it already, and Python runs the handler only after that
+
     for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, lambda signum, frame: os.kill(pid, signum))
+        signal.signal(signum, forward)
     while True:
         try:
             _, status = os.waitpid(pid, 0)
