@@ -1,9 +1,19 @@
-"""vhostfs over /dev/fuse against the plain host directory and a Python peer, in one run.
+"""vhostfs over /dev/fuse against the plain host directory, libfuse's passthrough_hp and a Python peer.
 
-Runs the same workload on three targets, one after the other:
-  host      the plain directory (the limit)
-  vhostfs   `vhostfs mount --shared-dir SRC MNT`
-  pyfuse3   pyfuse3's passthroughfs example (installed from PyPI by this script, with libfuse3-dev)
+Runs the same workload on each target, one after the other:
+  host           the plain directory (the limit)
+  vhostfs        `vhostfs mount --shared-dir SRC MNT` with neither FUSE passthrough nor io_uring
+  vhostfs-pt     the same with FUSE passthrough (the kernel reads and writes the host files)
+  vhostfs-uring  the same with FUSE over io_uring (and no passthrough)
+  vhostfs-both   passthrough and io_uring
+  pthp           libfuse's passthrough_hp example (its defaults: passthrough, /dev/fuse)
+  pthp-uring     passthrough_hp -o io_uring
+  pyfuse3        pyfuse3's passthroughfs example (installed from PyPI by this script, with libfuse3-dev)
+
+passthrough_hp is built by this script, outside the source tree (in /var/cache/vhostfs/bench), from
+Debian's fuse3 source package of the release named by --libfuse-suite (testing has a libfuse with
+passthrough and io_uring), fetched with apt through a private source list. The io_uring targets set
+the fuse module's enable_uring parameter for their run and put it back afterwards.
 
 The workload: fio (psync; 1 MiB sequential read and write, 4 KiB random read and write, buffered and
 with O_DIRECT so that every request reaches the file server; a job the file system fails shows as nan)
@@ -11,7 +21,7 @@ and a metadata loop (create, stat, open/close, rename, unlink of NFILES files). 
 writes it, with a PNG plot, to --out (default ./host-fuse-report). Needs root and /dev/fuse; fio,
 pyfuse3 and matplotlib are installed when missing.
 
-    python benchmarks/host_fuse.py [--runtime 5] [--nfiles 2000] [--targets host,vhostfs,pyfuse3]
+    python benchmarks/host_fuse.py [--runtime 5] [--nfiles 2000] [--targets host,vhostfs,...]
 """
 
 from __future__ import annotations
@@ -44,6 +54,16 @@ FIO_JOBS = (  # (figure, fio rw, block size, unit)
     ("randwrite_4k", "randwrite", "4k", "IOPS"),
 )
 META = ("create", "stat", "open_close", "rename", "unlink")
+VHOSTFS_TARGETS = {
+    "vhostfs": ["--no-fuse-passthrough", "--no-io-uring"],
+    "vhostfs-pt": ["--fuse-passthrough", "--no-io-uring"],
+    "vhostfs-uring": ["--no-fuse-passthrough", "--io-uring"],
+    "vhostfs-both": ["--fuse-passthrough", "--io-uring"],
+}
+PTHP_TARGETS = {"pthp": [], "pthp-uring": ["-o", "io_uring"]}
+ALL_TARGETS = ["host", *VHOSTFS_TARGETS, *PTHP_TARGETS, "pyfuse3"]
+ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
+CACHE = Path("/var/cache/vhostfs/bench")
 
 
 def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
@@ -70,13 +90,39 @@ def ensure_tools(need_pyfuse3: bool) -> str | None:
     found = glob.glob(str(cache / "*" / "examples" / "passthroughfs.py"))
     if not found:
         cache.mkdir(exist_ok=True)
-        sh(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "pyfuse3",
+        sh(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "pyfuse3", "pyfuse3",
            "-d", str(cache))
         for sdist in cache.glob("pyfuse3-*.tar.gz"):
             with tarfile.open(sdist) as tar:
                 tar.extractall(cache, filter="data")
         found = glob.glob(str(cache / "*" / "examples" / "passthroughfs.py"))
     return found[0]
+
+
+def ensure_passthrough_hp(suite: str) -> Path:
+    """Builds libfuse's passthrough_hp from Debian `suite`'s fuse3 source package; returns its path."""
+    found = sorted(CACHE.glob(f"{suite}/fuse-*/build/example/passthrough_hp"))
+    if found:
+        return found[-1]
+    sh("apt-get", "install", "-y", "-q", "meson", "ninja-build", "g++", "pkg-config", "liburing-dev",
+       "libnuma-dev", stdout=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    root = CACHE / suite
+    lists = root / "lists"
+    (lists / "partial").mkdir(parents=True, exist_ok=True)
+    sources = root / "sources.list"
+    sources.write_text(f"deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
+                       f"http://deb.debian.org/debian {suite} main\n")
+    apt = ["-o", f"Dir::Etc::SourceList={sources}", "-o", "Dir::Etc::SourceParts=/dev/null",
+           "-o", f"Dir::State::Lists={lists}"]
+    sh("apt-get", "-q", *apt, "update", stdout=subprocess.DEVNULL)
+    sh("apt-get", "-q", *apt, "source", "--download-only", "fuse3", cwd=root, stdout=subprocess.DEVNULL)
+    with tarfile.open(next(root.glob("fuse3_*.orig.tar.*"))) as tar:
+        tar.extractall(root, filter="data")
+    src = next(p for p in root.glob("fuse-*") if p.is_dir())
+    sh("meson", "setup", "build", "-Dutils=false", "-Dtests=false", "-Dexamples=true",
+       "-Ddefault_library=static", cwd=src, stdout=subprocess.DEVNULL)
+    sh("ninja", "-C", "build", "example/passthrough_hp", cwd=src, stdout=subprocess.DEVNULL)
+    return src / "build" / "example" / "passthrough_hp"
 
 
 def wait_mounted(mnt: Path, proc: subprocess.Popen) -> None:
@@ -124,13 +170,20 @@ def metadata(directory: Path, n: int) -> dict[str, float]:
     return out
 
 
-def run_target(name: str, src: Path, mnt: Path, args, example: str | None) -> dict[str, float]:
+def run_target(name: str, src: Path, mnt: Path, args, example: str | None,
+               pthp: Path | None) -> dict[str, float]:
     proc = None
     where = src
+    uring = "uring" in name or "both" in name
+    old_uring = ENABLE_URING.read_text().strip() if uring else None
+    if uring:
+        ENABLE_URING.write_text("Y")
     if name != "host":
-        if name == "vhostfs":
+        if name in VHOSTFS_TARGETS:
             cmd = [sys.executable, "-m", "vhostfs", "mount", "--shared-dir", str(src), str(mnt),
-                   "--log-level", "error"]
+                   "--log-level", "error", *VHOSTFS_TARGETS[name]]
+        elif name in PTHP_TARGETS:
+            cmd = [str(pthp), "--foreground", *PTHP_TARGETS[name], str(src), str(mnt)]
         else:
             cmd = [sys.executable, str(example), str(src), str(mnt)]
         proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
@@ -148,6 +201,8 @@ def run_target(name: str, src: Path, mnt: Path, args, example: str | None) -> di
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if old_uring is not None:
+            ENABLE_URING.write_text(old_uring)
 
 
 def plot(results: dict[str, dict[str, float]], path: Path) -> None:
@@ -179,11 +234,17 @@ def main() -> None:
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
     ap.add_argument("--size", default="256M", help="fio file size")
     ap.add_argument("--nfiles", type=int, default=2000)
-    ap.add_argument("--targets", default="host,vhostfs,pyfuse3")
+    ap.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"of {', '.join(ALL_TARGETS)}")
+    ap.add_argument("--libfuse-suite", default="forky",
+                    help="the Debian release whose fuse3 source builds passthrough_hp")
     ap.add_argument("--out", default="host-fuse-report")
     args = ap.parse_args()
     targets = args.targets.split(",")
+    unknown = set(targets) - set(ALL_TARGETS)
+    if unknown:
+        ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
     example = ensure_tools("pyfuse3" in targets)
+    pthp = ensure_passthrough_hp(args.libfuse_suite) if set(PTHP_TARGETS) & set(targets) else None
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         src, mnt = Path(tmp, "src"), Path(tmp, "mnt")
@@ -191,16 +252,20 @@ def main() -> None:
             src.mkdir()
             mnt.mkdir()
             print(f"running {target} ...", flush=True)
-            results[target] = run_target(target, src, mnt, args, example)
+            results[target] = run_target(target, src, mnt, args, example, pthp)
             shutil.rmtree(src)
             mnt.rmdir()
     units = {f: u for f, _, _, u in FIO_JOBS} | {m: "ops/s" for m in META}
-    lines = [f"{'figure':<22}" + "".join(f"{t:>12}" for t in targets) + "  unit"
-             + ("   vhostfs/pyfuse3" if {"vhostfs", "pyfuse3"} <= set(targets) else "")]
+    # Ratios the targets are judged by: passthrough against the directory, io_uring against the peers
+    # (passthrough_hp passes files through by default, so its io_uring column compares with both).
+    ratios = [(a, b) for a, b in (("vhostfs-pt", "host"), ("vhostfs-uring", "pyfuse3"),
+                                  ("vhostfs-uring", "pthp"), ("vhostfs-both", "pthp-uring"))
+              if a in targets and b in targets]
+    lines = [f"{'figure':<22}" + "".join(f"{t:>14}" for t in targets) + "  unit  "
+             + "".join(f"{a + '/' + b:>26}" for a, b in ratios)]
     for figure, unit in units.items():
-        row = f"{figure:<22}" + "".join(f"{results[t][figure]:>12.0f}" for t in targets) + f"  {unit:<6}"
-        if {"vhostfs", "pyfuse3"} <= set(targets):
-            row += f"  {results['vhostfs'][figure] / results['pyfuse3'][figure]:>10.2f}"
+        row = f"{figure:<22}" + "".join(f"{results[t][figure]:>14.0f}" for t in targets) + f"  {unit:<6}"
+        row += "".join(f"{results[a][figure] / results[b][figure]:>26.2f}" for a, b in ratios)
         lines.append(row)
     table = "\n".join(lines)
     print(table)

@@ -42,17 +42,21 @@ command -v fio >/dev/null || apt_install fio || log "no fio on the host: the gue
 # The semantics tests (tests/e2e/test_guest_semantics.py) make the guest kernel's system calls with
 # these host programs: extended attributes (attr), ACLs (acl), preallocation, holes, copy_file_range and
 # nanosecond times (xfs_io), flock(2) and running as another user (util-linux), and POSIX record locks
-# (sqlite3, which takes them with fcntl(2)). As with fio, a missing one only makes the tests that use it
+# (sqlite3, which takes them with fcntl(2)), and inode flags such as chattr +x, the per-file DAX
+# attribute (e2fsprogs' chattr and lsattr, which use FS_IOC_SETFLAGS). As with fio, a missing one only makes the tests that use it
 # skip, naming it.
 declare -A tool_package=([getfattr]=attr [setfattr]=attr [getfacl]=acl [setfacl]=acl [xfs_io]=xfsprogs
-    [flock]=util-linux [setpriv]=util-linux [sqlite3]=sqlite3)
-guest_tools=(getfattr setfattr getfacl setfacl xfs_io flock setpriv sqlite3)
+    [flock]=util-linux [setpriv]=util-linux [sqlite3]=sqlite3 [chattr]=e2fsprogs [lsattr]=e2fsprogs)
+guest_tools=(getfattr setfattr getfacl setfacl xfs_io flock setpriv sqlite3 chattr lsattr)
 mapfile -t tool_packages < <(for tool in "${guest_tools[@]}"; do
     command -v "$tool" >/dev/null || echo "${tool_package[$tool]}"
 done | sort -u)
 if [ ${#tool_packages[@]} -gt 0 ]; then
     apt_install "${tool_packages[@]}" || log "continuing without ${tool_packages[*]}: the guest will lack their programs"
 fi
+# The DAX tests (tests/e2e/test_dax.py) map files private and watch for SIGBUS with a program of the
+# project's own, guest-mmap-probe.c, built statically here; without a compiler they skip, naming it.
+command -v gcc >/dev/null || apt_install gcc libc6-dev || log "no gcc on the host: the guest will lack mmap-probe"
 
 # kernel_id names the kernel the guest boots (it goes into the stamp); kernel_tree DIR prints the root of
 # a tree holding it (boot/vmlinuz-*, lib/modules/* with modules.dep), unpacking it into DIR if need be.
@@ -119,7 +123,7 @@ fi
 programs_id=$(for tool in fio "${guest_tools[@]}"; do
     if path=$(command -v "$tool"); then echo "$tool $(sha256sum <"$path")"; else echo "$tool none"; fi
 done | sha256sum | cut -d' ' -f1)
-stamp="$kernel_id $(cat "${BASH_SOURCE[0]}" "$here/guest-init" | sha256sum | cut -d' ' -f1) programs=$programs_id"
+stamp="$kernel_id $(cat "${BASH_SOURCE[0]}" "$here/guest-init" "$here/guest-mmap-probe.c" | sha256sum | cut -d' ' -f1) programs=$programs_id"
 if [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "$out/vmlinuz $out/initrd.img $qemu"
     exit 0
@@ -156,6 +160,10 @@ add_program() {
 }
 if fio=$(command -v fio); then
     add_program "$fio" /usr/bin/fio
+fi
+if command -v gcc >/dev/null; then
+    gcc -static -O2 -Wall -o "$root/bin/mmap-probe" "$here/guest-mmap-probe.c" ||
+        log "could not build mmap-probe: the guest will lack it"
 fi
 # In /bin, where guest-init's `busybox --install -s` leaves them alone. Busybox's sh still runs its own
 # applet of the same name (its setpriv, which lacks --reuid) unless a script calls /bin/NAME.

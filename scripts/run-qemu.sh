@@ -14,7 +14,14 @@
 #   --queue-size N            virtqueue size (default 1024)
 #   --num-request-queues N    virtio-fs request queues (default 1)
 #   --tag TAG                 virtio-fs tag (default vhostfs)
-#   --mount-opts OPTS         virtiofs mount options in the guest (e.g. dax)
+#   --mount-opts OPTS         virtiofs mount options in the guest (e.g. dax=inode; with a DAX
+#                             window the default is dax=always)
+#   --dax-window-size SIZE    give the guest a DAX window of SIZE bytes (e.g. 64M, a multiple of 2M)
+#                             served by vhostfs --dax-window-size; needs QEMU 11.1 (--stack forky),
+#                             whose generic vhost-user device takes the window, the configuration
+#                             space (tag) and the queues from the back end (vhost-user-fs-pci has no
+#                             DAX window there)
+#   --daemon-args 'ARGS'      more vhostfs options (e.g. '--record-vhost-user /tmp/session.txt')
 #   --timeout SECONDS         give up on a --cmd run after this long (default 1800)
 #   --daemon-cmd 'COMMAND'    serve with another daemon; {sock} and {dir} are replaced, e.g.
 #                             '/usr/lib/qemu/virtiofsd --socket-path={sock} -o source={dir}'
@@ -34,7 +41,7 @@ usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; exit 
 shared_dir=/var/tmp/vhostfs-share
 cmd='' have_cmd=''
 stack=debian12 mem=1024 smp=2 queue_size=1024 num_request_queues=1 tag=vhostfs mount_opts='' timeout=1800
-daemon_cmd=''
+daemon_cmd='' daemon_args='' dax_window_size=''
 while [ $# -gt 0 ]; do
     case $1 in -h | --help) usage 0 ;; esac
     [ $# -ge 2 ] || { log "$1 needs a value"; usage 2; }
@@ -50,10 +57,17 @@ while [ $# -gt 0 ]; do
         --mount-opts) mount_opts=$2 ;;
         --timeout) timeout=$2 ;;
         --daemon-cmd) daemon_cmd=$2 ;;
+        --daemon-args) daemon_args=$2 ;;
+        --dax-window-size) dax_window_size=$2 ;;
         *) log "unknown option $1"; usage 2 ;;
     esac
     shift 2
 done
+
+if [ -n "$dax_window_size" ] && [ "$stack" != forky ]; then
+    log "--dax-window-size needs QEMU 11.1's shared memory regions: --stack forky"
+    exit 2
+fi
 
 # It also installs QEMU when it is missing.
 guest=$("$here/build-guest.sh" --stack "$stack") || { log "building the guest failed"; exit 1; }
@@ -72,6 +86,9 @@ if [ -n "$daemon_cmd" ]; then
 else
     python=$(ensure_venv "$repo")
     daemon_cmd="$(printf %q "$python") -m vhostfs --socket-path $(printf %q "$sock") --shared-dir $(printf %q "$shared_dir")"
+    # The generic device reads the configuration space (the tag) from the back end.
+    [ -z "$dax_window_size" ] || daemon_cmd+=" --tag $(printf %q "$tag") --dax-window-size $(printf %q "$dax_window_size")"
+    [ -z "$daemon_args" ] || daemon_cmd+=" $daemon_args"
 fi
 
 daemon_pid=
@@ -112,6 +129,14 @@ if [ -n "$have_cmd" ]; then
     initrd=$run/initrd.img
 fi
 
+device="vhost-user-fs-pci,chardev=vhostfs,tag=$tag,queue-size=$queue_size,num-request-queues=$num_request_queues"
+if [ -n "$dax_window_size" ]; then
+    # virtio-fs is device 26; its queues are the hiprio queue and the request queues, and its
+    # configuration space is the 36-byte tag and the request queue count (virtio 1.2, 5.11.4).
+    device="vhost-user-test-device-pci,chardev=vhostfs,virtio-id=26,num_vqs=$((1 + num_request_queues)),config_size=40,vq_size=$queue_size"
+    mount_opts=${mount_opts:-dax=always}
+fi
+
 # shellcheck disable=SC2054 # the commas separate QEMU's sub-options, not array elements
 qemu=(
     "$qemu_bin" -accel tcg -cpu max -smp "$smp" -m "$mem"
@@ -120,7 +145,7 @@ qemu=(
     -kernel "$vmlinuz" -initrd "$initrd"
     -append "console=ttyS0 quiet panic=-1 vhostfs.tag=$tag${mount_opts:+ vhostfs.opts=$mount_opts}"
     -chardev "socket,id=vhostfs,path=$sock"
-    -device "vhost-user-fs-pci,chardev=vhostfs,tag=$tag,queue-size=$queue_size,num-request-queues=$num_request_queues"
+    -device "$device"
     -display none -vga none -net none -no-reboot -pidfile "$run/qemu.pid"
 )
 

@@ -5,9 +5,10 @@
 # On a fresh Debian 12 machine, as root, it first installs what the tests use: fuse3 for the
 # /dev/fuse mounts, fio for the I/O workloads, uidmap (newuidmap) for the rootless daemon's user
 # namespace, QEMU and the guest's build tools for the e2e tests, Debian 13's QEMU and kernel for the
-# guest tests on today's stack (scripts/stack.sh), and vhostfs with its test extras into .venv.
-# Without root it uses what is there; the e2e tests then skip with the reason if the guest cannot be
-# built (except under CI=true, where they fail).
+# guest tests on today's stack and Debian testing's QEMU 11.1 and Linux 7.2 for the DAX guest tests
+# (scripts/stack.sh), and vhostfs with its test extras into .venv. Without root it uses what is there;
+# the e2e tests then skip with the reason if the guest cannot be built (except under CI=true, where
+# they fail).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,8 +26,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Building the guest here keeps its apt and download time out of the tests' timeouts; when it is not
 # possible the e2e fixture finds out again and reports why.
-# debian13 (QEMU 10, Linux 6.12) is unpacked once per machine into a cache outside the clone.
-for stack in debian12 debian13; do
+# debian13 (QEMU 10, Linux 6.12) and forky (QEMU 11.1, Linux 7.2, the DAX tests' stack) are unpacked
+# once per machine into a cache outside the clone.
+for stack in debian12 debian13 forky; do
     "$here/build-guest.sh" --stack "$stack" >/dev/null ||
         log "cannot build the $stack e2e guest now; the e2e tests will say why"
 done

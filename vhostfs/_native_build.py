@@ -506,10 +506,171 @@ uint32_t vhostfs_pack_dirents(const uint8_t *data, size_t len, const uint32_t *o
 }
 """
 
-_CDEF = CDEF + VIRTQUEUE_CDEF + DIRENT_CDEF
+#: A minimal io_uring (io_uring_setup(2), io_uring_enter(2)) for FUSE over io_uring: 128-byte SQEs
+#: carrying IORING_OP_URING_CMD commands to /dev/fuse, and one completion reaped at a time. The ABI
+#: (include/uapi/linux/io_uring.h) is spelled out here, so the build needs no liburing and no recent
+#: kernel headers.
+URING_CDEF = """
+struct vhostfs_uring { int fd; unsigned sq_entries; ...; };
+int vhostfs_uring_setup(struct vhostfs_uring *r, unsigned entries);
+void vhostfs_uring_close(struct vhostfs_uring *r);
+int vhostfs_uring_cmd(struct vhostfs_uring *r, int fd, uint32_t cmd_op, uint64_t addr, uint32_t len,
+                      uint64_t user_data, const uint8_t *cmd, uint32_t cmd_len);
+int vhostfs_uring_wait(struct vhostfs_uring *r, uint64_t *user_data, int32_t *res);
+"""
+
+URING_SOURCE = r"""
+#ifndef __NR_io_uring_setup
+#define __NR_io_uring_setup 425
+#endif
+#ifndef __NR_io_uring_enter
+#define __NR_io_uring_enter 426
+#endif
+#define VU_SETUP_SQE128 (1u << 10)
+#define VU_OP_URING_CMD 46
+#define VU_ENTER_GETEVENTS 1u
+#define VU_OFF_SQ_RING 0ULL
+#define VU_OFF_CQ_RING 0x8000000ULL
+#define VU_OFF_SQES 0x10000000ULL
+#define VU_SQE_SIZE 128
+#define VU_CMD_OFFSET 48
+#define VU_CMD_MAX 80
+
+struct vu_sqring_offsets { uint32_t head, tail, ring_mask, ring_entries, flags, dropped, array, resv1;
+                           uint64_t resv2; };
+struct vu_cqring_offsets { uint32_t head, tail, ring_mask, ring_entries, overflow, cqes, flags, resv1;
+                           uint64_t resv2; };
+struct vu_params { uint32_t sq_entries, cq_entries, flags, sq_thread_cpu, sq_thread_idle, features, wq_fd,
+                   resv[3]; struct vu_sqring_offsets sq_off; struct vu_cqring_offsets cq_off; };
+struct vu_cqe { uint64_t user_data; int32_t res; uint32_t flags; };
+
+struct vhostfs_uring {
+    int fd;
+    unsigned sq_entries;
+    unsigned to_submit;
+    uint32_t *sq_head, *sq_tail, *sq_mask, *sq_array;
+    uint32_t *cq_head, *cq_tail, *cq_mask;
+    uint8_t *sqes;
+    struct vu_cqe *cqes;
+    void *sq_ring, *cq_ring;
+    size_t sq_ring_size, cq_ring_size, sqes_size;
+};
+
+void vhostfs_uring_close(struct vhostfs_uring *r)
+{
+    if (r->sqes) munmap(r->sqes, r->sqes_size);
+    if (r->cq_ring) munmap(r->cq_ring, r->cq_ring_size);
+    if (r->sq_ring) munmap(r->sq_ring, r->sq_ring_size);
+    if (r->fd >= 0) close(r->fd);
+    memset(r, 0, sizeof(*r));
+    r->fd = -1;
+}
+
+/* io_uring_setup(2) with 128-byte SQEs (the URING_CMD area holds fuse_uring_cmd_req) and the rings
+ * mapped; 0 or -errno. */
+int vhostfs_uring_setup(struct vhostfs_uring *r, unsigned entries)
+{
+    struct vu_params p;
+    uint8_t *sq, *cq;
+    int err;
+    memset(r, 0, sizeof(*r));
+    memset(&p, 0, sizeof(p));
+    p.flags = VU_SETUP_SQE128;
+    r->fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+    if (r->fd < 0)
+        return -errno;
+    r->sq_ring_size = p.sq_off.array + p.sq_entries * sizeof(uint32_t);
+    r->cq_ring_size = p.cq_off.cqes + p.cq_entries * sizeof(struct vu_cqe);
+    r->sqes_size = (size_t)p.sq_entries * VU_SQE_SIZE;
+    sq = mmap(NULL, r->sq_ring_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd,
+              VU_OFF_SQ_RING);
+    if (sq == MAP_FAILED) goto fail;
+    r->sq_ring = sq;
+    cq = mmap(NULL, r->cq_ring_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd,
+              VU_OFF_CQ_RING);
+    if (cq == MAP_FAILED) goto fail;
+    r->cq_ring = cq;
+    r->sqes = mmap(NULL, r->sqes_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, VU_OFF_SQES);
+    if (r->sqes == MAP_FAILED) { r->sqes = NULL; goto fail; }
+    r->sq_entries = p.sq_entries;
+    r->sq_head = (uint32_t *)(sq + p.sq_off.head);
+    r->sq_tail = (uint32_t *)(sq + p.sq_off.tail);
+    r->sq_mask = (uint32_t *)(sq + p.sq_off.ring_mask);
+    r->sq_array = (uint32_t *)(sq + p.sq_off.array);
+    r->cq_head = (uint32_t *)(cq + p.cq_off.head);
+    r->cq_tail = (uint32_t *)(cq + p.cq_off.tail);
+    r->cq_mask = (uint32_t *)(cq + p.cq_off.ring_mask);
+    r->cqes = (struct vu_cqe *)(cq + p.cq_off.cqes);
+    return 0;
+fail:
+    err = -errno;
+    if (r->sq_ring == MAP_FAILED) r->sq_ring = NULL;
+    if (r->cq_ring == MAP_FAILED) r->cq_ring = NULL;
+    vhostfs_uring_close(r);
+    return err;
+}
+
+/* Queues an IORING_OP_URING_CMD for `fd`: cmd_op, addr and len as the command reads them, and cmd_len
+ * bytes of command data (at most 80); submitted by the next vhostfs_uring_wait. 0, -EBUSY when the
+ * submission ring is full, -EINVAL for too much command data. */
+int vhostfs_uring_cmd(struct vhostfs_uring *r, int fd, uint32_t cmd_op, uint64_t addr, uint32_t len,
+                      uint64_t user_data, const uint8_t *cmd, uint32_t cmd_len)
+{
+    uint32_t tail = *r->sq_tail, head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE), idx;
+    uint8_t *sqe;
+    if (cmd_len > VU_CMD_MAX)
+        return -EINVAL;
+    if (tail - head >= r->sq_entries)
+        return -EBUSY;
+    idx = tail & *r->sq_mask;
+    sqe = r->sqes + (size_t)idx * VU_SQE_SIZE;
+    memset(sqe, 0, VU_SQE_SIZE);
+    sqe[0] = VU_OP_URING_CMD;                      /* opcode */
+    memcpy(sqe + 4, &fd, 4);                       /* fd */
+    memcpy(sqe + 8, &cmd_op, 4);                   /* cmd_op (the union with off) */
+    memcpy(sqe + 16, &addr, 8);                    /* addr */
+    memcpy(sqe + 24, &len, 4);                     /* len */
+    memcpy(sqe + 32, &user_data, 8);               /* user_data */
+    memcpy(sqe + VU_CMD_OFFSET, cmd, cmd_len);     /* cmd[] */
+    r->sq_array[idx] = idx;
+    __atomic_store_n(r->sq_tail, tail + 1, __ATOMIC_RELEASE);
+    r->to_submit++;
+    return 0;
+}
+
+/* Submits what is queued and takes one completion, waiting for it if there is none (the GIL is
+ * released meanwhile); 0 with *user_data and *res set, or -errno of io_uring_enter(2). */
+int vhostfs_uring_wait(struct vhostfs_uring *r, uint64_t *user_data, int32_t *res)
+{
+    for (;;) {
+        uint32_t head = *r->cq_head, tail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
+        unsigned wait = head == tail;
+        long n;
+        if (!wait && !r->to_submit) {
+            struct vu_cqe *cqe = &r->cqes[head & *r->cq_mask];
+            *user_data = cqe->user_data;
+            *res = cqe->res;
+            __atomic_store_n(r->cq_head, head + 1, __ATOMIC_RELEASE);
+            return 0;
+        }
+        n = syscall(__NR_io_uring_enter, r->fd, r->to_submit, wait, wait ? VU_ENTER_GETEVENTS : 0, NULL, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        r->to_submit -= (unsigned)n < r->to_submit ? (unsigned)n : r->to_submit;
+        if (!n && r->to_submit && !wait)
+            return -EAGAIN;  /* the kernel took none of what is queued: do not spin */
+    }
+}
+"""
+
+_CDEF = CDEF + VIRTQUEUE_CDEF + DIRENT_CDEF + URING_CDEF
 _WALK_ENUM = "enum {\n" + "".join(f"    {name} = {code},\n"
                                   for code, name in enumerate(WALK_ERRORS, 1)) + "};"
-_SOURCE = SOURCE + VIRTQUEUE_SOURCE.replace("@WALK_ERRORS_ENUM@", _WALK_ENUM) + DIRENT_SOURCE
+_SOURCE = (SOURCE + VIRTQUEUE_SOURCE.replace("@WALK_ERRORS_ENUM@", _WALK_ENUM) + DIRENT_SOURCE
+           + URING_SOURCE)
 #: Names this version of the helper: a library built from other source is never used (see native.py).
 BUILD_ID = hashlib.sha256((_CDEF + _SOURCE).encode()).hexdigest()[:16]
 

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
+    p.add_argument("--record-vhost-user", metavar="FILE",
+                   help="write one line per vhost-user message (both directions, the back-end channel "
+                        "too) to FILE, for looking at a VMM's session (format: vhostfs/vhost_user/record.py)")
     p.add_argument("--rlimit-nofile", type=int, metavar="N",
                    help="set RLIMIT_NOFILE to N at start (0: leave it; default: raise it to "
                         "min(hard limit, 1000000))")
@@ -208,7 +211,9 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inode-file-handles", choices=INODE_FILE_HANDLES, default="never",
                    help="hold the files the kernel knows by file handles instead of open fds, so that "
                         "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
-                        "can, mandatory: refuse to start otherwise (default: never)")
+                        "can, mandatory: refuse to start otherwise (default: never for the daemon, as "
+                        "virtiofsd; prefer for vhostfs mount). Without handles, idle fds are closed when "
+                        "fds run short and the files found again by name")
     p.add_argument("--security-label", choices=NEGOTIATION_MODES, default="never",
                    metavar="never|auto|always",
                    help="set the security context the kernel gives a new file (FUSE_SECURITY_CTX) as an "
@@ -539,6 +544,7 @@ def _build_device(args: argparse.Namespace, api: bool):
             fs = vfs
         else:
             fs = Passthrough(args.shared_dir, **passthrough_options(args))
+            log.info("%s", fs.describe_inodes())
     except (OSError, ValueError) as e:
         raise _StartError(str(e)) from None
     window = None
@@ -577,9 +583,9 @@ def _in_force(jail, args: argparse.Namespace) -> str:
     return jail.describe() + ("; " + ", ".join(translated) if translated else "")
 
 
-def _serve(listener: socket.socket, device, keep_listening: bool) -> None:
+def _serve(listener: socket.socket, device, keep_listening: bool, recorder=None) -> None:
     """Serves front ends on `listener` until one disconnects (every one with `keep_listening`) or a
-    SIGTERM/SIGINT arrives."""
+    SIGTERM/SIGINT arrives; `recorder` (a vhost_user.record.Recorder) records their messages."""
     from vhostfs.vhost_user.connection import Connection
     from vhostfs.vhost_user.handler import Session
 
@@ -602,7 +608,7 @@ def _serve(listener: socket.socket, device, keep_listening: bool) -> None:
         log.info("front end connected")
         # A new session per connection; on disconnect it resets the device (queues, FUSE state), so
         # the next front end starts from scratch.
-        Session(device).serve(Connection(conn))
+        Session(device, recorder).serve(Connection(conn, recorder))
         stop.conn = None
         if not keep_listening:
             break
@@ -641,6 +647,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         listener, lock_fd = _listen(args.socket_path, group)
     files = _SocketFiles(args.socket_path)
+    recorder = None
+    if args.record_vhost_user:
+        from vhostfs.vhost_user.record import Recorder
+
+        # Opened before the sandbox closes in: the file is outside the share.
+        recorder = Recorder(open(args.record_vhost_user, "w", encoding="ascii"))  # noqa: SIM115
     # The control API's socket is made before the sandbox closes in, like the front end's.
     api_files = _SocketFiles(args.api_socket, lock=False)
     api_listener = None
@@ -674,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared = (args.shared_dir if vfs is None
                   else ", ".join(f"{m.source} at {m.path}" for m in vfs.mounts()))
         log.info("serving %s on %s", shared or "no directory yet", args.socket_path or f"fd {args.fd}")
-        _serve(listener, device, args.keep_listening)
+        _serve(listener, device, args.keep_listening, recorder)
     except (_StartError, sandbox.SandboxError) as e:
         raise SystemExit(f"vhostfs: {e}") from None
     except SystemExit:
@@ -688,4 +700,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_sockets()
         if lock_fd >= 0:
             os.close(lock_fd)
+        if recorder is not None:
+            recorder.close()
     return 0

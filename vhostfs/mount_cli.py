@@ -63,7 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-socket", metavar="PATH",
                    help="serve the control API on this Unix socket (owner only); see `vhostfs ctl`")
     p.add_argument("--threads", type=_positive, default=4, help="worker threads (default: 4)")
+    p.add_argument("--fuse-passthrough", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the kernel read, write and mmap regular files on the host itself (FUSE "
+                        "passthrough; needs CAP_SYS_ADMIN, and some options rule it out: see "
+                        "docs/fuse-passthrough.md). Default: on where possible")
+    p.add_argument("--io-uring", action=argparse.BooleanOptionalAction, default=True,
+                   help="take the kernel's requests on per-CPU io_uring queues instead of reading "
+                        "/dev/fuse (FUSE over io_uring; needs the fuse module's enable_uring "
+                        "parameter). Default: on where the kernel offers it")
     add_passthrough_options(p)
+    # A host walk touches far more files than a guest keeps: file handles wherever the share makes them.
+    p.set_defaults(inode_file_handles="prefer")
     p.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]",
                    help="mount options: allow_other, default_permissions (both on by default for root; "
                         "no_allow_other, no_default_permissions turn them off), fsname=NAME, subtype=NAME, "
@@ -134,7 +144,10 @@ def main(argv: list[str]) -> int:
             api.start()
         log.info("mounting %s at %s", args.shared_dir or ", ".join(f"{h} at {g}" for g, h, _ in specs),
                  args.mountpoint)
-        serve_filesystem(fs, args.mountpoint, threads=args.threads, **mount_opts)
+        if isinstance(fs, Passthrough):
+            log.info("%s", fs.describe_inodes())
+        serve_filesystem(fs, args.mountpoint, threads=args.threads, passthrough=args.fuse_passthrough,
+                         io_uring=args.io_uring, **mount_opts)
     except (OSError, ValueError) as exc:
         log.error("%s: %s", args.mountpoint, exc)
         return 1

@@ -216,3 +216,55 @@ def open_by_handle_at(mount_fd: int, handle_type: int, handle: bytes, flags: int
     """open_by_handle_at(2): a new fd of the file `handle` names on the mount of `mount_fd`; raises
     OSError (EPERM without CAP_DAC_READ_SEARCH, ESTALE when the file is gone)."""
     return _check(lib.vhostfs_open_by_handle(mount_fd, handle, len(handle), handle_type, flags))
+
+
+def _neg(ret: int) -> int:
+    """A helper's `-errno` return as OSError."""
+    if ret < 0:
+        raise OSError(-ret, os.strerror(-ret))
+    return ret
+
+
+def buffer_address(buf: object) -> int:
+    """The address of writable buffer `buf` (an mmap or bytearray that the caller keeps alive and
+    never resizes), for kernel interfaces that take pointers, such as an iovec array."""
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(buf, require_writable=True)))
+
+
+class Uring:
+    """A minimal io_uring with 128-byte SQEs, for IORING_OP_URING_CMD commands (FUSE over io_uring).
+
+    `cmd` queues one command; `wait` submits what is queued and returns one completion
+    (user_data, result), waiting without the GIL when there is none. Not thread-safe: one thread
+    uses a ring. `close` unmaps and closes it; so does garbage collection.
+    """
+
+    def __init__(self, entries: int) -> None:
+        self._ring = ffi.new("struct vhostfs_uring *")
+        self._ring.fd = -1
+        _neg(lib.vhostfs_uring_setup(self._ring, entries))
+        self._ud = ffi.new("uint64_t *")
+        self._res = ffi.new("int32_t *")
+
+    @property
+    def entries(self) -> int:
+        """Submission ring size (the kernel rounds the request up to a power of two)."""
+        return int(self._ring.sq_entries)
+
+    def cmd(self, fd: int, cmd_op: int, addr: int, length: int, user_data: int, data: bytes) -> None:
+        """Queues IORING_OP_URING_CMD `cmd_op` on `fd` with sqe addr/len and up to 80 bytes of command
+        `data`; OSError EBUSY when the submission ring is full."""
+        _neg(lib.vhostfs_uring_cmd(self._ring, fd, cmd_op, addr, length, user_data, data, len(data)))
+
+    def wait(self) -> tuple[int, int]:
+        """Submits the queued commands and returns the next completion as (user_data, res), res being
+        the command's result (-errno for a failure); OSError if io_uring_enter(2) fails."""
+        _neg(lib.vhostfs_uring_wait(self._ring, self._ud, self._res))
+        return int(self._ud[0]), int(self._res[0])
+
+    def close(self) -> None:
+        if self._ring.fd >= 0:
+            lib.vhostfs_uring_close(self._ring)
+
+    def __del__(self) -> None:
+        self.close()

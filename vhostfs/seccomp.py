@@ -81,6 +81,7 @@ SYSCALLS_X86_64 = {
     "fsync": 74,  # FUSE FSYNC, FSYNCDIR
     "fdatasync": 75,  # FUSE FSYNC with datasync
     "syncfs": 306,  # FUSE SYNCFS
+    "memfd_create": 319,  # the DAX window: a copy of the last partial page of a mapped file (vhostfs.dax)
     "openat": 257,  # LOOKUP (O_PATH), OPEN/OPENDIR by reopening /proc/self/fd/N, CREATE
     "openat2": 437,  # resolving names inside the share (RESOLVE_IN_ROOT)
     "close": 3,  # FORGET, RELEASE, short-lived fds

@@ -166,12 +166,20 @@ def boot_guest(
     timeout: float = 600,
     daemon_started: Callable[[int], None] | None = None,
     stack: str = DEFAULT_STACK,
+    dax_window_size: str | None = None,
+    reboot: bool = False,
     files: Mapping[str, bytes] | None = None,
     run_dir_owner: tuple[int, int] | None = None,
 ) -> GuestResult:
     """Serves shared_dir with daemon_cmd ({sock}, {dir} substituted) and runs script in a guest on it.
 
     stack names the QEMU and guest kernel (one of STACKS).
+
+    dax_window_size (e.g. "64M") gives the guest a DAX window: the daemon gets --tag and
+    --dax-window-size, and the device is QEMU 11.1's generic vhost-user device as virtio-fs, which
+    takes the window, tag and queues from the back end (stack "forky"); the guest mounts with
+    dax=always unless mount_opts says otherwise. With reboot, a guest that reboots goes on running
+    (the script then runs again: it can tell the boots apart by a file it leaves in the share).
 
     daemon_started, if given, is called with the daemon's pid once its socket exists, before QEMU
     starts (e.g. to watch the daemon's resources from another thread while the guest runs).
@@ -191,6 +199,19 @@ def boot_guest(
         argv = [
             arg.replace("{sock}", str(sock)).replace("{dir}", os.fspath(shared_dir)) for arg in daemon_cmd
         ]
+        device = (
+            f"vhost-user-fs-pci,chardev=vhostfs,tag={tag},queue-size={queue_size},"
+            f"num-request-queues={num_request_queues}"
+        )
+        if dax_window_size is not None:
+            argv += ["--tag", tag, "--dax-window-size", dax_window_size]
+            # virtio-fs is device 26: the hiprio queue and the request queues, and a configuration
+            # space of the 36-byte tag and the request queue count (virtio 1.2, 5.11.4).
+            device = (
+                f"vhost-user-test-device-pci,chardev=vhostfs,virtio-id=26,num_vqs={1 + num_request_queues},"
+                f"config_size=40,vq_size={queue_size}"
+            )
+            mount_opts = mount_opts or "dax=always"
         log_path = run / "daemon.log"
         with open(log_path, "wb") as log:
             # cwd: `python -m vhostfs` then finds the package even where it is not installed.
@@ -207,11 +228,9 @@ def boot_guest(
                 # vhost-user needs guest RAM in a shareable memfd that the daemon can map.
                 "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on", "-numa", "node,memdev=mem",
                 "-kernel", str(images.kernel), "-initrd", str(initrd), "-append", append,
-                "-chardev", f"socket,id=vhostfs,path={sock}",
-                "-device", f"vhost-user-fs-pci,chardev=vhostfs,tag={tag},queue-size={queue_size},"
-                f"num-request-queues={num_request_queues}",
+                "-chardev", f"socket,id=vhostfs,path={sock}", "-device", device,
                 "-serial", "stdio", "-monitor", "none", "-display", "none", "-vga", "none", "-net", "none",
-                "-no-reboot",
+                *([] if reboot else ["-no-reboot"]),
             ]  # fmt: skip
             console = _run_qemu(qemu, timeout, daemon, run / "console.log")
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 
 import pytest
 
@@ -283,3 +284,151 @@ def test_without_the_option_there_is_no_window(session):
     nodeid, fh = open_file(client, b"f")
     expect_errno(errno.ENOSYS, setupmapping, client, nodeid, fh, 0, PAGE, READ, 0)
     expect_errno(errno.ENOSYS, removemapping, client, [(0, PAGE)])
+
+
+# -- what Linux and QEMU 11.1 ask for and allow ------------------------------------------------------
+NO_FH = (1 << 64) - 1
+
+
+def test_a_mapping_without_a_handle_opens_the_file_itself(dax):
+    """Linux sends SETUPMAPPING with fh -1: its mappings belong to the inode, not to an open."""
+    client, fe, daemon = dax
+    data = os.urandom(2 << 20)
+    host_file(daemon, "n", data)
+    nodeid = client.lookup(ROOT, b"n")[0]
+    setupmapping(client, nodeid, NO_FH, 0, 2 << 20, READ, 0)
+    assert bytes(fe.window_view(0, 2 << 20)) == data
+    setupmapping(client, nodeid, NO_FH, 0, 2 << 20, READ | WRITE, 0)
+    fe.window_view(0, 5)[:] = b"dax!!"
+    native.msync(fe.window_addr, PAGE, MS_SYNC)
+    assert (daemon.shared / "n").read_bytes()[:5] == b"dax!!"
+
+
+def test_the_ragged_end_of_a_file_is_mapped_from_a_copy_and_written_back(dax):
+    """The VMM refuses to map past the end of a file (as QEMU 11.1 does): the last partial page comes
+    from a copy, and what the guest writes there reaches the file on fsync."""
+    client, fe, daemon = dax
+    data = os.urandom(PAGE + 10)
+    host_file(daemon, "r", data)
+    nodeid, fh = open_file(client, b"r", os.O_RDWR)
+    setupmapping(client, nodeid, NO_FH, 0, 2 << 20, READ | WRITE, 0)
+    assert sorted((off, mp.length) for off, mp in fe.window_maps.items()) == [(0, PAGE), (PAGE, PAGE)]
+    assert bytes(fe.window_view(0, PAGE + 10)) == data
+    assert bytes(fe.window_view(PAGE + 10, 16)) == bytes(16)
+    fe.window_view(PAGE, 10)[:] = b"0123456789"
+    client.call(abi.FUSE_FSYNC, nodeid, abi.FSYNC_IN.pack(fh, 0))
+    assert (daemon.shared / "r").read_bytes() == data[:PAGE] + b"0123456789"
+    # A write through FUSE past the end: the copy is written back first, then the range backed anew.
+    fe.window_view(PAGE, 2)[:] = b"AB"
+    assert client.write(nodeid, fh, PAGE + 10, b"tail") == 4
+    assert (daemon.shared / "r").read_bytes() == data[:PAGE] + b"AB23456789tail"
+    assert bytes(fe.window_view(PAGE, 14)) == b"AB23456789tail"
+
+
+def test_a_file_grown_on_the_host_is_backed_anew_before_the_guest_sees_its_size(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "g", b"g" * 100)
+    nodeid = client.lookup(ROOT, b"g")[0]
+    setupmapping(client, nodeid, NO_FH, 0, 2 << 20, READ, 0)
+    assert sorted(fe.window_maps) == [0] and fe.window_maps[0].length == PAGE
+    with open(daemon.shared / "g", "ab") as f:
+        f.write(b"h" * (3 * PAGE))
+    size = client.getattr(nodeid)[3]
+    assert size == 100 + 3 * PAGE
+    assert bytes(fe.window_view(0, size)) == b"g" * 100 + b"h" * (3 * PAGE)
+
+
+HOSTILE_MORE = {
+    "past the end of the file": (2 * PAGE, PAGE, READ, 0, errno.EINVAL),
+    "at the end of the file": (PAGE, PAGE, READ, 0, errno.EINVAL),
+    "overlapping the window end": (0, 4 * PAGE, READ, WINDOW - 2 * PAGE, errno.EINVAL),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_MORE))
+def test_more_hostile_setupmappings_map_nothing(dax, case):
+    client, fe, daemon = dax
+    foffset, length, flags, moffset, err = HOSTILE_MORE[case]
+    host_file(daemon, "h", b"h" * PAGE)
+    nodeid = client.lookup(ROOT, b"h")[0]
+    expect_errno(err, setupmapping, client, nodeid, NO_FH, foffset, length, flags, moffset)
+    assert fe.window_maps == {} and fe.backend_log == []
+
+
+def test_a_closed_handle_or_a_directory_maps_nothing(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "c", b"c" * PAGE)
+    nodeid, fh = open_file(client, b"c")
+    client.release(nodeid, fh)
+    expect_errno(errno.EBADF, setupmapping, client, nodeid, fh, 0, PAGE, READ, 0)
+    (daemon.shared / "d").mkdir()
+    dir_node = client.lookup(ROOT, b"d")[0]
+    expect_errno(errno.EBADF, setupmapping, client, dir_node, NO_FH, 0, PAGE, READ, 0)
+    expect_errno(errno.EBADF, setupmapping, client, 12345, NO_FH, 0, PAGE, READ, 0)
+    assert fe.window_maps == {} and fe.backend_log == []
+
+
+def test_a_symlink_out_of_the_share_maps_nothing(dax, tmp_path):
+    client, fe, daemon = dax
+    canary = tmp_path / "canary"
+    canary.write_bytes(b"secret" * 1000)
+    os.symlink(canary, daemon.shared / "link")
+    nodeid = client.lookup(ROOT, b"link")[0]
+    expect_errno(errno.EBADF, setupmapping, client, nodeid, NO_FH, 0, PAGE, READ, 0)
+    assert fe.window_maps == {} and fe.backend_log == []
+    assert canary.read_bytes() == b"secret" * 1000
+
+
+def test_overlapping_mappings_leave_only_the_newest(dax):
+    client, fe, daemon = dax
+    host_file(daemon, "o", b"o" * (8 * PAGE))
+    nodeid = client.lookup(ROOT, b"o")[0]
+    setupmapping(client, nodeid, NO_FH, 0, 4 * PAGE, READ, 0)
+    setupmapping(client, nodeid, NO_FH, 4 * PAGE, 4 * PAGE, READ, 2 * PAGE)
+    assert sorted(fe.window_maps) == [2 * PAGE]
+    assert not fe.window_readable(0)
+
+
+def test_dax_inode_marks_only_files_with_the_attribute(tmp_path):
+    """With FUSE_HAS_INODE_DAX (a guest mounted dax=inode), entries and attributes of files that have
+    FS_DAX_FL (chattr +x) carry FUSE_ATTR_DAX; other files do not."""
+    daemon = start_daemon(tmp_path, "--dax-window-size", "4M")
+    try:
+        (daemon.shared / "plain").write_bytes(b"p")
+        (daemon.shared / "flagged").write_bytes(b"f")
+        try:
+            subprocess.run(["chattr", "+x", str(daemon.shared / "flagged")], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            pytest.skip(f"cannot set FS_DAX_FL under {tmp_path}: {e}")
+        with daemon.connect() as fe:
+            fe.setup(dax_window=4 << 20)
+            client = FuseClient(fe)
+            body = abi.INIT_IN.pack(abi.KERNEL_VERSION, abi.KERNEL_MINOR_VERSION, 1 << 20,
+                                    abi.FUSE_INIT_EXT | abi.FUSE_MAP_ALIGNMENT, abi.FUSE_HAS_INODE_DAX >> 32)
+            out = abi.INIT_OUT.unpack_from(client.call(abi.FUSE_INIT, 0, body))
+            assert out[3] & abi.FUSE_INIT_EXT and out[10] << 32 & abi.FUSE_HAS_INODE_DAX
+            plain, flagged = client.lookup(ROOT, b"plain"), client.lookup(ROOT, b"flagged")
+            assert not plain[-1] & abi.FUSE_ATTR_DAX and flagged[-1] & abi.FUSE_ATTR_DAX
+            assert client.getattr(flagged[0])[-1] & abi.FUSE_ATTR_DAX
+            assert not client.getattr(plain[0])[-1] & abi.FUSE_ATTR_DAX
+    finally:
+        stop_daemon(daemon)
+
+
+def test_on_a_read_only_share_qemu_cannot_map_and_the_read_fails(tmp_path):
+    """QEMU 11.1 needs a writable fd even for a read-only mapping; a --readonly share lends none, so
+    the mapping fails (EIO) rather than the daemon opening a shared file for writing."""
+    daemon = start_daemon(tmp_path, "--dax-window-size", "4M", "--readonly")
+    try:
+        (daemon.shared / "f").write_bytes(b"f" * PAGE)
+        with daemon.connect() as fe:
+            fe.setup(dax_window=4 << 20)
+            client = FuseClient(fe)
+            client.init(flags=abi.FUSE_MAP_ALIGNMENT)
+            nodeid = client.lookup(ROOT, b"f")[0]
+            expect_errno(errno.EIO, setupmapping, client, nodeid, NO_FH, 0, PAGE, READ, 0)
+            expect_errno(errno.EROFS, setupmapping, client, nodeid, NO_FH, 0, PAGE, READ | WRITE, 0)
+            assert fe.window_maps == {}
+    finally:
+        stop_daemon(daemon)
+    assert (daemon.shared / "f").read_bytes() == b"f" * PAGE

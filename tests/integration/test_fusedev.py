@@ -8,6 +8,7 @@ into a failure; nothing here measures time.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -117,18 +118,54 @@ def mount_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vhostfs", "mount", *args]
 
 
-@pytest.fixture
-def passthrough(tmp_path):
-    """The passthrough of tmp_path/src mounted at tmp_path/mnt: yields (src, mnt, Mount)."""
+#: How requests and file data travel: /dev/fuse reads and writes with the data served by the daemon,
+#: file data passed through to the host files by the kernel, requests on io_uring queues, and both.
+DATA_PATHS = {
+    "served": ["--no-fuse-passthrough", "--no-io-uring"],
+    "fuse-passthrough": ["--fuse-passthrough", "--no-io-uring"],
+    "io-uring": ["--no-fuse-passthrough", "--io-uring"],
+    "io-uring+passthrough": ["--fuse-passthrough", "--io-uring"],
+}
+_ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
+
+
+@contextlib.contextmanager
+def uring_enabled(on: bool = True):
+    """The fuse module's enable_uring parameter set for the block, and put back after it."""
+    if not _ENABLE_URING.exists():
+        pytest.skip("the kernel has no FUSE over io_uring (Linux 6.14+, no enable_uring parameter)")
+    old = _ENABLE_URING.read_text().strip()
+    _ENABLE_URING.write_text("Y" if on else "N")
+    try:
+        yield
+    finally:
+        _ENABLE_URING.write_text(old)
+
+
+def check_data_path(path: str, log: str) -> None:
+    """Asserts that a mount started with DATA_PATHS[path] said at INIT that it uses that path."""
+    assert ("FUSE passthrough is on" in log) == ("passthrough" in path), log
+    assert ("FUSE over io_uring: " in log) == ("io-uring" in path), log
+
+
+@pytest.fixture(params=list(DATA_PATHS))
+def passthrough(request, tmp_path):
+    """The passthrough of tmp_path/src mounted at tmp_path/mnt, once for each of DATA_PATHS:
+    yields (src, mnt, Mount)."""
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     src.mkdir()
-    m = start(mount_cli("--shared-dir", str(src), str(mnt), "--threads", "4", "--xattr", "-o",
-                        "fsname=srcshare,noatime"), mnt, tmp_path / "server.log")
-    try:
-        yield src, mnt, m
-    finally:
-        _take_down(mnt, m.proc)
+    uring = uring_enabled() if "io-uring" in request.param else contextlib.nullcontext()
+    with uring:
+        m = start(mount_cli("--shared-dir", str(src), str(mnt), "--threads", "4", "--xattr", "-o",
+                            "fsname=srcshare,noatime", *DATA_PATHS[request.param]),
+                  mnt, tmp_path / "server.log")
+        try:
+            yield src, mnt, m
+        finally:
+            _take_down(mnt, m.proc)
     assert "Traceback" not in m.log_text(), m.log_text()
+    # The mount was probed, so INIT ran and said which paths it uses.
+    check_data_path(request.param, m.log_text())
 
 
 def _sha256(path: Path) -> str:

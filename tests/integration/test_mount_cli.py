@@ -85,6 +85,9 @@ def recorded(monkeypatch, tmp_path):
         def close(self) -> None:
             pass
 
+        def describe_inodes(self) -> str:
+            return "recorded"
+
     def serve(fs, mountpoint: str, **kw) -> None:
         seen["mount"] = kw
 
@@ -103,14 +106,22 @@ def recorded(monkeypatch, tmp_path):
 def test_each_passthrough_option_reaches_the_passthrough(recorded, argv, expected):
     kw, mount = recorded(*argv, "-o", "noexec")
     assert set(kw) <= set(_DEFAULTS)  # only Passthrough's own keywords
-    assert {name: value for name, value in kw.items() if value != _DEFAULTS[name]} == expected
+    # vhostfs mount holds inodes by file handles where it can unless told otherwise (see below).
+    assert {name: value for name, value in kw.items() if value != _DEFAULTS[name]} == {
+        "inode_file_handles": "prefer"} | expected
     assert mount["options"] == "noexec"  # the passthrough's -o items are not mount options
 
 
 def test_mount_options_and_ro_still_reach_the_mount(recorded):
     kw, mount = recorded("-o", "ro,fsname=src,no_allow_other,xattr,nosuid")
     assert kw["readonly"] is True and kw["xattr"] is True
-    assert mount == {"threads": 4, "fsname": "src", "allow_other": False, "options": "ro,nosuid"}
+    assert mount == {"threads": 4, "fsname": "src", "allow_other": False, "options": "ro,nosuid",
+                     "passthrough": True, "io_uring": True}
+
+
+def test_fuse_passthrough_is_on_unless_turned_off(recorded):
+    assert recorded()[1]["passthrough"] is True
+    assert recorded("--no-fuse-passthrough")[1]["passthrough"] is False
 
 
 def _daemon_options(argv: list[str]) -> dict:
@@ -132,7 +143,16 @@ def _mount_options(argv: list[str]) -> dict:
 
 @pytest.mark.parametrize("argv", [argv for argv, _ in OPTIONS], ids=_ids(OPTIONS))
 def test_the_daemon_and_mount_read_each_option_alike(argv):
-    assert _mount_options(argv) == _daemon_options(argv)
+    mount, daemon = _mount_options(argv), _daemon_options(argv)
+    if "inode_file_handles" not in " ".join(argv).replace("-", "_"):
+        assert (mount.pop("inode_file_handles"), daemon.pop("inode_file_handles")) == ("prefer", "never")
+    assert mount == daemon
+
+
+def test_only_the_inode_file_handles_default_differs():
+    """A walk on the host reaches far more files than a guest keeps: vhostfs mount prefers file
+    handles, the daemon keeps virtiofsd's default, which needs no CAP_DAC_READ_SEARCH."""
+    assert _mount_options(["--inode-file-handles=never"]) == _daemon_options([])
 
 
 def test_every_passthrough_option_of_the_daemon_is_a_mount_option():

@@ -16,6 +16,8 @@ from vhostfs.vhost_user.backend_channel import BackendChannel
 
 PAGE = 4096
 SIZE = 64 * PAGE
+#: A file size past every range these tests map: all of a mapping is backed by whole file pages.
+BIG = 1 << 40
 
 
 class RecordingMapper:
@@ -40,7 +42,7 @@ def window() -> DaxWindow:
 
 
 def test_setup_records_and_maps(window: DaxWindow) -> None:
-    window.setup(7, 3, PAGE, 2 * PAGE, 4 * PAGE, True, True)
+    window.setup(7, 3, PAGE, 2 * PAGE, 4 * PAGE, True, True, BIG)
     assert window.mappings() == [Mapping(4 * PAGE, 2 * PAGE, 7, PAGE, True)]
     assert window.mapper.calls == [("map", 4 * PAGE, 2 * PAGE, PAGE, True)]
     assert window.alignment_log2 == 12
@@ -58,16 +60,16 @@ def test_setup_records_and_maps(window: DaxWindow) -> None:
 ])
 def test_invalid_requests_change_nothing(window, foffset, length, moffset, writable, fd_writable, err):
     with pytest.raises(OSError) as exc:
-        window.setup(1, 3, foffset, length, moffset, writable, fd_writable)
+        window.setup(1, 3, foffset, length, moffset, writable, fd_writable, BIG)
     assert exc.value.errno == err
     assert window.mappings() == [] and window.mapper.calls == []
 
 
 def test_overlap_replaces_every_mapping_it_touches(window: DaxWindow) -> None:
-    window.setup(1, 3, 0, 2 * PAGE, 0, False, False)
-    window.setup(1, 3, 0, 2 * PAGE, 2 * PAGE, False, False)
-    window.setup(1, 3, 0, 10 * PAGE, 10 * PAGE, False, False)
-    window.setup(2, 4, 0, 2 * PAGE, PAGE, False, False)
+    window.setup(1, 3, 0, 2 * PAGE, 0, False, False, BIG)
+    window.setup(1, 3, 0, 2 * PAGE, 2 * PAGE, False, False, BIG)
+    window.setup(1, 3, 0, 10 * PAGE, 10 * PAGE, False, False, BIG)
+    window.setup(2, 4, 0, 2 * PAGE, PAGE, False, False, BIG)
     assert [(mp.moffset, mp.nodeid) for mp in window.mappings()] == [(PAGE, 2), (10 * PAGE, 1)]
     assert window.mapper.calls[-3:] == [("unmap", 0, 2 * PAGE), ("unmap", 2 * PAGE, 2 * PAGE),
                                         ("map", PAGE, 2 * PAGE, 0, False)]
@@ -76,19 +78,32 @@ def test_overlap_replaces_every_mapping_it_touches(window: DaxWindow) -> None:
 def test_refused_map_leaves_no_mapping(window: DaxWindow) -> None:
     window.mapper.fail = True
     with pytest.raises(OSError) as exc:
-        window.setup(1, 3, 0, PAGE, 0, False, False)
+        window.setup(1, 3, 0, PAGE, 0, False, False, BIG)
     assert exc.value.errno == errno.EIO
     assert window.mappings() == []
 
 
+def test_a_mapping_the_front_end_no_longer_has_does_not_block_a_new_one(window: DaxWindow) -> None:
+    window.setup(1, 3, 0, 2 * PAGE, 0, False, False, BIG)
+
+    def gone(shmid, shm_offset, length):
+        window.mapper.calls.append(("unmap refused", shm_offset, length))
+        raise OSError(errno.EIO, "no such mapping")
+
+    window.mapper.shmem_unmap = gone
+    window.setup(2, 4, 0, PAGE, PAGE, False, False, BIG)
+    assert [(mp.moffset, mp.nodeid) for mp in window.mappings()] == [(PAGE, 2)]
+    assert window.mapper.calls[-2:] == [("unmap refused", 0, 2 * PAGE), ("map", PAGE, PAGE, 0, False)]
+
+
 def test_without_a_channel_mapping_fails() -> None:
     with pytest.raises(OSError) as exc:
-        DaxWindow(SIZE, PAGE).setup(1, 3, 0, PAGE, 0, False, False)
+        DaxWindow(SIZE, PAGE).setup(1, 3, 0, PAGE, 0, False, False, BIG)
     assert exc.value.errno == errno.EIO
 
 
 def test_remove_validates_all_ranges_first(window: DaxWindow) -> None:
-    window.setup(1, 3, 0, PAGE, 0, False, False)
+    window.setup(1, 3, 0, PAGE, 0, False, False, BIG)
     with pytest.raises(OSError):
         window.remove([(0, PAGE), (SIZE, PAGE)])
     assert len(window.mappings()) == 1
@@ -96,18 +111,104 @@ def test_remove_validates_all_ranges_first(window: DaxWindow) -> None:
     assert window.mappings() == []
 
 
-def test_cleanup_by_node_size_and_reset(window: DaxWindow) -> None:
-    window.setup(1, 3, 0, PAGE, 0, False, False)
-    window.setup(1, 3, 4 * PAGE, PAGE, PAGE, False, False)
-    window.setup(1, 3, 8 * PAGE, PAGE, 2 * PAGE, False, False)
-    window.setup(2, 4, 0, PAGE, 3 * PAGE, False, False)
-    window.remove_beyond(1, 4 * PAGE + 1)  # the mapping at file offset 4 pages still holds data
-    assert [mp.moffset for mp in window.mappings()] == [0, PAGE, 3 * PAGE]
+def test_cleanup_by_node_and_reset(window: DaxWindow) -> None:
+    window.setup(1, 3, 0, PAGE, 0, False, False, BIG)
+    window.setup(1, 3, 4 * PAGE, PAGE, PAGE, False, False, BIG)
+    window.setup(2, 4, 0, PAGE, 3 * PAGE, False, False, BIG)
     window.remove_node(1)
     assert [mp.nodeid for mp in window.mappings()] == [2]
     calls = len(window.mapper.calls)
     window.forget_all()
     assert window.mappings() == [] and len(window.mapper.calls) == calls
+
+
+def test_a_mapping_at_or_past_the_end_of_the_file_is_refused(window: DaxWindow) -> None:
+    for foffset in (4 * PAGE, 8 * PAGE):
+        with pytest.raises(OSError) as exc:
+            window.setup(1, 3, foffset, PAGE, 0, False, False, 4 * PAGE)
+        assert exc.value.errno == errno.EINVAL
+    assert window.mappings() == [] and window.mapper.calls == []
+
+
+@pytest.fixture
+def ragged(tmp_path):
+    """An fd of a file of 2 pages and 100 bytes, and its bytes."""
+    data = os.urandom(2 * PAGE + 100)
+    path = tmp_path / "ragged"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDWR)
+    yield fd, data
+    os.close(fd)
+
+
+class CopyingMapper(RecordingMapper):
+    """Records what each mapped fd holds at its mapping, as the VMM would see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contents: dict[int, bytes] = {}
+        self.fds: dict[int, int] = {}
+
+    def shmem_map(self, shmid, fd, fd_offset, shm_offset, length, writable):
+        super().shmem_map(shmid, fd, fd_offset, shm_offset, length, writable)
+        self.contents[shm_offset] = os.pread(fd, length, fd_offset)
+        self.fds[shm_offset] = os.dup(fd)
+
+    def shmem_unmap(self, shmid, shm_offset, length):
+        super().shmem_unmap(shmid, shm_offset, length)
+        del self.contents[shm_offset]
+        os.close(self.fds.pop(shm_offset))
+
+
+def test_the_last_partial_page_is_a_copy_and_nothing_past_it_is_mapped(ragged) -> None:
+    fd, data = ragged
+    window = DaxWindow(SIZE, PAGE)
+    window.mapper = mapper = CopyingMapper()
+    window.setup(1, fd, 0, 16 * PAGE, 0, False, True, len(data))
+    # Two whole pages from the file, then one page of the copy: nothing past the end of the file.
+    assert [c[:3] for c in mapper.calls] == [("map", 0, 2 * PAGE), ("map", 2 * PAGE, PAGE)]
+    assert mapper.contents[0] == data[:2 * PAGE]
+    assert mapper.contents[2 * PAGE] == data[2 * PAGE:] + bytes(PAGE - 100)
+    assert window.mappings() == [Mapping(0, 16 * PAGE, 1, 0, False)]
+    window.remove([(0, 16 * PAGE)])
+    assert mapper.calls[-2:] == [("unmap", 0, 2 * PAGE), ("unmap", 2 * PAGE, PAGE)]
+    assert mapper.contents == {}
+
+
+def test_a_writable_copy_is_written_back(ragged) -> None:
+    fd, data = ragged
+    window = DaxWindow(SIZE, PAGE)
+    window.mapper = mapper = CopyingMapper()
+    window.setup(1, fd, 0, 4 * PAGE, 0, True, True, len(data))
+    # The guest writes through the window into the copy, past the end of the file too.
+    os.pwrite(mapper.fds[2 * PAGE], b"guest" + bytes(95) + b"beyond the end", 0)
+    window.write_back(1)
+    assert os.fstat(fd).st_size == len(data)
+    assert os.pread(fd, 100, 2 * PAGE) == b"guest" + bytes(95)
+    os.pwrite(mapper.fds[2 * PAGE], b"again", 0)
+    window.remove([(0, PAGE)])  # unmapping writes back too
+    assert os.pread(fd, 5, 2 * PAGE) == b"again"
+
+
+def test_refresh_follows_the_file_size(ragged) -> None:
+    fd, data = ragged
+    window = DaxWindow(SIZE, PAGE)
+    window.mapper = mapper = CopyingMapper()
+    window.setup(1, fd, 0, 8 * PAGE, 0, False, True, len(data))
+    assert window.stale(1, len(data) + 1) and not window.stale(1, len(data))
+    os.pwrite(fd, b"more" * PAGE, len(data))  # the file grows to 6 pages and 100 bytes
+    size = os.fstat(fd).st_size
+    window.refresh(1, fd, size, copies=False)
+    assert sorted(mapper.contents) == [0, 6 * PAGE]
+    assert mapper.contents[0] == os.pread(fd, 6 * PAGE, 0)
+    os.ftruncate(fd, PAGE)
+    window.refresh(1, fd, PAGE, copies=False)
+    assert mapper.contents == {0: os.pread(fd, PAGE, 0)}
+    # Past the end now, yet the guest's mapping stays: growing again backs it again.
+    assert window.mappings() == [Mapping(0, 8 * PAGE, 1, 0, False)]
+    os.ftruncate(fd, 2 * PAGE + 1)
+    window.refresh(1, fd, 2 * PAGE + 1, copies=False)
+    assert sorted(mapper.contents) == [0, 2 * PAGE]
 
 
 def test_window_size_must_be_aligned() -> None:
@@ -186,3 +287,18 @@ def test_map_needs_the_shmem_feature() -> None:
     assert exc.value.errno == errno.EOPNOTSUPP
     channel.close()
     theirs.close()
+
+
+def test_write_back_never_grows_a_file_cut_shorter_meanwhile(ragged) -> None:
+    fd, data = ragged
+    window = DaxWindow(SIZE, PAGE)
+    window.mapper = mapper = CopyingMapper()
+    window.setup(1, fd, 0, 4 * PAGE, 0, True, True, len(data))
+    os.pwrite(mapper.fds[2 * PAGE], b"z" * 100, 0)
+    os.ftruncate(fd, 2 * PAGE + 10)  # on the host, meanwhile
+    window.write_back(1)
+    assert os.fstat(fd).st_size == 2 * PAGE + 10
+    assert os.pread(fd, 10, 2 * PAGE) == b"z" * 10
+    os.ftruncate(fd, PAGE)
+    window.refresh(1, fd, PAGE, copies=False)
+    assert os.fstat(fd).st_size == PAGE

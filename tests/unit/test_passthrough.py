@@ -12,6 +12,7 @@ import os
 import select
 import socket
 import stat
+import struct
 import threading
 from pathlib import Path
 
@@ -892,6 +893,41 @@ def test_ioctl_other_than_inode_flags_is_enotty(fs, share):
     # FIONREAD and FS_IOC_GETVERSION: real ioctls of the host, refused all the same.
     for cmd in (0x541B, 0x80087601):
         raises_errno(errno.ENOTTY, fs.ioctl, CTX, entry.nodeid, opened.fh, 0, cmd, 0, b"", 8)
+
+
+_FS_IOC_FSGETXATTR = 0x801C581F
+_FS_IOC_FSSETXATTR = 0x401C5820
+_FS_XFLAG_DAX = 0x8000
+_FS_DAX_FL = 0x02000000
+
+
+def test_ioctl_fsxattr_changes_the_flags_and_nothing_else(fs, share):
+    """xfs_io's chattr +x (FS_IOC_FSSETXATTR with FS_XFLAG_DAX): the flag reaches the host file, and
+    the per-file DAX attribute is what wants_dax reports; a project id change is refused."""
+    entry, opened = fs.create(CTX, ROOT_ID, b"f", stat.S_IFREG | 0o644, os.O_RDWR, 0)
+    try:
+        _, data = fs.ioctl(CTX, entry.nodeid, opened.fh, 0, _FS_IOC_FSGETXATTR, 0, b"", 28)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            pytest.skip(f"the file system under {share} has no inode flags ({exc.strerror})")
+        raise
+    assert len(data) == 28 and not fs.wants_dax(entry.nodeid)
+    xflags, extsize, nextents, projid, cow = struct.unpack_from("<IIIII", data)
+    dax = struct.pack("<IIIII8x", xflags | _FS_XFLAG_DAX, extsize, nextents, projid, cow)
+    try:
+        fs.ioctl(CTX, entry.nodeid, opened.fh, 0, _FS_IOC_FSSETXATTR, 0, dax, 0)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EPERM, errno.EINVAL):
+            pytest.skip(f"the file system under {share} refuses FS_XFLAG_DAX ({exc.strerror})")
+        raise
+    with open(share / "f", "rb") as f:
+        host = bytearray(8)
+        fcntl.ioctl(f.fileno(), _FS_IOC_GETFLAGS, host)
+    assert int.from_bytes(host[:4], "little") & _FS_DAX_FL
+    assert fs.wants_dax(entry.nodeid) and not fs.wants_dax(ROOT_ID)
+    other_project = struct.pack("<IIIII8x", xflags, extsize, nextents, projid + 1, cow)
+    raises_errno(errno.EOPNOTSUPP, fs.ioctl, CTX, entry.nodeid, opened.fh, 0, _FS_IOC_FSSETXATTR, 0,
+                 other_project, 0)
 
 
 def test_ioctl_inode_flags_round_trip(fs, share):

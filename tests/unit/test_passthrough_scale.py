@@ -201,9 +201,123 @@ def test_file_handles_walk_20000_files_under_a_1024_fd_limit(many_files):
     assert fds < 1024 - 64  # the idle cache and the reserve keep the daemon below its budget
 
 
-def test_without_file_handles_the_walk_stops_cleanly_at_the_budget(many_files):
-    nodes, fds, sizes, failures = _walk(many_files, "never", 2000, 1024)
-    assert set(failures) == {errno.EMFILE}
-    assert nodes + failures[errno.EMFILE] == 2000
-    assert 500 < nodes < 1024 and fds < 1024  # the reserve above the budget stays free
+@pytest.mark.parametrize("mode", ["never", "prefer"])
+def test_any_mode_walks_20000_files_under_a_1024_fd_limit(many_files, mode):
+    """Without file handles, idle nodes are closed and found again by parent and name."""
+    nodes, fds, sizes, failures = _walk(many_files, mode, 20000, 1024)
+    assert (nodes, failures) == (20000, {})
     assert sizes == [0, 1, 2]
+    assert fds < 1024
+
+
+_OPEN_ALL = textwrap.dedent("""
+    import json, os, sys
+    from vhostfs.fs.passthrough import Passthrough
+    from vhostfs.fuse.filesystem import ROOT_ID, Context
+    ctx = Context(uid=0, gid=0, pid=1)
+    fs = Passthrough(sys.argv[1])
+    d = fs.lookup(ctx, ROOT_ID, b"d").nodeid
+    handles, failures = [], {}
+    for i in range(2000):
+        try:
+            n = fs.lookup(ctx, d, b"f%d" % i).nodeid
+            handles.append((n, fs.open(ctx, n, os.O_RDONLY).fh))
+        except OSError as e:
+            failures[e.errno] = failures.get(e.errno, 0) + 1
+    data = {fs.read(ctx, n, fh, 0, 10).decode() for n, fh in handles}
+    fds = len(os.listdir("/proc/self/fd"))
+    print(json.dumps([len(handles), fds, sorted(data), sorted(failures.items())]))
+""")
+
+
+def test_open_files_beyond_the_budget_are_an_error_reply(many_files):
+    """Open files hold their fds: past the budget, opening one more fails with EMFILE, and the rest
+    go on working."""
+    import resource
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    out = subprocess.run([sys.executable, "-c", _OPEN_ALL, str(many_files)], capture_output=True, text=True,
+                         preexec_fn=lower, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    opened, fds, data, failures = json.loads(out.stdout)
+    assert set(dict(failures)) == {errno.EMFILE} and 300 < opened < 1024 and fds < 1024
+    assert data == ["", "x", "xx"]
+
+
+# -- nodes without file handles, found again by parent and name ----------------------------------------
+
+@pytest.fixture
+def named(share):
+    """A passthrough without file handles, and a way to close every idle node's fd."""
+    (share / "d" / "e").mkdir(parents=True)
+    (share / "d" / "e" / "f").write_bytes(b"deep")
+    fs = Passthrough(str(share), inode_file_handles="never")
+
+    def evict() -> None:
+        while fs._inodes.shrink():
+            pass
+
+    yield fs, evict
+    fs.close()
+
+
+def _size(fs: Passthrough, nodeid: int) -> int:
+    return fs.getattr(CTX, nodeid, None)[0].st_size
+
+
+def test_closed_nodes_come_back_by_name_up_the_tree(named, share):
+    fs, evict = named
+    f = lookup(fs, "d/e/f")
+    open_fds = len(os.listdir("/proc/self/fd"))
+    evict()
+    assert len(os.listdir("/proc/self/fd")) <= open_fds - 3  # d, e and f were closed
+    assert _size(fs, f) == 4
+
+
+def test_a_node_renamed_through_the_file_system_is_found_under_its_new_name(named, share):
+    fs, evict = named
+    d, f = lookup(fs, "d"), lookup(fs, "d/e/f")
+    e = lookup(fs, "d/e")
+    fs.rename(CTX, e, b"f", d, b"g", 0)
+    fs.rename(CTX, d, b"e", ROOT_ID, b"e2", 0)
+    evict()
+    assert _size(fs, f) == 4 and fs.getattr(CTX, e, None)[0].st_ino == os.stat(share / "e2").st_ino
+    (share / "d" / "x").write_bytes(b"x")
+    (share / "e2" / "y").write_bytes(b"yy")
+    x, y = lookup(fs, "d/x"), lookup(fs, "e2/y")
+    fs.rename(CTX, d, b"x", e, b"y", 2)  # RENAME_EXCHANGE
+    evict()
+    assert (_size(fs, x), _size(fs, y)) == (1, 2)
+    assert (share / "e2" / "y").read_bytes() == b"x"
+
+
+def test_a_node_whose_name_is_gone_is_stale_never_another_file(named, share):
+    fs, evict = named
+    d = lookup(fs, "d")
+    (share / "d" / "a").write_bytes(b"a")
+    a = lookup(fs, "d/a")
+    os.rename(share / "d" / "a", share / "d" / "b")  # behind the file system's back
+    (share / "d" / "a").write_bytes(b"another file")
+    evict()
+    with pytest.raises(OSError) as exc:
+        fs.getattr(CTX, a, None)
+    assert exc.value.errno == errno.ESTALE
+    # Seen again under its new name, it is found there.
+    assert fs.lookup(CTX, d, b"b").nodeid == a and _size(fs, a) == 1
+    # Unlinked through the file system, it keeps the fd it has (no name to find it by any more).
+    fs.unlink(CTX, d, b"b")
+    evict()
+    assert fs.getattr(CTX, a, None)[0].st_nlink == 0
+
+
+def test_an_open_file_keeps_its_node_even_when_unlinked(named, share):
+    fs, evict = named
+    d = lookup(fs, "d")
+    (share / "d" / "o").write_bytes(b"open")
+    o = lookup(fs, "d/o")
+    fh = fs.open(CTX, o, os.O_RDONLY).fh
+    fs.unlink(CTX, d, b"o")
+    evict()
+    assert _size(fs, o) == 4  # its own fd, never closed while the file is open
+    fs.release(CTX, o, fh, 0)

@@ -78,8 +78,9 @@ class HandleTable:
         if close:
             os.close(handle.fd)
 
-    def remove(self, fh: int) -> None:
-        """Releases `fh`: it is unknown from now on, and its fd closes once no request uses it."""
+    def remove(self, fh: int) -> Handle:
+        """Releases `fh` and returns its Handle: it is unknown from now on, and its fd closes once no
+        request uses it."""
         with self._lock:
             handle = self._by_fh.pop(fh, None)
             if handle is None:
@@ -88,6 +89,7 @@ class HandleTable:
             close = handle.users == 0
         if close:
             os.close(handle.fd)
+        return handle
 
     def clear(self) -> None:
         """Releases every handle."""

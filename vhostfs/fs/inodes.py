@@ -22,6 +22,16 @@ and checks that the reopened file is the node's own (same st_dev, st_ino, mount 
 daemon can know far more files than it may hold fds. With "prefer", a node whose file system makes no
 handles keeps its fd; with "mandatory" its lookup fails.
 
+Without file handles ("never", or "prefer" where the share makes none), each node remembers where it
+was last seen: its parent's nodeid and its name there (kept up to date by lookups, renames and
+unlinks through the table's `moved` and `removed`). Such a node keeps its O_PATH fd while fds are
+plentiful; when the budget runs short (`shrink`), the least recently used of the idle ones that have
+no open file (`pin`) are closed, and `use` finds them again by opening the name in the parent (itself
+found again the same way if need be), checked like a handle's reopen to be the node's own file:
+ESTALE when the name is gone or now names another file. So a walk over a tree far larger than the
+fd limit never runs out of fds, whatever the mode; a node with an open file, or one whose name is not
+known (reached through ".." or an unnamed O_TMPFILE), keeps its fd.
+
 The fd budget: every long-lived fd the daemon opens for the guest (nodes, open files) goes through
 `open_fd`, which answers EMFILE once the process holds `fd_budget` fds, after first closing the idle
 cached ones. The fds between the budget and RLIMIT_NOFILE stay free for the daemon itself (vhost-user
@@ -48,6 +58,8 @@ log = logging.getLogger(__name__)
 
 _O_PATH = os.O_PATH | os.O_CLOEXEC
 _FD_ERRORS = (errno.EMFILE, errno.ENFILE)
+# How far `use` climbs parents to find a node again by name (deeper, or a loop: ESTALE).
+_MAX_NAME_DEPTH = 4096
 
 
 def ebadf() -> OSError:
@@ -73,9 +85,13 @@ class Inode:
     open a FIFO" use it without another stat. `fd` is valid only while the node is in use: get it from
     `InodeTable.use` and use it as a context manager, so that it stays open while the `with` block runs
     (a node with a handle has fd -1 while it is closed).
+
+    `parent` and `name` say where the node was last seen (parent nodeid, name in it), None when not
+    known; `opens` counts the open files of the node (`InodeTable.pin`).
     """
 
-    __slots__ = ("nodeid", "fd", "key", "kind", "handle", "nlookup", "users", "_table")
+    __slots__ = ("nodeid", "fd", "key", "kind", "handle", "nlookup", "users", "parent", "name", "opens",
+                 "_table")
 
     def __init__(self, table: InodeTable, nodeid: int, fd: int, key: tuple[int, int, int], kind: int,
                  handle: FileHandle | None = None) -> None:
@@ -87,6 +103,9 @@ class Inode:
         self.handle = handle
         self.nlookup = 1
         self.users = 0
+        self.parent: int | None = None
+        self.name: bytes | None = None
+        self.opens = 0
 
     @property
     def is_dir(self) -> bool:
@@ -125,6 +144,9 @@ class InodeTable:
         self._budget = default_fd_budget() if fd_budget is None else fd_budget
         self._cache_size = max(1, min(4096, self._budget // 4)) if fd_cache is None else fd_cache
         self._idle: OrderedDict[Inode, None] = OrderedDict()
+        # Idle nodes without a handle that can be found again by name, least recently used first.
+        self._idle_named: OrderedDict[Inode, None] = OrderedDict()
+        self._by_location: dict[tuple[int, bytes], Inode] = {}
         self._mounts = MountFds()
         self._next = ROOT_ID + 1
         root_mnt = mount_id(root_fd, proc_fd)
@@ -148,6 +170,14 @@ class InodeTable:
     def file_handles(self) -> str:
         """The mode in effect: "never" when "prefer" found no file handle support."""
         return self._mode
+
+    def describe(self) -> str:
+        """How nodes are held, for the log at start."""
+        if self._mode == "never":
+            return (f"inodes are held by O_PATH fds, at most {self._budget} open: idle ones are closed "
+                    "when fds run short and found again by parent and name")
+        return (f"inodes are held by file handles ({self._mode}), with {self._cache_size} idle fds cached; "
+                "a file system without handles keeps fds, found again by parent and name")
 
     def __len__(self) -> int:
         with self._lock:
@@ -197,10 +227,15 @@ class InodeTable:
         raise fs_error(errno.EMFILE)
 
     def shrink(self) -> int:
-        """Closes the fds of all idle nodes that hold file handles; returns how many were closed."""
+        """Closes the fds of all idle nodes that hold file handles, and of the least recently used
+        eighth of the budget (at least 16) of the idle ones found again by name; returns how many were
+        closed."""
         with self._lock:
             idle = list(self._idle)
             self._idle.clear()
+            named = self._idle_named
+            for _ in range(min(len(named), max(16, self._budget // 8))):
+                idle.append(named.popitem(last=False)[0])
             fds = [i.fd for i in idle]
             for inode in idle:
                 inode.fd = -1
@@ -220,6 +255,84 @@ class InodeTable:
             old.fd = -1
         return evicted
 
+    def _rest(self, inode: Inode) -> list[int]:
+        """Files idle open `inode` (no request uses it) where it may be closed later; with the lock held.
+        Returns fds to close after unlocking."""
+        if inode.handle is not None:
+            return self._park(inode)
+        if inode.parent is not None and not inode.opens:
+            self._idle_named[inode] = None
+            self._idle_named.move_to_end(inode)
+        return []
+
+    # -- where nodes were seen ------------------------------------------------------------------------
+    def _locate(self, inode: Inode, parent: int | None, name: bytes | None) -> None:
+        """Records that `inode` was seen as `name` in `parent`; with the lock held."""
+        if parent is None or name is None or inode is self.root:
+            return
+        if inode.parent == parent and inode.name == name:
+            return
+        self._unlocate(inode)
+        old = self._by_location.get((parent, name))
+        if old is not None and old is not inode:
+            self._forget_location(old)
+        inode.parent, inode.name = parent, name
+        self._by_location[(parent, name)] = inode
+
+    def _unlocate(self, inode: Inode) -> None:
+        if inode.parent is not None and self._by_location.get((inode.parent, inode.name)) is inode:
+            del self._by_location[(inode.parent, inode.name)]
+
+    def _forget_location(self, inode: Inode) -> None:
+        """`inode` is no longer where it was seen: it keeps its fd (if open) until seen again."""
+        self._unlocate(inode)
+        inode.parent = inode.name = None
+        self._idle_named.pop(inode, None)
+
+    def moved(self, parent: int, name: bytes, newparent: int, newname: bytes, exchange: bool = False) -> None:
+        """`name` in `parent` was renamed to `newname` in `newparent` (with `exchange`, the two swapped)."""
+        with self._lock:
+            node = self._by_location.get((parent, name))
+            other = self._by_location.get((newparent, newname))
+            for inode in (node, other):
+                if inode is not None:
+                    self._unlocate(inode)
+                    inode.parent = inode.name = None
+            if node is not None:
+                self._locate(node, newparent, newname)
+            if other is not None:
+                if exchange:
+                    self._locate(other, parent, name)
+                else:
+                    self._idle_named.pop(other, None)
+
+    def removed(self, parent: int, name: bytes) -> None:
+        """`name` in `parent` was unlinked (or rmdir'ed)."""
+        with self._lock:
+            inode = self._by_location.get((parent, name))
+            if inode is not None:
+                self._forget_location(inode)
+
+    def pin(self, nodeid: int) -> None:
+        """Counts one more open file of `nodeid`: a node with open files keeps its fd (it may be
+        unlinked, and then not found again by name). EBADF if unknown."""
+        with self._lock:
+            inode = self._by_id.get(nodeid)
+            if inode is None:
+                raise ebadf()
+            inode.opens += 1
+            self._idle_named.pop(inode, None)
+
+    def unpin(self, nodeid: int) -> None:
+        """Ends one `pin` (an unknown nodeid, forgotten meanwhile, is ignored)."""
+        with self._lock:
+            inode = self._by_id.get(nodeid)
+            if inode is None or inode.opens <= 0:
+                return
+            inode.opens -= 1
+            if not inode.opens and not inode.users and inode.fd >= 0 and inode.handle is None:
+                self._rest(inode)
+
     # -- nodes --------------------------------------------------------------------------------------
     def _handle_for(self, fd: int, kind: int, mnt: int) -> FileHandle | None:
         """The file handle for a new node open as `fd`, its mount's fd acquired; None with "prefer"
@@ -236,8 +349,9 @@ class InodeTable:
             return None
         return handle
 
-    def add(self, fd: int, st: os.stat_result) -> Inode:
-        """Registers a lookup of the host file open as O_PATH `fd` with attributes `st`.
+    def add(self, fd: int, st: os.stat_result, parent: int | None = None, name: bytes | None = None) -> Inode:
+        """Registers a lookup of the host file open as O_PATH `fd` with attributes `st`, seen as `name`
+        in directory node `parent` when they are given.
 
         Takes ownership of `fd`. If the file is already known (same st_dev, st_ino and mount) its
         `nlookup` goes up by one and `fd` is closed, or kept as its cached fd if it had none; otherwise
@@ -262,12 +376,13 @@ class InodeTable:
             inode = self._by_key.get(key)
             if inode is not None:
                 inode.nlookup += 1
+                self._locate(inode, parent, name)
                 if inode.fd < 0:
                     # An idle node's new cached fd; or, while a `use` is reopening it, the fd that
                     # reopen will find and take instead of its own.
                     inode.fd = fd
                     if not inode.users:
-                        close = self._park(inode)
+                        close = self._rest(inode)
                 else:
                     close.append(fd)
                 if handle is not None:
@@ -277,8 +392,8 @@ class InodeTable:
                 self._next += 1
                 self._by_id[inode.nodeid] = inode
                 self._by_key[key] = inode
-                if handle is not None:
-                    close = self._park(inode)
+                self._locate(inode, parent, name)
+                close = self._rest(inode)
         for old in close:
             os.close(old)
         return inode
@@ -287,13 +402,16 @@ class InodeTable:
         with self._lock:
             return self._by_key.get(key)
 
-    def ref_known(self, key: tuple[int, int, int]) -> Inode | None:
+    def ref_known(self, key: tuple[int, int, int], parent: int | None = None,
+                  name: bytes | None = None) -> Inode | None:
         """Counts one more kernel reference to the node of host file `key` (st_dev, st_ino, mount id)
-        if the table knows it; None otherwise (then `add` an fd of the file)."""
+        if the table knows it, seen as `name` in `parent` if given; None otherwise (then `add` an fd
+        of the file)."""
         with self._lock:
             inode = self._by_key.get(key)
             if inode is not None:
                 inode.nlookup += 1
+                self._locate(inode, parent, name)
             return inode
 
     def ref(self, nodeid: int) -> Inode:
@@ -305,22 +423,26 @@ class InodeTable:
             inode.nlookup += 1
             return inode
 
-    def use(self, nodeid: int) -> Inode:
+    def use(self, nodeid: int, _depth: int = 0) -> Inode:
         """Returns the live Inode of `nodeid` with its fd open until its `with` block ends; EBADF if
-        unknown. A node whose fd was closed is reopened from its handle: ESTALE when its file is gone
-        (or the handle reached another file), EMFILE over the fd budget."""
+        unknown. A node whose fd was closed is reopened from its handle, or by its name in its parent:
+        ESTALE when its file is gone (or the handle or name reached another file), EMFILE over the fd
+        budget."""
         with self._lock:
             inode = self._by_id.get(nodeid)
             if inode is None:
                 raise ebadf()
             inode.users += 1
             self._idle.pop(inode, None)
+            self._idle_named.pop(inode, None)
             if inode.fd >= 0:
                 return inode
+            location = (inode.parent, inode.name)
         # Reopened without the lock (open_fd may shrink the cache); users > 0 keeps the node's fd
         # from being closed by anyone else meanwhile, and a concurrent reopen of it is dropped below.
         try:
-            fd = self._reopen(inode)
+            fd = self._reopen(inode) if inode.handle is not None else self._reopen_named(inode, location,
+                                                                                         _depth)
         except BaseException:
             self.unuse(inode)
             raise
@@ -339,6 +461,26 @@ class InodeTable:
         mount_fd = self._mounts.fd(handle.mount_id)
         fd = self.open_fd(
             lambda: native.open_by_handle_at(mount_fd, handle.handle_type, handle.data, _O_PATH))
+        return self._check_same(inode, fd)
+
+    def _reopen_named(self, inode: Inode, location: tuple[int | None, bytes | None], depth: int) -> int:
+        """A new O_PATH fd of `inode` by its name in its parent (`location`), checked to be the same file."""
+        parent, name = location
+        if parent is None or name is None or depth >= _MAX_NAME_DEPTH:
+            raise fs_error(errno.ESTALE)
+        try:
+            parent_inode = self.use(parent, depth + 1)
+        except OSError as e:
+            raise fs_error(errno.ESTALE if e.errno == errno.EBADF else e.errno) from None
+        with parent_inode:
+            try:
+                fd = self.open_fd(lambda: os.open(name, _O_PATH | os.O_NOFOLLOW, dir_fd=parent_inode.fd))
+            except FileNotFoundError:
+                raise fs_error(errno.ESTALE) from None
+        return self._check_same(inode, fd)
+
+    def _check_same(self, inode: Inode, fd: int) -> int:
+        """`fd` if it is `inode`'s own file (closed, and ESTALE, if not)."""
         try:
             st = os.stat(fd)
             same = ((st.st_dev, st.st_ino, mount_id(fd, self._proc_fd)) == inode.key
@@ -362,8 +504,8 @@ class InodeTable:
             if inode.nlookup <= 0:
                 close.append(inode.fd)
                 inode.fd = -1
-            elif inode.handle is not None:
-                close = self._park(inode)
+            else:
+                close = self._rest(inode)
         for fd in close:
             os.close(fd)
 
@@ -371,6 +513,7 @@ class InodeTable:
         """Takes forgotten `inode` out of the cache and its mount; with the lock held. Returns the fd
         to close after unlocking, or -1 when it stays open for a request still using it (or is closed)."""
         self._idle.pop(inode, None)
+        self._forget_location(inode)
         if inode.handle is not None:
             self._mounts.release(inode.handle.mount_id)
         if inode.users or inode.fd < 0:

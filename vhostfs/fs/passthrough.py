@@ -41,8 +41,10 @@ to be applied here), and the daemon's umask must not change the modes a second t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import logging
 import os
 import select
 import stat
@@ -70,6 +72,7 @@ from vhostfs.fuse.abi import (
     FUSE_DONT_MASK,
     FUSE_FLOCK_LOCKS,
     FUSE_HANDLE_KILLPRIV_V2,
+    FUSE_PASSTHROUGH,
     FUSE_POSIX_ACL,
     FUSE_POSIX_LOCKS,
     FUSE_READDIRPLUS_AUTO,
@@ -82,6 +85,7 @@ from vhostfs.fuse.abi import (
 from vhostfs.fuse.filesystem import (
     LINUX_DIRENT64,
     ROOT_ID,
+    SETUPMAPPING_NO_FH,
     TIME_NOW,
     Attr,
     ConnectionInfo,
@@ -103,6 +107,7 @@ if TYPE_CHECKING:
 
     from vhostfs.iov import Reader, Writer
 
+log = logging.getLogger("vhostfs.passthrough")
 
 #: Cache policy -> (entry/attr timeout in seconds, FOPEN flags for files, FOPEN flags for directories),
 #: the meanings virtiofsd gives its --cache values.
@@ -120,12 +125,15 @@ CACHE_POLICIES: dict[str, tuple[float, int, int]] = {
 # preserve_noatime (the host refuses it with EPERM to anyone but the file's owner).
 _OPEN_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
                | os.O_LARGEFILE)
-_RENAME_FLAGS = 1 | 2 | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
+_RENAME_EXCHANGE = 2
+_RENAME_FLAGS = 1 | _RENAME_EXCHANGE | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _DT_DIR = stat.S_IFDIR >> 12
 _DT_REG = stat.S_IFREG >> 12
 _DT_LNK = stat.S_IFLNK >> 12
 _DOTS = (b".", b"..")
+#: Where the host refuses to open a file for writing that it would open for reading (DAX mappings).
+_READ_ONLY_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY})
 # FS_IOC_GETFLAGS / FS_IOC_SETFLAGS (<linux/fs.h>, chattr(1)'s inode flags), as _IOR/_IOW('f', n, long)
 # encodes them for 64-bit callers and for 32-bit ones (FS_IOC32_*). Whatever the encoding says, the
 # flags travel as a 4-byte unsigned int: the guest kernel sends them so (fuse_fileattr_get/set) and
@@ -134,7 +142,18 @@ _FS_IOC_GETFLAGS = 0x80086601
 _FS_IOC_SETFLAGS = 0x40086602
 _FS_IOC32_GETFLAGS = 0x80046601
 _FS_IOC32_SETFLAGS = 0x40046602
+#: The FS_IOC_GETFLAGS bit of a file that wants DAX (<linux/fs.h> FS_DAX_FL; chattr +x).
+_FS_DAX_FL = 0x02000000
 _IOC_FLAGS = struct.Struct("<I")
+# FS_IOC_FSGETXATTR / FS_IOC_FSSETXATTR (_IOR/_IOW('X', 31/32, struct fsxattr)): the same inode flags as
+# FS_XFLAG_* bits with extent size, project id and CoW extent size hints. Linux's FUSE client asks for
+# both forms when a flag is changed (vfs_fileattr_set reads the old attributes), and xfs_io's chattr
+# uses this one. struct fsxattr: fsx_xflags, fsx_extsize, fsx_nextents, fsx_projid, fsx_cowextsize,
+# 8 bytes of padding.
+_FS_IOC_FSGETXATTR = 0x801C581F
+_FS_IOC_FSSETXATTR = 0x401C5820
+_FSXATTR = struct.Struct("<IIIII8x")
+assert _FSXATTR.size == 28
 # A regular file or a directory on the host is always ready for reading and writing.
 _ALWAYS_READY = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
 # What posix_acl negotiates, all or nothing: ACLs in the guest (FUSE_POSIX_ACL), the umask left to the
@@ -240,7 +259,11 @@ class Passthrough(Filesystem):
     - `inode_file_handles`: "never", "prefer" or "mandatory": hold the nodes the guest knows by file
       handles rather than fds (inodes.py); "mandatory" raises ValueError when the share cannot.
     - `fd_budget`: how many fds the daemon may hold for the guest (default: RLIMIT_NOFILE less a
-      reserve, see inodes.py); past it, requests that would open one more fail with EMFILE.
+      reserve, see inodes.py); near it, idle nodes are closed (found again by handle or by name),
+      and only when open files hold the rest do requests that would open one more fail with EMFILE.
+    - `passthrough`: offer open regular files for FUSE passthrough (`Open.backing_fd`), where the
+      transport can (/dev/fuse) and the options allow it; see `passthrough_refusal` and
+      docs/fuse-passthrough.md for when they do not.
     - `translate_uid`, `translate_gid`: `IdMap`s (virtiofsd's --translate-uid/--translate-gid, see
       idmap.py) applied to the caller's credentials, the owners the guest gives, every attribute
       reply and the IDs inside POSIX ACLs and v3 file capabilities. Inside a user namespace, a guest
@@ -256,7 +279,7 @@ class Passthrough(Filesystem):
                  preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool | str = "never",
                  xattrmap: str | None = None, inode_file_handles: str = "never",
                  fd_budget: int | None = None, security_label: bool | str = "never",
-                 proc_fd: int | None = None, translate_uid: IdMap | None = None,
+                 passthrough: bool = True, proc_fd: int | None = None, translate_uid: IdMap | None = None,
                  translate_gid: IdMap | None = None) -> None:
         if cache not in CACHE_POLICIES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
@@ -310,6 +333,12 @@ class Passthrough(Filesystem):
             os.close(self._proc_fd)
             raise
         self._handles = HandleTable()
+        self._want_passthrough = passthrough
+        self._passthrough = False
+        # FUSE passthrough, per node with open files: [passed through?, open handles]; and fh -> nodeid.
+        self._io_lock = threading.Lock()
+        self._io_modes: dict[int, list] = {}
+        self._io_handles: dict[int, int] = {}
         self._posix_lock = posix_lock
         self._flock = flock
         self._locks = LockTable(self._reopen_fd, lock_wait)
@@ -390,16 +419,19 @@ class Passthrough(Filesystem):
             return st
         return _GuestAttr(st, ids.uid_to_guest(st.st_uid), ids.gid_to_guest(st.st_gid))
 
-    def _lookup_at(self, dir_fd: int, name: bytes) -> Entry:
-        """Looks up one component `name` (not following it) in host directory `dir_fd`; counts a lookup.
+    def _lookup_at(self, dir_inode: Inode, name: bytes) -> Entry:
+        """Looks up one component `name` (not following it) in directory node `dir_inode` (in use);
+        counts a lookup, and notes where the node was seen (not for b"..", see inodes.py).
 
         A file the table already knows (the common case: the guest looks names up again and again)
         costs two stat calls on the name; only a new one is opened, and then it is known by the
         attributes of the fd it is held by, whatever happened to the name meanwhile.
         """
+        dir_fd = dir_inode.fd
+        parent, seen = (None, None) if name == b".." else (dir_inode.nodeid, name)
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         mnt = native.mount_id(dir_fd, name)
-        inode = self._inodes.ref_known((st.st_dev, st.st_ino, mnt)) if mnt is not None else None
+        inode = self._inodes.ref_known((st.st_dev, st.st_ino, mnt), parent, seen) if mnt is not None else None
         if inode is None:
             fd = self._inodes.open_fd(lambda: os.open(name, _O_PATH, dir_fd=dir_fd))
             try:
@@ -407,23 +439,36 @@ class Passthrough(Filesystem):
             except BaseException:
                 os.close(fd)
                 raise
-            inode = self._inodes.add(fd, st)
+            inode = self._inodes.add(fd, st, parent, seen)
         entry = self._entry(inode, st)
         if self._submounts and stat.S_ISDIR(st.st_mode) and st.st_dev != os.stat(dir_fd).st_dev:
             entry.attr_flags = FUSE_ATTR_SUBMOUNT
         return entry
 
-    def _open_new(self, fd: int) -> tuple[Entry, Open]:
-        """The Entry and file handle of a file just created and open as `fd` (which they then own)."""
+    def _open_new(self, fd: int, flags: int, parent: int | None = None,
+                  name: bytes | None = None) -> tuple[Entry, Open]:
+        """The Entry and file handle of a file just created and open as `fd` (which they then own),
+        as `name` in `parent` (None for an unnamed O_TMPFILE)."""
         try:
-            entry = self._add_fd(fd)
+            entry = self._add_fd(fd, parent, name)
         except BaseException:
             os.close(fd)
             raise
-        return entry, Open(self._handles.add(fd, entry.nodeid, False), self._fopen_file)
+        return entry, self._opened(self._new_handle(fd, entry.nodeid, False), entry.nodeid, fd, flags)
 
-    def _add_fd(self, fd: int) -> Entry:
-        """Counts a lookup of the file open as `fd` (any open mode) and returns its Entry."""
+    def _new_handle(self, fd: int, nodeid: int, is_dir: bool) -> int:
+        """A new file handle of `nodeid` open as `fd` (which it then owns); the node keeps its own fd
+        while the handle lives (inodes.py: pin)."""
+        self._inodes.pin(nodeid)
+        return self._handles.add(fd, nodeid, is_dir)
+
+    def _drop_handle(self, fh: int) -> None:
+        """Releases `fh` (EBADF if unknown) and its node's pin."""
+        self._inodes.unpin(self._handles.remove(fh).nodeid)
+
+    def _add_fd(self, fd: int, parent: int | None = None, name: bytes | None = None) -> Entry:
+        """Counts a lookup of the file open as `fd` (any open mode), seen as `name` in `parent`, and
+        returns its Entry."""
         path_fd = self._inodes.open_fd(
             lambda: os.open(_fd_name(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fd))
         try:
@@ -431,7 +476,7 @@ class Passthrough(Filesystem):
         except BaseException:
             os.close(path_fd)
             raise
-        return self._entry(self._inodes.add(path_fd, st), st)
+        return self._entry(self._inodes.add(path_fd, st, parent, name), st)
 
     @contextmanager
     def _as_caller(self, ctx: Context) -> Iterator[None]:
@@ -510,9 +555,47 @@ class Passthrough(Filesystem):
                     pass  # gone already: the error that matters is the label's
             raise
 
+    def describe_inodes(self) -> str:
+        """How the nodes the kernel knows are held (file handles or fds), for the log at start."""
+        return self._inodes.describe()
+
+    def passthrough_refusal(self) -> str | None:
+        """Why the options keep file data away from FUSE passthrough, or None when they allow it.
+
+        With passthrough the kernel reads and writes the host file itself and the daemon never sees
+        the data. That breaks what the daemon must do on the way: cache="never" promises the guest
+        direct I/O (FOPEN_DIRECT_IO, which the kernel puts above passthrough anyway); the writeback
+        cache and passthrough exclude each other in the kernel; killpriv_v2 leaves clearing the
+        set-user-ID bits on write to the daemon (FUSE_WRITE_KILL_SUIDGID); and an xattrmap that
+        renames security.capability stores it where the host kernel does not drop it on write.
+        """
+        if not self._want_passthrough:
+            return "turned off"
+        if self._fopen_file & FOPEN_DIRECT_IO:
+            return "--cache never serves every read and write in the daemon"
+        if self._writeback:
+            return "the kernel does not pass files through with the writeback cache"
+        if self._killpriv_v2:
+            return "--killpriv-v2 clears set-user-ID bits in the daemon on each write"
+        if self._cap_name is not None:
+            return "the xattrmap stores security.capability where a host write does not drop it"
+        return None
+
     # -- session ------------------------------------------------------------------------------------
     def init(self, conn: ConnectionInfo) -> None:
-        """Asks for the INIT flags the options enable (locks, ACLs, ...), and drops READDIRPLUS if off."""
+        """Asks for the INIT flags the options enable (locks, ACLs, ...), and drops READDIRPLUS if off.
+
+        FUSE_PASSTHROUGH stays wanted (the transport asks for it where it can) when the options allow
+        it (`passthrough_refusal`); the decision is logged once per session.
+        """
+        if conn.want & FUSE_PASSTHROUGH:
+            why = self.passthrough_refusal()
+            if why is not None:
+                conn.want &= ~FUSE_PASSTHROUGH
+                log.info("FUSE passthrough is off: %s; file data goes through the daemon", why)
+            else:
+                log.info("FUSE passthrough is on: the kernel reads and writes regular files itself")
+        self._passthrough = bool(conn.want & conn.capable & FUSE_PASSTHROUGH)
         if self._posix_lock:
             conn.want |= FUSE_POSIX_LOCKS
         if self._flock:
@@ -541,6 +624,10 @@ class Passthrough(Filesystem):
 
     def destroy(self) -> None:
         """Forgets every node but the root and closes every handle (a new session may follow)."""
+        with self._io_lock:
+            self._io_modes.clear()
+            self._io_handles.clear()
+        self._passthrough = False
         self._locks.clear()
         self._handles.clear()
         self._inodes.clear()
@@ -553,10 +640,10 @@ class Passthrough(Filesystem):
                 if name == b"." or parent == ROOT_ID:
                     inode = self._inodes.ref(parent)
                     return self._entry(inode, os.stat(inode.fd))
-                return self._lookup_at(dir_inode.fd, b"..")
+                return self._lookup_at(dir_inode, b"..")
         _check_name(name)
         with self._dir(parent) as dir_inode:
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         """Drops `nlookup` references; the node's fd closes when none remain and no request uses it."""
@@ -671,7 +758,7 @@ class Passthrough(Filesystem):
             with self._as_caller(ctx):
                 os.symlink(target, name, dir_fd=dir_inode.fd)
             self._label(ctx, dir_inode.fd, name)
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int, umask: int) -> Entry:
         """mknodat(2): regular files, FIFOs, sockets, and device nodes where the host allows them.
@@ -685,7 +772,7 @@ class Passthrough(Filesystem):
             with self._as_caller(ctx):
                 os.mknod(name, stat.S_IFMT(mode) | perm, rdev, dir_fd=dir_inode.fd)
             self._label(ctx, dir_inode.fd, name)
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         """mkdirat(2) with `mode & ~umask` (see _new_mode for posix_acl)."""
@@ -696,7 +783,7 @@ class Passthrough(Filesystem):
             with self._as_caller(ctx):
                 os.mkdir(name, perm, dir_fd=dir_inode.fd)
             self._label(ctx, dir_inode.fd, name, directory=True)
-            return self._lookup_at(dir_inode.fd, name)
+            return self._lookup_at(dir_inode, name)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         """unlinkat(2) of a non-directory."""
@@ -704,6 +791,7 @@ class Passthrough(Filesystem):
         _check_name(name)
         with self._dir(parent) as dir_inode:
             os.unlink(name, dir_fd=dir_inode.fd)
+        self._inodes.removed(parent, name)
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         """unlinkat(2) with AT_REMOVEDIR."""
@@ -711,6 +799,7 @@ class Passthrough(Filesystem):
         _check_name(name)
         with self._dir(parent) as dir_inode:
             os.rmdir(name, dir_fd=dir_inode.fd)
+        self._inodes.removed(parent, name)
 
     def rename(self, ctx: Context, parent: int, name: bytes, newparent: int, newname: bytes,
                flags: int) -> None:
@@ -725,6 +814,8 @@ class Passthrough(Filesystem):
                 native.renameat2(old_dir.fd, name, new_dir.fd, newname, flags)
             else:
                 os.rename(name, newname, src_dir_fd=old_dir.fd, dst_dir_fd=new_dir.fd)
+        # With RENAME_WHITEOUT the old name holds a new whiteout node, which nothing knows yet.
+        self._inodes.moved(parent, name, newparent, newname, exchange=bool(flags & _RENAME_EXCHANGE))
 
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         """Hard-links `nodeid` as `newparent/newname` (linkat through /proc, so a symlink links itself)."""
@@ -733,7 +824,7 @@ class Passthrough(Filesystem):
         with self._inodes.use(nodeid) as inode, self._dir(newparent) as dir_inode:
             os.link(_fd_name(inode.fd), newname, src_dir_fd=self._proc_fd, dst_dir_fd=dir_inode.fd,
                     follow_symlinks=True)
-            return self._lookup_at(dir_inode.fd, newname)
+            return self._lookup_at(dir_inode, newname)
 
     # -- files --------------------------------------------------------------------------------------
     def _host_flags(self, flags: int) -> int:
@@ -748,14 +839,46 @@ class Passthrough(Filesystem):
             host &= ~os.O_APPEND
         return host
 
-    def _open_inode(self, inode: Inode, flags: int) -> int:
+    def _open_inode(self, inode: Inode, flags: int) -> Open:
         """Opens regular file `inode`; refuses directories (EISDIR), symlinks (ELOOP), others (EBADF)."""
         if inode.kind != stat.S_IFREG:
             if inode.is_dir:
                 raise fs_error(errno.EISDIR)
             raise fs_error(errno.ELOOP if inode.is_symlink else errno.EBADF)
         fd = self._reopen(inode, self._host_flags(flags))
-        return self._handles.add(fd, inode.nodeid, False)
+        return self._opened(self._new_handle(fd, inode.nodeid, False), inode.nodeid, fd, flags)
+
+    def _opened(self, fh: int, nodeid: int, fd: int, flags: int) -> Open:
+        """The Open of new file handle `fh` (host fd `fd`) of `nodeid`, opened with guest `flags`:
+        with `backing_fd` where FUSE passthrough was negotiated and this node's data may bypass the
+        daemon.
+
+        The node's first open decides for all its opens until the last is released (the kernel wants
+        them alike, see `Open`): an O_DIRECT open without allow_direct_io is served (the kernel would
+        open the host file O_DIRECT). Set-user-ID bits need nothing here: the kernel clears them before
+        a passed-through write as before any other.
+        """
+        if not self._passthrough:
+            return Open(fh, self._fopen_file)
+        with self._io_lock:
+            mode = self._io_modes.get(nodeid)
+            if mode is None:
+                direct = flags & os.O_DIRECT and not self._open_flags & os.O_DIRECT
+                mode = self._io_modes[nodeid] = [not direct, 0]
+            mode[1] += 1
+            self._io_handles[fh] = nodeid
+        return Open(fh, self._fopen_file, fd if mode[0] else -1)
+
+    def _closed(self, fh: int) -> None:
+        """Ends the passthrough bookkeeping of released file handle `fh`."""
+        with self._io_lock:
+            nodeid = self._io_handles.pop(fh, None)
+            if nodeid is None:
+                return
+            mode = self._io_modes[nodeid]
+            mode[1] -= 1
+            if not mode[1]:
+                del self._io_modes[nodeid]
 
     def open(self, ctx: Context, nodeid: int, flags: int) -> Open:
         """Opens regular file `nodeid` with the allowed subset of `flags` (see _OPEN_FLAGS).
@@ -766,11 +889,11 @@ class Passthrough(Filesystem):
         killpriv_v2: FUSE_ATOMIC_O_TRUNC hands it the truncation, and no SETATTR follows.
         """
         with self._inodes.use(nodeid) as inode:
-            fh = self._open_inode(inode, flags)
+            opened = self._open_inode(inode, flags)
             if flags & os.O_TRUNC and ctx.uid != 0:
-                with self._handles.use(fh) as handle:
+                with self._handles.use(opened.fh) as handle:
                     self._kill_suidgid(handle, FUSE_WRITE_KILL_SUIDGID)
-            return Open(fh, self._fopen_file)
+            return opened
 
     def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
                umask: int) -> tuple[Entry, Open]:
@@ -793,20 +916,20 @@ class Passthrough(Filesystem):
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
-                entry = self._lookup_at(dir_inode.fd, name)
+                entry = self._lookup_at(dir_inode, name)
                 try:
                     with self._inodes.use(entry.nodeid) as inode:
-                        fh = self._open_inode(inode, flags)
+                        opened = self._open_inode(inode, flags)
                 except BaseException:
                     self._inodes.forget(entry.nodeid, 1)
                     raise
-                return entry, Open(fh, self._fopen_file)
+                return entry, opened
             try:
                 self._label(ctx, dir_inode.fd, name, fd=fd)
             except BaseException:
                 os.close(fd)
                 raise
-            return self._open_new(fd)
+            return self._open_new(fd, flags, dir_inode.nodeid, name)
 
     def read(self, ctx: Context, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         """pread(2) on `fh` (the copying path; the server uses read_into)."""
@@ -870,17 +993,81 @@ class Passthrough(Filesystem):
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
         """Forgets `fh`, and the lock owners' descriptions used through it; its fd closes once unused."""
-        self._handles.remove(fh)
+        self._drop_handle(fh)
+        self._closed(fh)
         self._locks.release(fh)
 
     @contextmanager
-    def fd_for_mapping(self, nodeid: int, fh: int) -> Iterator[tuple[int, bool]]:
-        """The host fd of open file `fh` of `nodeid` and whether it was opened for writing, kept open
-        for the block (for the DAX window, vhostfs.dax); EBADF for a directory or another node's fh."""
+    def fd_for_mapping(self, nodeid: int, fh: int, writable: bool) -> Iterator[tuple[int, bool, int]]:
+        """A host fd of regular file `nodeid` to map into the DAX window (vhostfs.dax), kept open for
+        the block, with whether it is open for writing and the file's size.
+
+        `fh` is an open handle of the node, or SETUPMAPPING_NO_FH: Linux's driver names none (its
+        mappings outlive the opens), and the file is then opened here. It is opened for reading and
+        writing even for a read-only mapping where the host allows it, as a VMM that maps the fd as
+        shared guest RAM (QEMU 11.1) maps it writable either way and makes only the guest's view
+        read-only; on a read-only share, or where the host refuses, a read-only mapping gets a
+        read-only fd and a writable one EROFS/EACCES. A handle open read-only decides likewise what may
+        be mapped (no writable mapping), and the fd lent is a writable description of its file where
+        the host allows one. EBADF for an unknown handle, another node's or a directory's; EBADF too
+        for a node that is not a regular file.
+        """
+        if fh == SETUPMAPPING_NO_FH:
+            if writable:
+                self._check_writable()
+            with self._inodes.use(nodeid) as inode:
+                if inode.kind != stat.S_IFREG:
+                    raise fs_error(errno.EBADF)
+                if self._readonly:
+                    fd = self._reopen(inode, os.O_RDONLY)
+                else:
+                    try:
+                        fd = self._reopen(inode, os.O_RDWR)
+                    except OSError as e:
+                        if writable or e.errno not in _READ_ONLY_ERRORS:
+                            raise
+                        fd = self._reopen(inode, os.O_RDONLY)
+            try:
+                fd_writable = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+                yield fd, fd_writable, os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            return
         with self._handles.use(fh) as handle:
             if handle.is_dir or handle.nodeid != nodeid:
                 raise fs_error(errno.EBADF)
-            yield handle.fd, fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+            fd_writable = fcntl.fcntl(handle.fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+            fd = -1
+            if not fd_writable and not self._readonly:
+                # The handle decides what may be mapped; the VMM gets a writable description of the
+                # same file where the host allows one (see above).
+                with contextlib.suppress(OSError):
+                    fd = self._reopen_fd(handle.fd, os.O_RDWR)
+            try:
+                yield (handle.fd if fd < 0 else fd), fd_writable, os.fstat(handle.fd).st_size
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+    def wants_dax(self, nodeid: int) -> bool:
+        """Whether regular file `nodeid` has the host inode flag FS_DAX_FL (chattr +x): the file a
+        guest mounted with dax=inode maps into its DAX window (vhostfs.dax). False for other kinds of
+        node, and where the host file system keeps no such flag."""
+        with self._inodes.use(nodeid) as inode:
+            if inode.kind != stat.S_IFREG:
+                return False
+            try:
+                fd = self._reopen(inode, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                return False
+        try:
+            buf = bytearray(8)
+            fcntl.ioctl(fd, _FS_IOC_GETFLAGS, buf)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return bool(_IOC_FLAGS.unpack_from(buf)[0] & _FS_DAX_FL)
 
     # -- locks (see locks.py) ---------------------------------------------------------------------
     def _lock_handle(self, fh: int, enabled: bool) -> Handle:
@@ -928,7 +1115,7 @@ class Passthrough(Filesystem):
             except BaseException:
                 os.close(fd)
                 raise
-            return self._open_new(fd)
+            return self._open_new(fd, flags)
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         """fdatasync(2) or fsync(2) on `fh`."""
@@ -960,10 +1147,12 @@ class Passthrough(Filesystem):
 
     def ioctl(self, ctx: Context, nodeid: int, fh: int, flags: int, cmd: int, arg: int, in_data: bytes,
               out_size: int) -> tuple[int, bytes]:
-        """FS_IOC_GETFLAGS and FS_IOC_SETFLAGS (chattr/lsattr inode flags) on the host file or directory
-        of `fh`; ENOTTY for every other ioctl, which could reach host drivers or file systems in ways
-        the guest must not. The guest kernel has already checked that the caller owns the file (and
-        CAP_LINUX_IMMUTABLE for the immutable and append-only flags)."""
+        """FS_IOC_GETFLAGS and FS_IOC_SETFLAGS (chattr/lsattr inode flags), and FS_IOC_FSGETXATTR and
+        FS_IOC_FSSETXATTR (the same flags as FS_XFLAG_*; a change of anything but the flags is
+        EOPNOTSUPP) on the host file or directory of `fh`; ENOTTY for every other ioctl, which could
+        reach host drivers or file systems in ways the guest must not. The guest kernel has already
+        checked that the caller owns the file (and CAP_LINUX_IMMUTABLE for the immutable and
+        append-only flags)."""
         with self._handles.use(fh) as handle:
             if handle.nodeid != nodeid:
                 raise fs_error(errno.EBADF)
@@ -980,6 +1169,27 @@ class Passthrough(Filesystem):
                 buf[:_IOC_FLAGS.size] = in_data[:_IOC_FLAGS.size]
                 fcntl.ioctl(handle.fd, _FS_IOC_SETFLAGS, buf)
                 return 0, b""
+            if cmd == _FS_IOC_FSGETXATTR:
+                if out_size < _FSXATTR.size:
+                    raise fs_error(errno.EINVAL)
+                fsx = bytearray(_FSXATTR.size)
+                fcntl.ioctl(handle.fd, _FS_IOC_FSGETXATTR, fsx)
+                return 0, bytes(fsx)
+            if cmd == _FS_IOC_FSSETXATTR:
+                # Only the flags may change: a project id or extent size hint set from the guest would
+                # reach host quotas and allocation, which the guest has no say in.
+                self._check_writable()
+                if len(in_data) < _FSXATTR.size:
+                    raise fs_error(errno.EINVAL)
+                current = bytearray(_FSXATTR.size)
+                fcntl.ioctl(handle.fd, _FS_IOC_FSGETXATTR, current)
+                wanted = _FSXATTR.unpack_from(in_data)
+                have = _FSXATTR.unpack_from(current)
+                if (wanted[1], wanted[3], wanted[4]) != (have[1], have[3], have[4]):
+                    raise fs_error(errno.EOPNOTSUPP)
+                _FSXATTR.pack_into(current, 0, wanted[0], *have[1:])
+                fcntl.ioctl(handle.fd, _FS_IOC_FSSETXATTR, current)
+                return 0, b""
         raise fs_error(errno.ENOTTY)
 
     def poll(self, ctx: Context, nodeid: int, fh: int, kh: int, flags: int, events: int) -> int:
@@ -993,7 +1203,7 @@ class Passthrough(Filesystem):
         """Opens directory `nodeid` for reading (ENOTDIR for anything else)."""
         with self._dir(nodeid) as inode:
             fd = self._reopen(inode, os.O_RDONLY | os.O_DIRECTORY)
-            return Open(self._handles.add(fd, nodeid, True), self._fopen_dir)
+            return Open(self._new_handle(fd, nodeid, True), self._fopen_dir)
 
     def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int, plus: bool) -> Iterable[DirEntry]:
         """Lists directory handle `fh` from cookie `offset`, starting with b"." and b"..".
@@ -1041,7 +1251,7 @@ class Passthrough(Filesystem):
                     yield d
                     continue
                 try:
-                    entry = self._lookup_at(dir_inode.fd, d.name)
+                    entry = self._lookup_at(dir_inode, d.name)
                 except FileNotFoundError:
                     continue
                 yield DirEntry(d.name, entry.attr.st_ino, stat.S_IFMT(entry.attr.st_mode) >> 12, d.offset,
@@ -1049,7 +1259,7 @@ class Passthrough(Filesystem):
 
     def releasedir(self, ctx: Context, nodeid: int, fh: int) -> None:
         """Forgets directory handle `fh` and its snapshot."""
-        self._handles.remove(fh)
+        self._drop_handle(fh)
 
     def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         """fsync(2) (or fdatasync) on the directory handle."""

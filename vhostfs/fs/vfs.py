@@ -567,7 +567,9 @@ class Vfs(Filesystem):
             want |= abi.FUSE_WRITEBACK_CACHE
         if o.submounts:
             want |= abi.FUSE_SUBMOUNTS
-        conn.want = want & o.offer
+        # No FUSE passthrough: the kernel would read and write passed-through files without asking,
+        # and a forced unmount could no longer revoke the open files of the file system it removes.
+        conn.want = want & o.offer & ~abi.FUSE_PASSTHROUGH
         with self._lock:
             mounts = list(self._by_path.values())
             wanted = 0
@@ -575,7 +577,7 @@ class Vfs(Filesystem):
                 copy = replace(conn, extra=dict(conn.extra))
                 m.fs.init(copy)
                 wanted |= copy.want
-            conn.want = (conn.want | wanted) & o.offer
+            conn.want = (conn.want | wanted) & o.offer & ~abi.FUSE_PASSTHROUGH
             agreed = conn.want & conn.capable
             self._submounts = bool(agreed & abi.FUSE_SUBMOUNTS)
             self._no_open = bool(agreed & abi.FUSE_NO_OPEN_SUPPORT)

@@ -87,7 +87,11 @@ class Attr(Protocol):
 
 @dataclass(slots=True)
 class Stat:
-    """A plain `Attr` for file systems that do not start from os.stat()."""
+    """A plain `Attr` for file systems that do not start from os.stat().
+
+    `attr_flags` are the fuse_attr.flags bits of a getattr or setattr reply (FUSE_ATTR_DAX: the file
+    is to be mapped by a guest mounted dax=inode); an `os.stat_result` has none.
+    """
 
     st_ino: int = 0
     st_mode: int = 0
@@ -101,6 +105,7 @@ class Stat:
     st_atime_ns: int = 0
     st_mtime_ns: int = 0
     st_ctime_ns: int = 0
+    attr_flags: int = 0
 
 
 @dataclass(slots=True)
@@ -292,10 +297,26 @@ class Statx:
 
 @dataclass(slots=True)
 class Open:
-    """The answer to open, opendir and create: the handle plus FOPEN_* flags for the guest."""
+    """The answer to open, opendir and create: the handle plus FOPEN_* flags for the guest.
+
+    `backing_fd`, for an open regular file, offers FUSE passthrough (docs/fuse-passthrough.md): an
+    open host fd of the very file the handle reads and writes, which the transport may register with
+    the kernel (FUSE_DEV_IOC_BACKING_OPEN) so that the kernel reads, writes and mmaps the host file
+    itself, without READ and WRITE requests for this handle. -1 (the default) serves the data through
+    the file system. Only /dev/fuse can pass files through, and only when INIT negotiated
+    FUSE_PASSTHROUGH (a file system that may offer one keeps FUSE_PASSTHROUGH in `conn.want` in
+    `init`); elsewhere the field is ignored. The fd must stay open until the reply is sent (the
+    kernel holds its own reference from then on); the file system still owns and closes it.
+
+    The kernel requires every open of one node to be passed through while any passed-through open of
+    it is live (another open fails with EIO), and all of them to share one backing file: the
+    transport reuses the node's backing id, and a file system that offers `backing_fd` for a node
+    must offer it for every open of that node until the last such handle is released.
+    """
 
     fh: int
     flags: int = 0
+    backing_fd: int = -1
 
 
 def fs_error(code: int) -> OSError:
@@ -305,6 +326,11 @@ def fs_error(code: int) -> OSError:
 
 def _nosys() -> OSError:
     return fs_error(errno.ENOSYS)
+
+
+#: FUSE_SETUPMAPPING's fh when the request names no open file: Linux always sends it (fs/fuse/dax.c,
+#: fuse_setup_one_mapping), mapping by inode.
+SETUPMAPPING_NO_FH = (1 << 64) - 1
 
 
 class Filesystem:
@@ -575,12 +601,14 @@ class Filesystem:
     # -- DAX window (virtio-fs) -----------------------------------------------------------------
     def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int, flags: int,
                      moffset: int) -> None:
-        """Maps `length` bytes of open file `fh` from `foffset` at offset `moffset` of the DAX window.
+        """Maps `length` bytes of file `nodeid` from `foffset` at offset `moffset` of the DAX window.
 
-        `flags` holds FUSE_SETUPMAPPING_FLAG_READ and/or FUSE_SETUPMAPPING_FLAG_WRITE; the server has
-        checked that `length` > 0, no other flag is set and neither range overflows 64 bits. A mapping
-        the new one overlaps is replaced. EINVAL for a range outside the window or not aligned to
-        `map_alignment`, EACCES for a writable mapping of a file not open for writing.
+        `fh` is an open handle of the file or SETUPMAPPING_NO_FH, which is what Linux sends: its
+        mappings belong to the inode, not to an open. `flags` holds FUSE_SETUPMAPPING_FLAG_READ and/or
+        FUSE_SETUPMAPPING_FLAG_WRITE; the server has checked that `length` > 0, no other flag is set
+        and neither range overflows 64 bits. A mapping the new one overlaps is replaced. EINVAL for a
+        range outside the window, not aligned to `map_alignment` or starting at or past the end of the
+        file, EACCES for a writable mapping of a handle not open for writing.
         """
         raise _nosys()
 

@@ -11,6 +11,16 @@ the `_FUSE_COMMFD` environment variable, as an SCM_RIGHTS message.
 Every worker reads whole requests, one per read(2), into its own buffer and writes the reply with one
 write(2) on the same fd: the kernel matches a reply to the request read from that fd (a cloned fd has
 its own list of requests being processed).
+
+FUSE passthrough (`Backing`, docs/fuse-passthrough.md): where the file system offers the host fd of
+an open file (`Open.backing_fd`), the session registers it with the kernel (FUSE_DEV_IOC_BACKING_OPEN)
+and the kernel then reads, writes and mmaps the host file itself. The kernel allows this only to a
+process with CAP_SYS_ADMIN in the initial user namespace; without it the session serves file data
+itself, as it does for any file the kernel refuses.
+
+FUSE over io_uring (`io_uring`, vhostfs.fuse.uring): where the kernel offers it, requests and replies
+travel on per-CPU io_uring queues after INIT, and the /dev/fuse workers only see what the kernel still
+sends there (FORGET, INTERRUPT) and serve everything when the rings cannot be used.
 """
 
 from __future__ import annotations
@@ -24,12 +34,13 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import threading
 from typing import Any
 
 from vhostfs import native
-from vhostfs.fuse import abi
+from vhostfs.fuse import abi, uring
 from vhostfs.fuse.filesystem import Filesystem
 from vhostfs.fuse.server import FuseServer
 from vhostfs.iov import Reader, Writer
@@ -38,6 +49,15 @@ log = logging.getLogger("vhostfs.fuse.dev")
 
 #: fuse.h: #define FUSE_DEV_IOC_CLONE _IOR(FUSE_DEV_IOC_MAGIC, 0, uint32_t), magic 229.
 FUSE_DEV_IOC_CLONE = (2 << 30) | (4 << 16) | (229 << 8) | 0
+#: fuse.h (7.40) struct fuse_backing_map: fd, flags, padding.
+BACKING_MAP = struct.Struct("<iIQ")
+assert BACKING_MAP.size == 16
+#: _IOW(FUSE_DEV_IOC_MAGIC, 1, struct fuse_backing_map): returns the new backing id.
+FUSE_DEV_IOC_BACKING_OPEN = (1 << 30) | (BACKING_MAP.size << 16) | (229 << 8) | 1
+#: _IOW(FUSE_DEV_IOC_MAGIC, 2, uint32_t): the backing id to close.
+FUSE_DEV_IOC_BACKING_CLOSE = (1 << 30) | (4 << 16) | (229 << 8) | 2
+BACKING_ID = struct.Struct("<I")
+_CAP_SYS_ADMIN = 21
 
 # mount(2) flags (linux/mount.h) and umount2(2) flags.
 MS_RDONLY = 1
@@ -223,6 +243,118 @@ def _detach(mountpoint: str) -> None:
         log.warning("lazy unmount of %s: %s", mountpoint, exc)
 
 
+def passthrough_allowed() -> tuple[bool, str]:
+    """Whether this process may register backing files (FUSE passthrough), and if not, why.
+
+    fs/fuse/backing.c checks capable(CAP_SYS_ADMIN): the capability in the initial user namespace,
+    which a process in a user namespace of its own never has.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+        with open("/proc/self/uid_map") as f:
+            initial_ns = f.read().split() == ["0", "0", "4294967295"]
+    except (OSError, StopIteration, ValueError) as exc:
+        return False, f"the capabilities cannot be read ({exc})"
+    if not caps >> _CAP_SYS_ADMIN & 1:
+        return False, "it needs CAP_SYS_ADMIN"
+    if not initial_ns:
+        return False, "it needs CAP_SYS_ADMIN in the initial user namespace, and this is another one"
+    return True, ""
+
+
+class Backing:
+    """The backing files of one /dev/fuse connection (FUSE passthrough): a `BackingFiles` for FuseServer.
+
+    One backing id per node, registered from the fd of the node's first passed-through handle and
+    shared by the node's later ones (the kernel refuses two backing files for one inode), closed with
+    the last of them (FUSE_DEV_IOC_BACKING_CLOSE). The kernel keeps its own reference to the host
+    file for as long as files opened through the id are open, so closing the id never cuts I/O short.
+
+    When the kernel refuses a registration the handle is served through the file system, and so are
+    the node's other handles until the last of them is released (the kernel refuses a passed-through
+    open next to a served one); the first refusal of each kind is logged once. EPERM (no
+    CAP_SYS_ADMIN in the initial user namespace, or passthrough not negotiated) turns registration
+    off for the rest of the session. Thread-safe.
+    """
+
+    def __init__(self, fd: int, max_stack_depth: int = 1) -> None:
+        if max_stack_depth not in (1, 2):
+            raise ValueError(f"max_stack_depth must be 1 or 2, not {max_stack_depth}")
+        self.fd = fd
+        self.max_stack_depth = max_stack_depth
+        self._lock = threading.Lock()
+        self._nodes: dict[int, list] = {}  # nodeid -> [backing id (None: refused), handles]
+        self._handles: set[tuple[int, int]] = set()  # (nodeid, fh) of the handles counted
+        self._refused: set[int] = set()
+        self._off = False
+
+    def __len__(self) -> int:
+        """The backing ids open now."""
+        with self._lock:
+            return sum(entry[0] is not None for entry in self._nodes.values())
+
+    def open(self, nodeid: int, fh: int, fd: int) -> int | None:
+        """The backing id for handle `fh` of `nodeid`, registering `fd` if the node has none; None
+        when the kernel refuses it (then the handle is served by the file system)."""
+        with self._lock:
+            if self._off:
+                return None
+            entry = self._nodes.get(nodeid)
+            if entry is None:
+                try:
+                    backing_id = fcntl.ioctl(self.fd, FUSE_DEV_IOC_BACKING_OPEN,
+                                             bytearray(BACKING_MAP.pack(fd, 0, 0)))
+                except OSError as exc:
+                    self._refuse(exc)
+                    backing_id = None
+                entry = self._nodes[nodeid] = [backing_id, 0]
+            entry[1] += 1
+            self._handles.add((nodeid, fh))
+            return entry[0]
+
+    def _refuse(self, exc: OSError) -> None:
+        code = exc.errno or 0
+        if code == errno.EPERM:
+            self._off = True
+        if code not in self._refused:
+            self._refused.add(code)
+            log.warning("the kernel refused a backing file (%s): %s", os.strerror(code),
+                        "serving file data through the daemon from now on" if self._off
+                        else "serving such files' data through the daemon")
+
+    def release(self, nodeid: int, fh: int) -> None:
+        """Drops the reference of handle `fh` of `nodeid`; the node's backing id closes with its last
+        handle."""
+        with self._lock:
+            if (nodeid, fh) not in self._handles:
+                return
+            self._handles.discard((nodeid, fh))
+            entry = self._nodes[nodeid]
+            entry[1] -= 1
+            if entry[1]:
+                return
+            del self._nodes[nodeid]
+        if entry[0] is not None:
+            self._close(entry[0])
+
+    def clear(self) -> None:
+        """Closes every backing id (the session ends)."""
+        with self._lock:
+            ids = [entry[0] for entry in self._nodes.values() if entry[0] is not None]
+            self._nodes.clear()
+            self._handles.clear()
+        for backing_id in ids:
+            self._close(backing_id)
+
+    def _close(self, backing_id: int) -> None:
+        try:
+            fcntl.ioctl(self.fd, FUSE_DEV_IOC_BACKING_CLOSE, BACKING_ID.pack(backing_id))
+        except OSError as exc:
+            # ENODEV/ENOTCONN: the connection is gone, and the kernel freed its backing files with it.
+            log.debug("closing backing id %d: %s", backing_id, exc)
+
+
 class FuseDevSession:
     """Serves `server` (a FuseServer) on the /dev/fuse fd `fd` with `threads` worker threads.
 
@@ -234,10 +366,21 @@ class FuseDevSession:
     The session does not own `fd`: it closes only the clones it opens. `mountpoint`, when given, is
     what `stop` unmounts to end the workers; without it, `stop` only makes each worker exit after its
     next request, and the session ends when someone unmounts the file system.
+
+    `passthrough` (FUSE passthrough, see `Backing`) gives the server a `Backing` on `fd` unless it has
+    one already, so that open files the file system offers are passed through to the kernel; it is
+    left off, with one log line, when the process lacks CAP_SYS_ADMIN in the initial user namespace.
+    `max_stack_depth` is the stacking depth announced then (2 lets backing files live on overlayfs,
+    but then this mount cannot be an overlayfs layer itself).
+
+    `io_uring` offers FUSE_OVER_IO_URING at INIT when the kernel has it enabled and io_uring works
+    (else one log line says why); once INIT is answered, one queue per possible CPU is registered,
+    each served by `threads` / queues threads (at least one).
     """
 
     def __init__(self, server: FuseServer, fd: int, *, threads: int = 4, max_write: int = 1 << 20,
-                 mountpoint: str | None = None) -> None:
+                 mountpoint: str | None = None, passthrough: bool = False, max_stack_depth: int = 1,
+                 io_uring: bool = False) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         if server.max_write > max_write:
@@ -256,6 +399,28 @@ class FuseDevSession:
         self._stopping = False
         self._stopped = threading.Event()
         self._error: OSError | None = None
+        if passthrough and server.backing is None:
+            allowed, why = passthrough_allowed()
+            if allowed:
+                server.backing = Backing(fd, max_stack_depth)
+            else:
+                log.info("FUSE passthrough is off: %s; file data goes through the daemon", why)
+        self._uring: uring.UringQueues | None = None
+        self._uring_checked = False
+        if io_uring:
+            why = uring.unavailable()
+            if why is None:
+                try:
+                    queues = uring.possible_cpus()
+                    payload = max(8192, server.max_write, pages * _PAGE)
+                    self._uring = uring.UringQueues(fd, server.handle, payload, queues=queues,
+                                                    threads_per_queue=max(1, threads // queues))
+                except OSError as exc:
+                    why = f"its rings cannot be set up ({exc.strerror})"
+            if self._uring is None:
+                log.info("FUSE over io_uring is off: %s; requests come through /dev/fuse", why)
+            else:
+                server.want |= abi.FUSE_OVER_IO_URING
 
     def serve(self) -> None:
         """Serves requests until the file system is unmounted or `stop` is called, then returns.
@@ -272,12 +437,16 @@ class FuseDevSession:
                 worker.start()
             for worker in workers:
                 worker.join()
+            if self._uring is not None:
+                self._uring.join()
         finally:
             if any(worker.is_alive() for worker in workers):
                 # Interrupted (KeyboardInterrupt in join): take the mount down before leaving.
                 self.stop()
                 for worker in workers:
                     worker.join()
+                if self._uring is not None:
+                    self._uring.join()
             if self._stopping:
                 # A stop() on another thread (a signal's) may have ended the workers before it was
                 # done: aborting a busy mount fails their reads at once, and the detach comes after.
@@ -360,16 +529,35 @@ class FuseDevSession:
                 # ENOENT: the request was interrupted and is gone; nobody waits for the reply.
                 if exc.errno != errno.ENOENT:
                     log.error("the kernel refused a %d-byte reply: %s", length, exc)
+            if not self._uring_checked and self.server.initialized:
+                self._start_uring()
+
+    def _start_uring(self) -> None:
+        """After the INIT reply: registers the io_uring queues if INIT negotiated them."""
+        with self._lock:
+            if self._uring_checked:
+                return
+            self._uring_checked = True
+            conn = self.server.conn
+            if self._uring is None or conn is None:
+                return
+            if not conn.want & conn.capable & abi.FUSE_OVER_IO_URING:
+                log.info("FUSE over io_uring is off: the kernel did not offer it at INIT")
+                self._uring = None
+                return
+            log.info("FUSE over io_uring: %d queues", self._uring.queues)
+            self._uring.start()
 
 
 def serve_filesystem(fs: Filesystem, mountpoint: str, *, threads: int = 4, foreground: bool = True,
-                     max_write: int = 1 << 20, **mount_opts: Any) -> None:
+                     max_write: int = 1 << 20, passthrough: bool = False, io_uring: bool = False,
+                     **mount_opts: Any) -> None:
     """Mounts `fs` at `mountpoint` over /dev/fuse and serves it until it is unmounted, then returns.
 
     `mount_opts` are `mount`'s keyword arguments (fsname, subtype, allow_other, default_permissions,
-    options). Called from the main thread, SIGTERM and SIGINT unmount the file system (and so end
-    the serving) while it runs; the previous handlers are restored afterwards. `fs.destroy()` is
-    called when the session ends.
+    options); `passthrough` and `io_uring` are `FuseDevSession`'s. Called from the main thread,
+    SIGTERM and SIGINT unmount the file system (and so end the serving) while it runs; the previous
+    handlers are restored afterwards. `fs.destroy()` is called when the session ends.
 
     With `foreground` False the process forks once the mount is in place: the parent returns at once,
     and the child, in a new session with its standard streams on /dev/null, serves and then exits
@@ -391,16 +579,18 @@ def serve_filesystem(fs: Filesystem, mountpoint: str, *, threads: int = 4, foreg
             os.dup2(null, std)
         os.close(null)
         try:
-            _serve(server, fd, mountpoint, threads, max_write)
+            _serve(server, fd, mountpoint, threads, max_write, passthrough, io_uring)
         except BaseException:
             log.exception("serving %s failed", mountpoint)
             os._exit(1)
         os._exit(0)
-    _serve(server, fd, mountpoint, threads, max_write)
+    _serve(server, fd, mountpoint, threads, max_write, passthrough, io_uring)
 
 
-def _serve(server: FuseServer, fd: int, mountpoint: str, threads: int, max_write: int) -> None:
-    session = FuseDevSession(server, fd, threads=threads, max_write=max_write, mountpoint=mountpoint)
+def _serve(server: FuseServer, fd: int, mountpoint: str, threads: int, max_write: int,
+           passthrough: bool, io_uring: bool) -> None:
+    session = FuseDevSession(server, fd, threads=threads, max_write=max_write, mountpoint=mountpoint,
+                             passthrough=passthrough, io_uring=io_uring)
 
     def on_signal(signum: int, frame: object) -> None:
         # stop() takes a lock and unmounts; from a thread of its own, it can neither deadlock with a

@@ -21,7 +21,7 @@ import logging
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vhostfs import native
 from vhostfs.fuse import abi
@@ -334,6 +334,27 @@ def _pack_host_dirents(listing: HostDirents, limit: int) -> memoryview:
 _Handler = Callable[[int, int, Context, int, "Reader", "Writer"], int]
 
 
+class BackingFiles(Protocol):
+    """What a transport that can pass files through (FUSE passthrough, /dev/fuse) gives the server.
+
+    `max_stack_depth` is what INIT announces (fuse_init_out.max_stack_depth, 1 or 2): how many file
+    system layers may lie under a backing file. `open` registers the open host file `fd` of handle
+    `fh` of node `nodeid` with the kernel, or takes one more reference to the node's backing file if
+    it has one, and returns the backing id; None when the kernel refused (the handle is then served
+    through the file system). `release` drops the reference of handle `fh` of `nodeid` (unknown ones
+    are ignored; a file system's fhs need only be unique per node): the node's backing id is closed
+    with its last handle. `clear` forgets them all (session end).
+    """
+
+    max_stack_depth: int
+
+    def open(self, nodeid: int, fh: int, fd: int) -> int | None: ...
+
+    def release(self, nodeid: int, fh: int) -> None: ...
+
+    def clear(self) -> None: ...
+
+
 class FuseServer:
     """Serves one FUSE session against a `Filesystem`.
 
@@ -346,6 +367,9 @@ class FuseServer:
         max_background, congestion_threshold: fuse_init_out limits; 0 keeps the kernel defaults.
         map_alignment: log2 of the DAX mapping alignment; when set, FUSE_MAP_ALIGNMENT is wanted.
         extra_want: INIT flags (bits 32.. for flags2) wanted on top of `DEFAULT_WANT`.
+        backing: the transport's `BackingFiles`, when it can pass files through; FUSE_PASSTHROUGH is
+            then wanted, and an `Open.backing_fd` of the file system is registered with it. May also
+            be set as the attribute `backing` before INIT.
 
     `ConnectionInfo.extra` passed to `Filesystem.init` holds "time_gran", "max_background",
     "congestion_threshold" and "map_alignment"; the file system may change them there.
@@ -353,7 +377,8 @@ class FuseServer:
 
     def __init__(self, fs: Filesystem, *, max_write: int = 1 << 20, max_read: int | None = None,
                  max_readahead: int = 1 << 20, max_background: int = 0, congestion_threshold: int = 0,
-                 map_alignment: int | None = None, extra_want: int = 0) -> None:
+                 map_alignment: int | None = None, extra_want: int = 0,
+                 backing: BackingFiles | None = None) -> None:
         if not 4096 <= max_write <= 0xFFFFFFFF:
             raise ValueError(f"max_write {max_write} outside 4096..2**32-1")
         if max_read is not None and max_read < 4096:
@@ -366,6 +391,9 @@ class FuseServer:
         self.congestion_threshold = congestion_threshold
         self.map_alignment = map_alignment
         self.want = DEFAULT_WANT | extra_want | (abi.FUSE_MAP_ALIGNMENT if map_alignment is not None else 0)
+        self.backing = backing
+        # FUSE_PASSTHROUGH negotiated: open replies may carry FOPEN_PASSTHROUGH and a backing id.
+        self._passthrough = False
         #: Negotiated state; `conn` is the ConnectionInfo of the running session (None before INIT).
         self.conn: ConnectionInfo | None = None
         self._initialized = False
@@ -430,6 +458,9 @@ class FuseServer:
             for event in self._waits.values():
                 event.set()
             self._early_interrupts.clear()
+        self._passthrough = False
+        if self.backing is not None:
+            self.backing.clear()
         if initialized:
             self.conn = None
             self.fs.destroy()
@@ -549,11 +580,13 @@ class FuseServer:
         if flags & abi.FUSE_INIT_EXT and body_len >= abi.INIT_IN.size:
             flags |= abi.INIT_IN.unpack_from(body)[4] << 32
         proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
+        backing = self.backing
+        want = self.want | (abi.FUSE_PASSTHROUGH if backing is not None else 0)
         conn = ConnectionInfo(
             proto_major=abi.KERNEL_VERSION,
             proto_minor=proto_minor,
             capable=flags,
-            want=self.want & flags,
+            want=want & flags,
             max_write=self.max_write,
             max_readahead=min(max_readahead, self.max_readahead),
             max_pages=min(0xFFFF, -(-max(self.max_write, self.max_read or 0) // _PAGE)),
@@ -563,13 +596,22 @@ class FuseServer:
         )
         self.fs.init(conn)
         out = conn.want & flags
+        if backing is None:
+            out &= ~abi.FUSE_PASSTHROUGH  # nothing here could register a backing file
+        # The kernel turns passthrough on only with a stack depth of 1 or 2 and without the writeback
+        # cache (process_init_reply in fs/fuse/inode.c).
+        passthrough = bool(out & abi.FUSE_PASSTHROUGH and out & abi.FUSE_INIT_EXT
+                           and not out & abi.FUSE_WRITEBACK_CACHE)
+        if not passthrough:
+            out &= ~abi.FUSE_PASSTHROUGH
+        stack_depth = backing.max_stack_depth if passthrough and backing is not None else 0
         max_write = max(4096, min(conn.max_write, 0xFFFFFFFF))
         extra = conn.extra
         reply = _R_INIT.pack(
             _R_INIT.size, 0, unique, abi.KERNEL_VERSION, proto_minor,
             min(conn.max_readahead, max_readahead), out & 0xFFFFFFFF, extra["max_background"],
             extra["congestion_threshold"], max_write, extra["time_gran"], max(1, min(conn.max_pages, 0xFFFF)),
-            extra["map_alignment"], out >> 32, 0, 0)
+            extra["map_alignment"], out >> 32, stack_depth, 0)
         if len(reply) > writer.available:
             self.fs.destroy()
             return _error(writer, unique, errno.ERANGE)
@@ -579,6 +621,7 @@ class FuseServer:
         # flags2 counts only in a reply that has FUSE_INIT_EXT.
         self._security_ctx = bool(out & abi.FUSE_SECURITY_CTX and out & abi.FUSE_INIT_EXT)
         self._secctx_in_args = minor < abi.EXT_MINOR_VERSION
+        self._passthrough = passthrough
         self.conn = conn
         self._initialized = True
         writer.write(reply)
@@ -665,7 +708,8 @@ class FuseServer:
 
     def _reply_attr(self, writer: Writer, unique: int, attr: Attr, timeout: float) -> int:
         av, avn = _timeout(timeout)
-        return _send(writer, unique, _R_ATTR.pack(_R_ATTR.size, 0, unique, av, avn, *_attr_values(attr)))
+        values = _attr_values(attr, getattr(attr, "attr_flags", 0))
+        return _send(writer, unique, _R_ATTR.pack(_R_ATTR.size, 0, unique, av, avn, *values))
 
     def _statx(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                writer: Writer) -> int:
@@ -772,10 +816,34 @@ class FuseServer:
     def _open(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
               writer: Writer) -> int:
         flags, _open_flags = _args(reader, body_len, abi.OPEN_IN)
-        return self._reply_open(writer, unique, self.fs.open(ctx, nodeid, flags))
+        handle = self.fs.open(ctx, nodeid, flags)
+        open_flags, backing_id = self._backing(nodeid, handle)
+        data = _R_OPEN.pack(_R_OPEN.size, 0, unique, handle.fh, open_flags, backing_id)
+        if len(data) > writer.available:
+            self._give_back(ctx, nodeid, handle, flags)
+            return _error(writer, unique, errno.ERANGE)
+        writer.write(data)
+        return len(data)
 
     def _reply_open(self, writer: Writer, unique: int, handle: Open) -> int:
         return _send(writer, unique, _R_OPEN.pack(_R_OPEN.size, 0, unique, handle.fh, handle.flags, 0))
+
+    def _backing(self, nodeid: int, handle: Open) -> tuple[int, int]:
+        """The FOPEN flags and backing id of the reply to an open of `nodeid` answered with `handle`:
+        FOPEN_PASSTHROUGH with the registered backing file of `handle.backing_fd` where the file
+        system offered one, passthrough was negotiated and the kernel took it."""
+        if handle.backing_fd < 0 or not self._passthrough or self.backing is None:
+            return handle.flags, 0
+        backing_id = self.backing.open(nodeid, handle.fh, handle.backing_fd)
+        if backing_id is None:
+            return handle.flags, 0
+        return handle.flags | abi.FOPEN_PASSTHROUGH, backing_id
+
+    def _give_back(self, ctx: Context, nodeid: int, handle: Open, flags: int) -> None:
+        """Releases a handle whose open reply cannot be delivered: the guest will never know it."""
+        self.fs.release(ctx, nodeid, handle.fh, flags)
+        if self.backing is not None:
+            self.backing.release(nodeid, handle.fh)
 
     def _create(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                 writer: Writer) -> int:
@@ -823,10 +891,12 @@ class FuseServer:
 
     def _reply_create(self, writer: Writer, unique: int, ctx: Context, flags: int, entry: Entry,
                       handle: Open) -> int:
-        data = _R_CREATE.pack(_R_CREATE.size, 0, unique, *_entry_values(entry), handle.fh, handle.flags, 0)
+        open_flags, backing_id = self._backing(entry.nodeid, handle)
+        data = _R_CREATE.pack(_R_CREATE.size, 0, unique, *_entry_values(entry), handle.fh, open_flags,
+                              backing_id)
         if len(data) > writer.available:
             # The guest will never know the node or the handle: give both back.
-            self.fs.release(ctx, entry.nodeid, handle.fh, flags)
+            self._give_back(ctx, entry.nodeid, handle, flags)
             self.fs.forget(entry.nodeid, 1)
             return _error(writer, unique, errno.ERANGE)
         writer.write(data)
@@ -876,7 +946,11 @@ class FuseServer:
                 self.fs.flock(ctx, nodeid, fh, lock_owner, _F_UNLCK, False)
             except OSError as exc:
                 log.debug("flock unlock of fh %d on release: %s", fh, exc)
-        self.fs.release(ctx, nodeid, fh, flags)
+        try:
+            self.fs.release(ctx, nodeid, fh, flags)
+        finally:
+            if self.backing is not None:
+                self.backing.release(nodeid, fh)
         return _ok(writer, unique)
 
     def _fsync(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,

@@ -14,6 +14,7 @@ outside. Raw access (`send`, `raw_header`, ring fields) lets tests send malforme
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import select
@@ -454,6 +455,14 @@ class Frontend:
     def _shmem_map(self, shmid: int, fds: list[int], fd_offset: int, shm_offset: int, length: int,
                    flags: int) -> int:
         if self.refuse_maps or len(fds) != 1 or not self._window_range_ok(shmid, shm_offset, length):
+            return 1
+        # QEMU 11.1 maps the fd as guest RAM (memory_region_init_ram_from_fd), which refuses a
+        # range past the end of the file ("backing store size ... is too small"), and maps it shared
+        # and writable even for a read-only mapping, so a read-only fd fails ("unable to map backing
+        # store for guest RAM: Permission denied").
+        if fd_offset + length > os.lseek(fds[0], 0, os.SEEK_END):
+            return 1
+        if fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
             return 1
         # vhost-user.rst, SHMEM_MAP: mapping over an existing mapping is not allowed.
         end = shm_offset + length

@@ -21,6 +21,7 @@ import threading
 import time
 
 from vhostfs.vhost_user import messages as m
+from vhostfs.vhost_user import record
 
 log = logging.getLogger("vhostfs.vhost_user")
 
@@ -32,10 +33,13 @@ class BackendChannel:
     """Sends back-end requests over `sock` (the channel's own socket, closed by `close`).
 
     `protocol_features` are the negotiated protocol feature bits. Thread-safe: requests from several
-    queue workers go out and are acknowledged one at a time.
+    queue workers go out and are acknowledged one at a time. With a `recorder`, requests and replies
+    are recorded (vhostfs.vhost_user.record).
     """
 
-    def __init__(self, sock: socket.socket, protocol_features: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, sock: socket.socket, protocol_features: int, timeout: float = DEFAULT_TIMEOUT,
+                 recorder: record.Recorder | None = None) -> None:
+        self.recorder = recorder
         self._sock = sock
         self._sock.setblocking(True)
         self.protocol_features = protocol_features
@@ -75,10 +79,13 @@ class BackendChannel:
         name = m.BackendRequest(request).name
         ack = self.has(m.VHOST_USER_PROTOCOL_F_REPLY_ACK)
         flags = m.VHOST_USER_VERSION | (m.VHOST_USER_NEED_REPLY_MASK if ack else 0)
-        data = m.HEADER.pack(request, flags, len(payload)) + payload
+        header = m.HEADER.pack(request, flags, len(payload))
+        data = header + payload
         with self._lock:
             if self._broken:
                 raise OSError(errno.ENOTCONN, "the back-end channel is closed")
+            if self.recorder is not None:
+                self.recorder.message(record.BACKEND_REQUEST, header, payload, len(fds))
             try:
                 if fds:
                     socket.send_fds(self._sock, [data], fds)
@@ -103,6 +110,8 @@ class BackendChannel:
         """Waits for the u64 reply to `request`, at most `timeout` seconds in all."""
         deadline = time.monotonic() + self.timeout
         raw = self._receive(m.HEADER.size + m.U64.size, deadline)
+        if self.recorder is not None:
+            self.recorder.message(record.BACKEND_REPLY, raw[:m.HEADER.size], raw[m.HEADER.size:])
         req, flags, size = m.HEADER.unpack_from(raw)
         if req != request or not flags & m.VHOST_USER_REPLY_MASK or size != m.U64.size:
             raise OSError(errno.EPROTO, f"unexpected reply: request {req}, flags {flags:#x}, size {size}")

@@ -11,6 +11,7 @@ import array
 import os
 import socket
 
+from vhostfs.vhost_user import record
 from vhostfs.vhost_user.messages import (
     HEADER,
     MAX_FDS,
@@ -53,10 +54,12 @@ def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 class Connection:
-    """Reads requests from and writes replies to the front end over `sock` (blocking)."""
+    """Reads requests from and writes replies to the front end over `sock` (blocking); with a
+    `recorder`, every message is recorded (vhostfs.vhost_user.record)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, recorder: record.Recorder | None = None) -> None:
         self.sock = sock
+        self.recorder = recorder
 
     def _recv_exact(self, size: int, fds: list[int]) -> bytes | None:
         chunks = []
@@ -90,10 +93,15 @@ class Connection:
             for fd in fds:
                 os.close(fd)
             raise
+        if self.recorder is not None:
+            self.recorder.message(record.FRONT_TO_BACK, raw, payload, len(fds))
         return Message(header, payload, fds)
 
     def reply(self, request: int, payload: bytes) -> None:
-        self.sock.sendall(reply_header(request, len(payload)) + payload)
+        header = reply_header(request, len(payload))
+        if self.recorder is not None:
+            self.recorder.message(record.BACK_TO_FRONT, header, payload)
+        self.sock.sendall(header + payload)
 
     def close(self) -> None:
         self.sock.close()

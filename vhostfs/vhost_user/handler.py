@@ -34,6 +34,7 @@ from vhostfs.vhost_user.memory import (
     MappedRegion,
     map_region,
 )
+from vhostfs.vhost_user.record import Recorder
 
 log = logging.getLogger("vhostfs.vhost_user")
 
@@ -120,8 +121,10 @@ SESSION_PROTOCOL_FEATURES = (
 class Session:
     """Serves one front-end connection for `backend`."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, recorder: Recorder | None = None) -> None:
         self.backend = backend
+        #: Records the back-end channel's messages too (the connection records its own).
+        self.recorder = recorder
         self.vrings = [Vring() for _ in range(backend.max_queues)]
         self.memory = GuestMemory([])
         self.owner = False
@@ -470,7 +473,7 @@ class Session:
             self.backend_channel.close()
         self.backend_channel = channel
         self._give_backend_channel(
-            BackendChannel(self.backend_channel.dup(), self.acked_protocol_features))
+            BackendChannel(self.backend_channel.dup(), self.acked_protocol_features, recorder=self.recorder))
 
     def _give_backend_channel(self, channel: BackendChannel | None) -> None:
         give = getattr(self.backend, "set_backend_channel", None)

@@ -116,7 +116,11 @@ VHOST_USER_PROTOCOL_F_STATUS = 16
 VHOST_USER_PROTOCOL_F_XEN_MMAP = 17
 VHOST_USER_PROTOCOL_F_SHARED_OBJECT = 18
 VHOST_USER_PROTOCOL_F_DEVICE_STATE = 19
-VHOST_USER_PROTOCOL_F_SHMEM = 20
+VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT = 20
+#: Shared memory regions (GET_SHMEM_CONFIG, BACKEND_SHMEM_MAP/UNMAP): bit 22 in QEMU 11.1, the first
+#: release to have them; drafts of the extension used 20, which 11.1 gives to GET_VRING_BASE_INFLIGHT.
+#: tests/data/qemu-11.1-dax-session.txt records QEMU 11.1 negotiating it.
+VHOST_USER_PROTOCOL_F_SHMEM = 22
 
 #: SET_VRING_KICK/CALL/ERR payload: bits 0-7 are the index, bit 8 says no fd is passed.
 VHOST_USER_VRING_IDX_MASK = 0xFF
