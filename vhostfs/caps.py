@@ -46,6 +46,9 @@ PASSTHROUGH_CAPABILITIES = frozenset({
 })
 #: Added when files are opened by handle (open_by_handle_at(2) checks it).
 FILE_HANDLE_CAPABILITY = "CAP_DAC_READ_SEARCH"
+#: Added when an overlay keeps its markers in trusted.* attributes, which the kernel lets only
+#: CAP_SYS_ADMIN read or write (xattr(7)).
+TRUSTED_XATTR_CAPABILITY = "CAP_SYS_ADMIN"
 
 # <linux/prctl.h>
 PR_CAPBSET_READ = 23
@@ -85,15 +88,18 @@ def parse_modcaps(text: str) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(added), frozenset(removed)
 
 
-def wanted(modcaps: str | None = None, file_handles: bool = False) -> tuple[frozenset[str], frozenset[str]]:
+def wanted(modcaps: str | None = None, file_handles: bool = False,
+           trusted_xattrs: bool = False) -> tuple[frozenset[str], frozenset[str]]:
     """The capabilities the daemon keeps, and those of them --modcaps asked for (which must be held).
 
-    The passthrough's list, plus CAP_DAC_READ_SEARCH with `file_handles`, adjusted by `modcaps`;
-    raises CapabilityError for a bad `modcaps`.
+    The passthrough's list, plus CAP_DAC_READ_SEARCH with `file_handles` and CAP_SYS_ADMIN with
+    `trusted_xattrs`, adjusted by `modcaps`; raises CapabilityError for a bad `modcaps`.
     """
     keep = set(PASSTHROUGH_CAPABILITIES)
     if file_handles:
         keep.add(FILE_HANDLE_CAPABILITY)
+    if trusted_xattrs:
+        keep.add(TRUSTED_XATTR_CAPABILITY)
     added: frozenset[str] = frozenset()
     if modcaps:
         added, removed = parse_modcaps(modcaps)

@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mount", action="append", default=[], metavar="GUEST_PATH=HOST_DIR[:OPTIONS]",
                    help="share HOST_DIR at GUEST_PATH of one tree of several file systems (repeatable; "
                         "instead of --shared-dir). OPTIONS, comma-separated, override the passthrough "
-                        "options for this mount: ro, cache=MODE, xattr, no_submount, ...")
+                        "options for this mount: ro, cache=MODE, xattr, no_submount, ...; a last "
+                        "':lowerdir=DIR[:DIR...]' serves an overlay of those read-only directories "
+                        "(topmost first) under HOST_DIR, with userxattr among the OPTIONS if wanted")
     p.add_argument("--max-mounts", type=int, default=None, metavar="N",
                    help="how many file systems --mount and the control API may mount at once (default 256)")
     p.add_argument("--api-socket", metavar="PATH",
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "socket, for the daemon's owner only; see `vhostfs ctl`")
     p.add_argument("--tag", help="virtio-fs tag, served through the device configuration space")
     add_passthrough_options(p)
+    add_overlay_options(p)
     p.add_argument("--dax-window-size", type=_size, default=0, metavar="SIZE",
                    help="enable DAX: the guest maps host files into a window of SIZE bytes (K, M, G "
                         "suffixes; a multiple of the page size) that the VMM sets up; default 0: off")
@@ -245,6 +248,32 @@ def translate_maps(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(str(e))
 
 
+def add_overlay_options(p: argparse.ArgumentParser) -> None:
+    """Adds the options that turn the shared directory into the upper layer of an overlay (see
+    `shared_filesystem`): the same spellings for `vhostfs` and `vhostfs mount`."""
+    p.add_argument("--overlay-lower", action="append", default=[], metavar="DIR",
+                   help="serve an overlay: DIR is a read-only lower layer under the shared directory, "
+                        "which becomes the writable upper layer, in the on-disk format of the kernel's "
+                        "overlayfs; repeat for more layers, topmost first (as the kernel's lowerdir)")
+    p.add_argument("--overlay-userxattr", action="store_true",
+                   help="keep the overlay's markers in user.overlay.* extended attributes instead of "
+                        "trusted.overlay.* (the kernel's userxattr option)")
+
+
+def shared_filesystem(args: argparse.Namespace) -> Any:
+    """The file system the options of add_passthrough_options and add_overlay_options describe: the
+    passthrough of `args.shared_dir`, or with --overlay-lower, the overlay of the lower directories
+    under it. Raises ValueError (or OSError) for a configuration that cannot be served."""
+    if args.overlay_lower:
+        from vhostfs.fs.overlay import OverlayFs
+
+        return OverlayFs.from_dirs(args.shared_dir, args.overlay_lower, userxattr=args.overlay_userxattr,
+                                   **passthrough_options(args))
+    from vhostfs.fs.passthrough import Passthrough
+
+    return Passthrough(args.shared_dir, **passthrough_options(args))
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -266,10 +295,18 @@ def vfs_specs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list
             specs.append(control.parse_mount_spec(text))
         except ValueError as e:
             parser.error(str(e))
-    for _, host, _ in specs:
-        if not os.path.isdir(host):
-            parser.error(f"--mount: {host!r} is not a directory")
+    for _, host, options in specs:
+        for path in (host, *options.get("lowerdir", ())):
+            if not os.path.isdir(path):
+                parser.error(f"--mount: {path!r} is not a directory")
     return specs
+
+
+def _trusted_overlay(args: argparse.Namespace) -> bool:
+    """Whether the command line serves an overlay whose markers are trusted.* attributes."""
+    if args.overlay_lower and not args.overlay_userxattr:
+        return True
+    return any(options.get("lowerdir") and not options.get("userxattr") for _, _, options in args.mounts)
 
 
 def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -510,8 +547,10 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     if args.rlimit_nofile is not None and args.rlimit_nofile < 0:
         parser.error("--rlimit-nofile must not be negative")
     try:
-        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles).
-        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never")
+        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles), and an
+        # overlay's trusted.overlay.* markers CAP_SYS_ADMIN (unless --overlay-userxattr).
+        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never",
+                                trusted_xattrs=_trusted_overlay(args))
     except caps.CapabilityError as e:
         parser.error(str(e))
     if (args.security_label != "never" and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None
@@ -529,7 +568,6 @@ def _build_device(args: argparse.Namespace, api: bool):
     """The file system, FUSE server and virtio-fs device the options describe, and with --mount or
     the control API (`api`) the Vfs and the factory of its mounts (None, None otherwise)."""
     from vhostfs.device import VirtioFsDevice
-    from vhostfs.fs.passthrough import Passthrough
     from vhostfs.fuse.server import FuseServer
 
     vfs = make_fs = None
@@ -540,10 +578,12 @@ def _build_device(args: argparse.Namespace, api: bool):
             # Held for the mounts the control API adds once /proc cannot be named any more.
             proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             vfs, make_fs = control.build_vfs(args.shared_dir, args.mounts, passthrough_options(args),
-                                             proc_fd, max_mounts=args.max_mounts)
+                                             proc_fd, max_mounts=args.max_mounts,
+                                             shared_lowers=args.overlay_lower,
+                                             userxattr=args.overlay_userxattr)
             fs = vfs
         else:
-            fs = Passthrough(args.shared_dir, **passthrough_options(args))
+            fs = shared_filesystem(args)
             log.info("%s", fs.describe_inodes())
     except (OSError, ValueError) as e:
         raise _StartError(str(e)) from None

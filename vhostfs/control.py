@@ -60,6 +60,9 @@ PASSTHROUGH_OPTIONS: dict[str, type] = {
     "posix_lock": bool, "flock": bool, "security_label": bool, "xattrmap": str,
 }
 MOUNT_OPTIONS: dict[str, type] = {"no_open": bool, "no_opendir": bool, "submount": bool}
+#: Options of a `--mount` that serves an overlay (see parse_mount_spec); not for the control API, whose
+#: mounts carry one directory fd.
+OVERLAY_OPTIONS: dict[str, type] = {"lowerdir": list, "userxattr": bool}
 
 
 class ApiError(Exception):
@@ -400,21 +403,25 @@ def ctl_main(argv: list[str]) -> int:
     return 0 if 200 <= status < 300 else 1
 
 
+def _option_kind(key: str) -> type | None:
+    return PASSTHROUGH_OPTIONS.get(key) or MOUNT_OPTIONS.get(key) or OVERLAY_OPTIONS.get(key)
+
+
 def parse_options(text: str) -> dict[str, Any]:
     """`--mount`'s OPTIONS, comma-separated: `name=value` for cache and xattrmap, `name` / `no_name`
-    for the switches (`ro` is `readonly`); ValueError for an unknown one."""
+    for the switches (`ro` is `readonly`, `userxattr` an overlay's); ValueError for an unknown one."""
     options: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         key = {"ro": "readonly", "rw": "no_readonly"}.get(key, key)
-        kind = PASSTHROUGH_OPTIONS.get(key) or MOUNT_OPTIONS.get(key)
+        kind = _option_kind(key)
         if kind is str and sep:
             options[key] = value
             continue
         base = key.removeprefix("no_")
-        if not sep and (PASSTHROUGH_OPTIONS.get(key) is bool or MOUNT_OPTIONS.get(key) is bool):
+        if not sep and _option_kind(key) is bool:
             options[key] = True
-        elif not sep and (PASSTHROUGH_OPTIONS.get(base) is bool or MOUNT_OPTIONS.get(base) is bool):
+        elif not sep and _option_kind(base) is bool:
             options[base] = False
         else:
             raise ValueError(f"unknown mount option {item!r}")
@@ -422,29 +429,57 @@ def parse_options(text: str) -> dict[str, Any]:
 
 
 def parse_mount_spec(text: str) -> tuple[str, str, dict[str, Any]]:
-    """`--mount GUEST_PATH=HOST_DIR[:OPTIONS]` as (guest path, host dir, options); ValueError if malformed.
+    """`--mount GUEST_PATH=HOST_DIR[:OPTIONS][:lowerdir=DIR[:DIR...]]` as (guest path, host dir,
+    options); ValueError if malformed.
 
     OPTIONS follow the last ":" when that part has no "/" (so a HOST_DIR with a ":" needs a trailing
-    ":" to end it)."""
+    ":" to end it). A `:lowerdir=` part, last, makes the mount an overlay with HOST_DIR as its upper
+    layer and the DIRs, topmost first, as its lower layers, as the kernel's lowerdir option: it lands
+    in the options as a list under "lowerdir"."""
     guest, sep, rest = text.partition("=")
     if not sep or not guest or not rest:
         raise ValueError(f"--mount {text!r}: expected GUEST_PATH=HOST_DIR[:OPTIONS]")
+    rest, lower_sep, lowers = rest.partition(":lowerdir=")
+    if lower_sep and (not lowers or "" in lowers.split(":")):
+        raise ValueError(f"--mount {text!r}: lowerdir= needs one or more directories, separated by ':'")
     host, colon, opts = rest.rpartition(":")
     if not colon or "/" in opts:
         host, opts = rest, ""
     if not host:
         raise ValueError(f"--mount {text!r}: no host directory")
-    return guest, host, parse_options(opts)
+    options = parse_options(opts)
+    if lower_sep:
+        options["lowerdir"] = lowers.split(":")
+    elif "userxattr" in options:
+        raise ValueError(f"--mount {text!r}: userxattr is an overlay's option (with lowerdir=)")
+    return guest, host, options
+
+
+def _mount_fs(host: str, options: dict[str, Any], lowers: Sequence[str], userxattr: bool,
+              proc_fd: int) -> tuple[Filesystem, str]:
+    """The file system of one mount and its type: the passthrough of `host` with `options`, or with
+    `lowers` the overlay of those directories under `host` (vhostfs.fs.overlay)."""
+    if lowers:
+        from vhostfs.fs.overlay import OverlayFs
+
+        return OverlayFs.from_dirs(host, lowers, userxattr=userxattr, proc_fd=proc_fd, **options), "overlay"
+    from vhostfs.fs.passthrough import Passthrough
+
+    return Passthrough(host, proc_fd=proc_fd, **options), "passthrough"
 
 
 def build_vfs(shared_dir: str | None, specs: Sequence[tuple[str, str, dict[str, Any]]],
               base_options: dict[str, Any], proc_fd: int, *,
-              max_mounts: int | None = None) -> tuple[Vfs, FsFactory]:
+              max_mounts: int | None = None, shared_lowers: Sequence[str] = (),
+              userxattr: bool = False) -> tuple[Vfs, FsFactory]:
     """The daemon's Vfs: `shared_dir` (if any) at "/", and a passthrough per `--mount` spec, each with
     `base_options` (the command line's passthrough options) overridden by its own, at most `max_mounts`
     at once (ValueError outside 1..MAX_MOUNTS); and the factory the
     control API builds new mounts with. `writeback` and `killpriv_v2` are negotiated for the whole
-    Vfs, so they come from `base_options` only. Raises OSError or ValueError (the caller reports it)."""
+    Vfs, so they come from `base_options` only. Raises OSError or ValueError (the caller reports it).
+
+    An overlay instead of a passthrough: `shared_lowers` (--overlay-lower, with `userxattr`) under
+    `shared_dir`, and a spec's "lowerdir" and "userxattr" options (see parse_mount_spec)."""
     from vhostfs.fs.passthrough import Passthrough
 
     vfs = Vfs(VfsOptions(writeback=bool(base_options.get("writeback")),
@@ -456,19 +491,25 @@ def build_vfs(shared_dir: str | None, specs: Sequence[tuple[str, str, dict[str, 
 
     try:
         if shared_dir is not None:
-            vfs.mount(Passthrough(shared_dir, proc_fd=proc_fd, **base_options), "/",
-                      source=os.path.realpath(shared_dir), fstype="passthrough")
+            root, fstype = _mount_fs(shared_dir, base_options, shared_lowers, userxattr, proc_fd)
+            vfs.mount(root, "/", source=os.path.realpath(shared_dir), fstype=fstype)
         for guest, host, options in specs:
+            overlay = {k: options[k] for k in OVERLAY_OPTIONS if k in options}
             try:
-                fs_kw, mount_options = split_options(options)
+                fs_kw, mount_options = split_options({k: v for k, v in options.items() if k not in overlay})
             except ApiError as e:
                 raise ValueError(f"--mount {guest}: {e}") from None
-            fs = Passthrough(host, proc_fd=proc_fd, **{**base_options, **fs_kw})
+            lowers = overlay.get("lowerdir", [])
             try:
-                vfs.mount(fs, guest, options=mount_options, source=os.path.realpath(host),
-                          fstype="passthrough", extra=fs_kw)
+                fs, fstype = _mount_fs(host, {**base_options, **fs_kw}, lowers,
+                                       bool(overlay.get("userxattr")), proc_fd)
+            except ValueError as e:
+                raise ValueError(f"--mount {guest}: {e}") from None
+            try:
+                vfs.mount(fs, guest, options=mount_options, source=os.path.realpath(host), fstype=fstype,
+                          extra={**fs_kw, **({"lowerdir": ":".join(lowers)} if lowers else {})})
             except BaseException:
-                fs.close()
+                fs.close()  # type: ignore[attr-defined]  (Passthrough and OverlayFs have one)
                 raise
     except BaseException:
         vfs.close()

@@ -1,6 +1,7 @@
 """`vhostfs mount`: serves a host directory on the host itself, through the kernel's FUSE client.
 
     vhostfs mount --shared-dir SRC MOUNTPOINT [--threads N] [PASSTHROUGH OPTIONS]
+                  [--overlay-lower DIR ...]
                   [-o allow_other,default_permissions,...]
     vhostfs mount --mount /a=SRC1 --mount /b=SRC2[:OPTIONS] [--api-socket PATH] MOUNTPOINT ...
 
@@ -30,14 +31,15 @@ import sys
 from vhostfs import control
 from vhostfs.cli import (
     LOG_LEVELS,
+    add_overlay_options,
     add_passthrough_options,
     apply_passthrough_o,
     negotiated_switches,
     passthrough_options,
+    shared_filesystem,
     translate_maps,
     vfs_specs,
 )
-from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse.fusedev import serve_filesystem
 
 log = logging.getLogger("vhostfs")
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", help="directory to mount on")
     p.add_argument("--shared-dir", help="the host directory to serve")
     p.add_argument("--mount", action="append", default=[], metavar="GUEST_PATH=HOST_DIR[:OPTIONS]",
-                   help="serve HOST_DIR at GUEST_PATH inside MOUNTPOINT (repeatable; not with --shared-dir)")
+                   help="serve HOST_DIR at GUEST_PATH inside MOUNTPOINT (repeatable; not with --shared-dir); "
+                        "OPTIONS as the daemon's --mount, :lowerdir=DIR[:DIR...] last for an overlay")
     p.add_argument("--max-mounts", type=_positive, default=None, metavar="N",
                    help="how many file systems may be mounted at once (default 256)")
     p.add_argument("--api-socket", metavar="PATH",
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "/dev/fuse (FUSE over io_uring; needs the fuse module's enable_uring "
                         "parameter). Default: on where the kernel offers it")
     add_passthrough_options(p)
+    add_overlay_options(p)
     # A host walk touches far more files than a guest keeps: file handles wherever the share makes them.
     p.set_defaults(inode_file_handles="prefer")
     p.add_argument("-o", action="append", default=[], metavar="OPT[,OPT...]",
@@ -131,11 +135,12 @@ def main(argv: list[str]) -> int:
         if specs or args.api_socket is not None:
             proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             fs, make_fs = control.build_vfs(args.shared_dir, specs, passthrough_options(args), proc_fd,
-                                            max_mounts=args.max_mounts)
+                                            max_mounts=args.max_mounts, shared_lowers=args.overlay_lower,
+                                            userxattr=args.overlay_userxattr)
             if args.api_socket is not None:
                 api = control.ControlServer(fs, control.listen(args.api_socket), make_fs)
         else:
-            fs = Passthrough(args.shared_dir, **passthrough_options(args))
+            fs = shared_filesystem(args)
     except (OSError, ValueError) as exc:  # a bad --xattrmap, no file handles with "mandatory"
         log.error("%s: %s", args.shared_dir or ", ".join(host for _, host, _ in specs), exc)
         return 1
@@ -144,8 +149,9 @@ def main(argv: list[str]) -> int:
             api.start()
         log.info("mounting %s at %s", args.shared_dir or ", ".join(f"{h} at {g}" for g, h, _ in specs),
                  args.mountpoint)
-        if isinstance(fs, Passthrough):
-            log.info("%s", fs.describe_inodes())
+        describe = getattr(fs, "describe_inodes", None)  # a Passthrough's or an OverlayFs's; not a Vfs's
+        if describe is not None:
+            log.info("%s", describe())
         serve_filesystem(fs, args.mountpoint, threads=args.threads, passthrough=args.fuse_passthrough,
                          io_uring=args.io_uring, **mount_opts)
     except (OSError, ValueError) as exc:

@@ -17,6 +17,7 @@ import pytest
 
 from tests.unit.test_passthrough_options import ALL_RWX, USER_1000_READS
 from vhostfs import cli, mount_cli
+from vhostfs.fs import passthrough
 from vhostfs.fs.idmap import IdMap
 from vhostfs.fs.passthrough import Passthrough
 
@@ -91,7 +92,7 @@ def recorded(monkeypatch, tmp_path):
     def serve(fs, mountpoint: str, **kw) -> None:
         seen["mount"] = kw
 
-    monkeypatch.setattr(mount_cli, "Passthrough", Recorder)
+    monkeypatch.setattr(passthrough, "Passthrough", Recorder)
     monkeypatch.setattr(mount_cli, "serve_filesystem", serve)
 
     def run(*args: str) -> tuple[dict, dict]:

@@ -99,6 +99,7 @@ from vhostfs.fuse.filesystem import (
     SetAttr,
     StatVfs,
     Statx,
+    check_name,
     fs_error,
 )
 
@@ -180,14 +181,6 @@ def _negotiation_mode(option: str, value: bool | str) -> str:
     if value not in ("never", "auto", "always"):
         raise ValueError(f"{option} must be never, auto or always, not {value!r}")
     return value
-
-
-def _check_name(name: bytes) -> None:
-    """Raises unless `name` is one ordinary path component (not b"." or b"..")."""
-    if not name or b"/" in name or b"\0" in name or name in _DOTS:
-        raise fs_error(errno.EINVAL)
-    if len(name) > 255:
-        raise fs_error(errno.ENAMETOOLONG)
 
 
 def _dirent_record(name: bytes, ino: int) -> bytes:
@@ -641,7 +634,7 @@ class Passthrough(Filesystem):
                     inode = self._inodes.ref(parent)
                     return self._entry(inode, os.stat(inode.fd))
                 return self._lookup_at(dir_inode, b"..")
-        _check_name(name)
+        check_name(name)
         with self._dir(parent) as dir_inode:
             return self._lookup_at(dir_inode, name)
 
@@ -751,7 +744,7 @@ class Passthrough(Filesystem):
     def symlink(self, ctx: Context, parent: int, name: bytes, target: bytes) -> Entry:
         """Creates symlink `name` -> `target` (stored as given; any bytes but NUL, at most PATH_MAX)."""
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         if not target or b"\0" in target:
             raise fs_error(errno.ENOENT if not target else errno.EINVAL)
         with self._dir(parent) as dir_inode:
@@ -766,7 +759,7 @@ class Passthrough(Filesystem):
         The nodes are created, never opened: the guest kernel serves FIFOs, sockets and devices itself.
         """
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         with self._dir(parent) as dir_inode:
             perm = self._new_mode(dir_inode, mode, umask)
             with self._as_caller(ctx):
@@ -777,7 +770,7 @@ class Passthrough(Filesystem):
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int, umask: int) -> Entry:
         """mkdirat(2) with `mode & ~umask` (see _new_mode for posix_acl)."""
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         with self._dir(parent) as dir_inode:
             perm = self._new_mode(dir_inode, mode, umask)
             with self._as_caller(ctx):
@@ -788,7 +781,7 @@ class Passthrough(Filesystem):
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         """unlinkat(2) of a non-directory."""
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         with self._dir(parent) as dir_inode:
             os.unlink(name, dir_fd=dir_inode.fd)
         self._inodes.removed(parent, name)
@@ -796,7 +789,7 @@ class Passthrough(Filesystem):
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         """unlinkat(2) with AT_REMOVEDIR."""
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         with self._dir(parent) as dir_inode:
             os.rmdir(name, dir_fd=dir_inode.fd)
         self._inodes.removed(parent, name)
@@ -805,8 +798,8 @@ class Passthrough(Filesystem):
                flags: int) -> None:
         """renameat(2), or renameat2(2) for non-zero RENAME_* `flags` (unknown bits: EINVAL)."""
         self._check_writable()
-        _check_name(name)
-        _check_name(newname)
+        check_name(name)
+        check_name(newname)
         if flags & ~_RENAME_FLAGS:
             raise fs_error(errno.EINVAL)
         with self._dir(parent) as old_dir, self._dir(newparent) as new_dir:
@@ -820,7 +813,7 @@ class Passthrough(Filesystem):
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         """Hard-links `nodeid` as `newparent/newname` (linkat through /proc, so a symlink links itself)."""
         self._check_writable()
-        _check_name(newname)
+        check_name(newname)
         with self._inodes.use(nodeid) as inode, self._dir(newparent) as dir_inode:
             os.link(_fd_name(inode.fd), newname, src_dir_fd=self._proc_fd, dst_dir_fd=dir_inode.fd,
                     follow_symlinks=True)
@@ -903,7 +896,7 @@ class Passthrough(Filesystem):
         device or symlink target; an existing name is looked up and opened like `open` instead.
         """
         self._check_writable()
-        _check_name(name)
+        check_name(name)
         host_flags = self._host_flags(flags)
         with self._dir(parent) as dir_inode:
             perm = self._new_mode(dir_inode, mode, umask)

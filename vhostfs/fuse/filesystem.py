@@ -324,6 +324,16 @@ def fs_error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
+def check_name(name: bytes) -> None:
+    """Raises EINVAL unless `name` is one ordinary path component (not empty, no b"/" or NUL, not b"."
+    or b".."), ENAMETOOLONG past 255 bytes: for file systems that check again what the server checked,
+    or that pass names on to others."""
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise fs_error(errno.EINVAL)
+    if len(name) > 255:
+        raise fs_error(errno.ENAMETOOLONG)
+
+
 def _nosys() -> OSError:
     return fs_error(errno.ENOSYS)
 
