@@ -189,8 +189,12 @@ def _enter_user_namespace(uids: list[NamespaceMapping], gids: list[NamespaceMapp
     from_helper_r, from_helper_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    # The helper keeps the signals blocked (see prepare): it ends by itself once the pipe closes.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     helper = os.fork()
-    if helper == 0:
+    if helper:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    else:
         # The helper: wait until the parent has its namespace, write the maps, report, exit.
         status = 1
         try:
@@ -272,9 +276,14 @@ def prepare(mode: str, shared_dir: str, cleanup: Callable[[], None], uid_map: Se
         raise SandboxError(f"--sandbox=namespace: unshare: {e} (try --sandbox=chroot or none)") from e
     sys.stdout.flush()
     sys.stderr.flush()
+    # SIGTERM and the like are blocked across fork(2): in the child, Python runs its after-fork
+    # callbacks (logging's) first, and a SystemExit the handler raises there would be dropped with
+    # the signal. Unblocked again, a pending one is handled where it can end the start-up.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     pid = os.fork()
     if pid:
-        _supervise(pid, cleanup)
+        _supervise(pid, cleanup, mask)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     if sandbox.user_namespace is not None:
         # The daemon is the namespace's root where 0 is mapped (it then creates files as any mapped
         # ID, as root does on the host); it keeps every capability of the namespace either way.
@@ -297,8 +306,10 @@ def prepare(mode: str, shared_dir: str, cleanup: Callable[[], None], uid_map: Se
     return sandbox
 
 
-def _supervise(pid: int, cleanup: Callable[[], None]) -> None:
-    """The outer process: forwards signals to the daemon `pid`, reaps it, cleans up, exits as it did."""
+def _supervise(pid: int, cleanup: Callable[[], None], mask: set[signal.Signals]) -> None:
+    """The outer process: forwards signals to the daemon `pid`, reaps it, cleans up, exits as it did.
+    The forwarded signals are blocked on entry; `mask` is the signal mask to restore once they are
+    handled here (one that came meanwhile is forwarded then)."""
     def forward(signum: int, frame: object) -> None:
         try:
             os.kill(pid, signum)
@@ -307,6 +318,7 @@ def _supervise(pid: int, cleanup: Callable[[], None]) -> None:
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     while True:
         try:
             _, status = os.waitpid(pid, 0)
