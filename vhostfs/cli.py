@@ -228,6 +228,19 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
                         "(both ways); IDs no rule names stay as they are")
     p.add_argument("--translate-gid", action="append", default=[], metavar="TYPE:SOURCE:TARGET:COUNT",
                    help="the same for GIDs")
+    p.add_argument("--migration-mode", choices=("find-paths", "file-handles"), default="find-paths",
+                   help="how a migration destination (or a live upgrade's new server) finds the "
+                        "kernel's files again: by their paths in the share (default), or by file "
+                        "handles (needs CAP_DAC_READ_SEARCH and the same file system on both hosts)")
+    p.add_argument("--migration-on-error", choices=("abort", "guest-error"), default="abort",
+                   help="a file the destination cannot find again fails the migration (abort, default; "
+                        "the guest goes on at the source), or only that file, whose requests get EIO")
+    p.add_argument("--migration-verify-handles", action="store_true",
+                   help="the destination checks by file handle that each file it found by path is the "
+                        "source's own (the same shared directory on the same file system)")
+    p.add_argument("--migration-confirm-paths", action="store_true",
+                   help="the source checks each path once more before sending it, in case another "
+                        "process renamed files in the share")
 
 
 def negotiated_switches(argv: Sequence[str]) -> list[str]:
@@ -314,7 +327,8 @@ def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in (
         "cache", "readonly", "xattr", "readdirplus", "writeback", "allow_direct_io", "allow_mmap",
         "announce_submounts", "preserve_noatime", "xattrmap", "posix_lock", "flock", "killpriv_v2",
-        "posix_acl", "inode_file_handles", "security_label", "translate_uid", "translate_gid")}
+        "posix_acl", "inode_file_handles", "security_label", "migration_mode", "migration_on_error",
+        "migration_verify_handles", "migration_confirm_paths", "translate_uid", "translate_gid")}
 
 
 def _setup_logging(level: str, use_syslog: bool) -> None:
@@ -392,13 +406,13 @@ def capabilities() -> dict:
     """The vhost-user back-end description (docs/interop/vhost-user.rst, "Backend program conventions").
 
     "separate-options" tells libvirt to pass --shared-dir, --cache, ... rather than one `-o` list;
+    "migrate-precopy" that the back end migrates with the VM (its FUSE session travels as the
+    device state, VHOST_USER_PROTOCOL_F_DEVICE_STATE), which libvirt requires of a virtiofs device;
     "posix-acl-negotiation-mode" and "security-label-negotiation-mode" that --posix-acl and
     --security-label take never|auto|always, as virtiofsd 1.14's do.
-    "migrate-precopy" is left out: guest memory is dirty-logged (VHOST_F_LOG_ALL), but the FUSE
-    session (node ids, open files) is not transferred, so a migrated guest would lose its files.
     """
-    return {"type": "fs", "features": ["posix-acl-negotiation-mode", "security-label-negotiation-mode",
-                                       "separate-options"]}
+    return {"type": "fs", "features": ["migrate-precopy", "posix-acl-negotiation-mode",
+                                       "security-label-negotiation-mode", "separate-options"]}
 
 
 _SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -547,9 +561,11 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     if args.rlimit_nofile is not None and args.rlimit_nofile < 0:
         parser.error("--rlimit-nofile must not be negative")
     try:
-        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles), and an
-        # overlay's trusted.overlay.* markers CAP_SYS_ADMIN (unless --overlay-userxattr).
-        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never",
+        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles, and a
+        # destination of --migration-mode file-handles), and an overlay's trusted.overlay.* markers
+        # CAP_SYS_ADMIN (unless --overlay-userxattr).
+        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never"
+                                or args.migration_mode == "file-handles",
                                 trusted_xattrs=_trusted_overlay(args))
     except caps.CapabilityError as e:
         parser.error(str(e))

@@ -27,6 +27,7 @@ from typing import Protocol
 
 from vhostfs.fuse import abi
 from vhostfs.fuse.filesystem import SETUPMAPPING_NO_FH, Context, Entry, Filesystem, Open, SetAttr, Stat
+from vhostfs.fuse.session_state import Encoder, StateError, section
 
 log = logging.getLogger("vhostfs.dax")
 
@@ -397,7 +398,7 @@ class DaxFilesystem(Filesystem):
 
     _OWN = frozenset({"init", "destroy", "setattr", "unlink", "open", "create", "release", "setupmapping",
                       "removemapping", "write", "write_from", "fallocate", "copy_file_range", "fsync",
-                      "flush", "getattr", "lookup", "readdir"})
+                      "flush", "getattr", "lookup", "readdir", "save_state", "load_state"})
 
     def __init__(self, fs: Filesystem, window: DaxWindow) -> None:
         if not hasattr(fs, "fd_for_mapping"):
@@ -431,6 +432,35 @@ class DaxFilesystem(Filesystem):
         with self._open_lock:
             self._open.clear()
         self.fs.destroy()
+
+    def save_state(self) -> list[tuple[bytes, int, bytes]]:
+        """The wrapped file system's sections and the open counts (DAXO). A session with mappings
+        cannot move: they are the VMM's mappings of this host's files, and no VMM today carries
+        a DAX window across a migration (QEMU's vhost-user-fs-pci has none)."""
+        mappings = self.window.mappings()
+        if mappings:
+            raise OSError(errno.EBUSY, f"{len(mappings)} DAX mappings are in place")
+        enc = Encoder()
+        with self._open_lock:
+            enc.u32(len(self._open))
+            for nodeid, count in self._open.items():
+                enc.u64(nodeid)
+                enc.u32(count)
+        return [*self.fs.save_state(), (b"DAXO", 1, enc.payload())]
+
+    def load_state(self, sections: dict) -> None:
+        dec = section(sections, b"DAXO", 1)
+        opened = {}
+        for _ in range(dec.count("open nodes", 12)):
+            nodeid = dec.u64("nodeid")
+            count = dec.u32("open count")
+            if nodeid in opened or not count:
+                raise StateError(f"DAXO section: node {nodeid} open {count} times")
+            opened[nodeid] = count
+        dec.end()
+        self.fs.load_state(sections)
+        with self._open_lock:
+            self._open = opened
 
     # -- DAX ------------------------------------------------------------------------------------
     def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int, flags: int,

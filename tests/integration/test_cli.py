@@ -35,6 +35,8 @@ def test_print_capabilities_is_the_backend_json_and_ignores_other_options():
     caps = json.loads(r.stdout)
     assert caps["type"] == "fs"
     assert "separate-options" in caps["features"]
+    # libvirt migrates a VM with a virtiofs device only when its back end says so (virtiofsd 1.13 does).
+    assert "migrate-precopy" in caps["features"]
 
 
 def test_backend_description_file_ships_with_the_package():

@@ -61,6 +61,7 @@ from vhostfs.fs.handles import Handle, HandleTable
 from vhostfs.fs.idmap import IdMap, IdTranslation, parse_proc_id_map
 from vhostfs.fs.inodes import Inode, InodeTable
 from vhostfs.fs.locks import LockTable
+from vhostfs.fs.migration import SessionMover
 from vhostfs.fs.xattrmap import XattrMap
 from vhostfs.fuse.abi import (
     FOPEN_CACHE_DIR,
@@ -251,6 +252,8 @@ class Passthrough(Filesystem):
     - `xattrmap`: virtiofsd's --xattrmap rules (xattrmap.py), applied to every extended attribute name.
     - `inode_file_handles`: "never", "prefer" or "mandatory": hold the nodes the guest knows by file
       handles rather than fds (inodes.py); "mandatory" raises ValueError when the share cannot.
+    - `migration_mode`, `migration_on_error`, `migration_verify_handles`, `migration_confirm_paths`:
+      how a moved session (live migration, live upgrade) finds its files again (fs/migration.py).
     - `fd_budget`: how many fds the daemon may hold for the guest (default: RLIMIT_NOFILE less a
       reserve, see inodes.py); near it, idle nodes are closed (found again by handle or by name),
       and only when open files hold the rest do requests that would open one more fail with EMFILE.
@@ -272,8 +275,10 @@ class Passthrough(Filesystem):
                  preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool | str = "never",
                  xattrmap: str | None = None, inode_file_handles: str = "never",
                  fd_budget: int | None = None, security_label: bool | str = "never",
-                 passthrough: bool = True, proc_fd: int | None = None, translate_uid: IdMap | None = None,
-                 translate_gid: IdMap | None = None) -> None:
+                 passthrough: bool = True, proc_fd: int | None = None,
+                 migration_mode: str = "find-paths", migration_on_error: str = "abort",
+                 migration_verify_handles: bool = False, migration_confirm_paths: bool = False,
+                 translate_uid: IdMap | None = None, translate_gid: IdMap | None = None) -> None:
         if cache not in CACHE_POLICIES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
         self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
@@ -335,6 +340,10 @@ class Passthrough(Filesystem):
         self._posix_lock = posix_lock
         self._flock = flock
         self._locks = LockTable(self._reopen_fd, lock_wait)
+        self._mover = SessionMover(self._inodes, self._handles, self._locks, self._proc_fd,
+                                   mode=migration_mode, on_error=migration_on_error,
+                                   verify_handles=migration_verify_handles,
+                                   confirm_paths=migration_confirm_paths, flock=flock)
         self._ids = self._translation(translate_uid or IdMap(), translate_gid or IdMap())
         self._creds = (os.geteuid(), os.getegid())
         self._switch_creds = self._creds[0] == 0
@@ -457,7 +466,9 @@ class Passthrough(Filesystem):
 
     def _drop_handle(self, fh: int) -> None:
         """Releases `fh` (EBADF if unknown) and its node's pin."""
-        self._inodes.unpin(self._handles.remove(fh).nodeid)
+        handle = self._handles.remove(fh)
+        if handle is not None:  # None: a lost handle of a moved session, which pins nothing
+            self._inodes.unpin(handle.nodeid)
 
     def _add_fd(self, fd: int, parent: int | None = None, name: bytes | None = None) -> Entry:
         """Counts a lookup of the file open as `fd` (any open mode), seen as `name` in `parent`, and
@@ -614,6 +625,18 @@ class Passthrough(Filesystem):
             conn.want |= _ACL_FLAGS
         if self._security_label:
             conn.want |= FUSE_SECURITY_CTX
+
+    def save_state(self) -> list[tuple[bytes, int, bytes]]:
+        """The nodes, handles and locks of the session (fs/migration.py)."""
+        return self._mover.save()
+
+    def load_state(self, sections: dict) -> None:
+        """Takes over a saved session: finds every node and handle again (fs/migration.py)."""
+        self._mover.load(sections)
+
+    def resume_after_save(self) -> None:
+        """The session saved last goes on here (the move failed): drops what the save made."""
+        self._mover.discard_copies()
 
     def destroy(self) -> None:
         """Forgets every node but the root and closes every handle (a new session may follow)."""

@@ -357,6 +357,22 @@ class Filesystem:
     def destroy(self) -> None:
         """Called when the session ends (DESTROY, unmount or device reset). Release everything."""
 
+    def save_state(self) -> list[tuple[bytes, int, bytes]]:
+        """The file system's part of a session being moved (live migration, live upgrade): sections
+        of (4-byte tag, version, payload) for `vhostfs.fuse.session_state`. Called while no request
+        runs; the session goes on here if the move fails. A file system that cannot move its
+        session raises OSError saying why (the default: EOPNOTSUPP)."""
+        raise OSError(errno.EOPNOTSUPP, f"{type(self).__name__} cannot save its session state")
+
+    def resume_after_save(self) -> None:
+        """The session `save_state` saved goes on here after all (the move failed or was cancelled)."""
+
+    def load_state(self, sections: dict) -> None:
+        """Takes over a session from the sections `save_state` made (tag -> (version, payload)),
+        before any request of it arrives. Must check every count, size, id and name and raise
+        `vhostfs.fuse.session_state.StateError` for what it cannot account for, changing nothing."""
+        raise OSError(errno.EOPNOTSUPP, f"{type(self).__name__} cannot load a session state")
+
     # -- names ----------------------------------------------------------------------------------
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         """Looks `name` up in directory `parent`. Raises ENOENT if it does not exist."""
