@@ -4,12 +4,12 @@
 # (e.g. scripts/test.sh tests/unit -k readdir).
 #
 # On a fresh Debian 12 machine, as root, it first installs what the tests use: fuse3 for the
-# /dev/fuse mounts, fio for the I/O workloads, gcc and libc6-dev for the migration tests' static
-# guest helper, QEMU and the guest's build tools for the e2e tests, Debian 13's QEMU and kernel for
-# the guest tests on today's stack and Debian testing's QEMU 11.1 and Linux 7.2 for the DAX guest
-# tests (scripts/stack.sh), and vhostfs with its test extras into .venv. Without root it uses what
-# is there; the e2e tests then skip with the reason if the guest cannot be built (except under
-# CI=true, where they fail).
+# /dev/fuse mounts, fio for the I/O workloads, uidmap (newuidmap) for the rootless daemon's user
+# namespace, gcc and libc6-dev for the migration tests' static guest helper, QEMU and the guest's
+# build tools for the e2e tests, Debian 13's QEMU and kernel for the guest tests on today's stack and
+# Debian testing's QEMU 11.1 and Linux 7.2 for the DAX guest tests (scripts/stack.sh), and vhostfs
+# with its test extras into .venv. Without root it uses what is there; the e2e tests then skip with
+# the reason if the guest cannot be built (except under CI=true, where they fail).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -20,6 +20,8 @@ repo=$(dirname "$here")
 missing=()
 command -v fusermount3 >/dev/null || missing+=(fuse3)
 command -v fio >/dev/null || missing+=(fio)
+# newuidmap/newgidmap: the rootless tests map a test user's subordinate IDs into its user namespace.
+command -v newuidmap >/dev/null || missing+=(uidmap)
 # The migration tests build a small static guest helper (tests/e2e/helpers/mighold.c).
 command -v gcc >/dev/null || missing+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)

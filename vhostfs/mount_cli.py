@@ -35,8 +35,10 @@ from vhostfs.cli import (
     add_overlay_options,
     add_passthrough_options,
     apply_passthrough_o,
+    negotiated_switches,
     passthrough_options,
     shared_filesystem,
+    translate_maps,
     vfs_specs,
 )
 from vhostfs.fs.passthrough import prepare_process
@@ -127,8 +129,9 @@ def main(argv: list[str]) -> int:
     1 if it could not be mounted or serving failed. Argument errors exit with status 2, as argparse does.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(negotiated_switches(argv))
     mount_opts = _mount_options(parser, args.o, args)
+    translate_maps(parser, args)
     logging.basicConfig(level=LOG_LEVELS[args.log_level],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     specs = vfs_specs(parser, args)

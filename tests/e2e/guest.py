@@ -167,6 +167,7 @@ def boot_guest(
     dax_window_size: str | None = None,
     reboot: bool = False,
     files: Mapping[str, bytes] | None = None,
+    run_dir_owner: tuple[int, int] | None = None,
 ) -> GuestResult:
     """Serves shared_dir with daemon_cmd ({sock}, {dir} substituted) and runs script in a guest on it.
 
@@ -181,10 +182,14 @@ def boot_guest(
     daemon_started, if given, is called with the daemon's pid once its socket exists, before QEMU
     starts (e.g. to watch the daemon's resources from another thread while the guest runs).
     files are more executables for the guest's root (name -> contents), beside /cmd.sh.
+    run_dir_owner (uid, gid) gives the directory of the socket to that user, for a daemon that runs
+    as someone else than the tests.
     """
     images = build_guest(stack)
     with tempfile.TemporaryDirectory(prefix="vhostfs-e2e-") as tmp:
         run = Path(tmp)
+        if run_dir_owner is not None:
+            os.chown(run, *run_dir_owner)
         sock = run / "vhostfs.sock"
         initrd = run / "initrd.img"
         archive = cpio_archive({"cmd.sh": script.encode(), **(files or {})})

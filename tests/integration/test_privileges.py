@@ -40,6 +40,15 @@ DOCUMENTED = frozenset({"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSET
                         "CAP_SETUID", "CAP_MKNOD", "CAP_SETFCAP"})
 
 
+def _serving_pid(daemon) -> int:
+    """The process that serves: under the default namespace sandbox the daemon's only child (the outer
+    process stays outside the namespaces and only waits for it), else the daemon itself."""
+    with open(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    assert len(children) <= 1, children
+    return children[0] if children else daemon.proc.pid
+
+
 def _held() -> int:
     """The capabilities this test process may have: the daemon cannot hold more."""
     return int(_status(os.getpid())["CapPrm"], 16)
@@ -75,7 +84,9 @@ def test_daemon_keeps_only_the_passthrough_capabilities(start):
     fe, client = _serving(daemon)
     with fe:
         expected = caps.mask(DOCUMENTED) & _held()
-        threads = _threads(daemon.proc.pid)
+        pid = _serving_pid(daemon)
+        assert pid != daemon.proc.pid, "the default sandbox is the namespace one"
+        threads = _threads(pid)
         assert len(threads) > 1, "the queue workers should be running"
         for status in threads:
             assert int(status["CapEff"], 16) == expected, caps.names(int(status["CapEff"], 16))
@@ -84,9 +95,9 @@ def test_daemon_keeps_only_the_passthrough_capabilities(start):
             assert int(status["CapAmb"], 16) == 0
             assert status["Groups"] == ""
         if int(_status(os.getpid())["CapEff"], 16) >> caps.CAPABILITIES["CAP_SETPCAP"] & 1:
-            assert int(_status(daemon.proc.pid)["CapBnd"], 16) == expected
-        # Without --seccomp there is no filter.
-        assert _status(daemon.proc.pid)["Seccomp"] == "0"
+            assert int(_status(pid)["CapBnd"], 16) == expected
+        # The default filter kills on a call off the list, as --seccomp=kill.
+        assert _status(pid)["Seccomp"] == "2"
         # What a dropped capability allowed is refused: trusted.* attributes need CAP_SYS_ADMIN,
         # which this test process holds and the daemon does not.
         assert int(_status(os.getpid())["CapEff"], 16) >> caps.CAPABILITIES["CAP_SYS_ADMIN"] & 1
@@ -100,12 +111,21 @@ def test_daemon_keeps_only_the_passthrough_capabilities(start):
         assert "trusted.x" not in os.listxattr(daemon.shared / "f")
 
 
+def test_seccomp_none_installs_no_filter(start):
+    daemon = start("--seccomp=none", "--sandbox=none")
+    fe, client = _serving(daemon)
+    with fe:
+        check_statfs(client, daemon.shared)
+        assert _serving_pid(daemon) == daemon.proc.pid
+        assert all(status["Seccomp"] == "0" for status in _threads(daemon.proc.pid))
+
+
 @pytest.mark.parametrize("option", ["--modcaps=+sys_admin:-mknod", "-omodcaps=+CAP_SYS_ADMIN:-CAP_MKNOD"])
 def test_modcaps_adds_and_removes(start, option):
     daemon = start(option)
     fe, client = _serving(daemon)
     with fe:
-        effective = int(_status(daemon.proc.pid)["CapEff"], 16)
+        effective = int(_status(_serving_pid(daemon))["CapEff"], 16)
         assert caps.names(effective) == sorted(
             DOCUMENTED - {"CAP_MKNOD"} | {"CAP_SYS_ADMIN"}, key=caps.CAPABILITIES.get)
         # Without CAP_MKNOD the guest's MKNOD of a device node is refused by the host.
@@ -117,7 +137,7 @@ def test_file_handles_keep_dac_read_search(start):
     daemon = start("--inode-file-handles=prefer")
     fe, client = _serving(daemon)
     with fe:
-        effective = int(_status(daemon.proc.pid)["CapEff"], 16)
+        effective = int(_status(_serving_pid(daemon))["CapEff"], 16)
         assert caps.names(effective) == caps.names(
             caps.mask(DOCUMENTED | {"CAP_DAC_READ_SEARCH"}) & _held())
         (daemon.shared / "f").write_bytes(b"by handle")
@@ -162,7 +182,7 @@ def test_seccomp_filter_on_every_thread(start, mode):
     fe, client = _serving(daemon)
     with fe:
         check_statfs(client, daemon.shared)
-        threads = _threads(daemon.proc.pid)
+        threads = _threads(_serving_pid(daemon))
         assert len(threads) > 1, "the queue workers should be running"
         for status in threads:
             assert status["Seccomp"] == "2"  # SECCOMP_MODE_FILTER
@@ -211,8 +231,8 @@ def test_sandboxed_daemon_drops_after_entering_the_namespace(start):
     daemon = start("--sandbox=namespace", "--seccomp=kill")
     fe, client = _serving(daemon)
     with fe:
-        with open(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children") as f:
-            (inner,) = (int(pid) for pid in f.read().split())
+        inner = _serving_pid(daemon)
+        assert inner != daemon.proc.pid
         status = _status(inner)
         assert int(status["CapEff"], 16) == caps.mask(DOCUMENTED) & _held()
         assert status["Seccomp"] == "2"

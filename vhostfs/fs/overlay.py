@@ -260,7 +260,8 @@ class OverlayFs(Filesystem):
             raise ValueError("an overlay cannot map extended attribute names (xattrmap): its markers "
                              "must keep the names the kernel's overlayfs reads")
         for name in NOT_WITH_OVERLAY:
-            if passthrough.get(name):
+            # posix_acl and security_label are modes: "never" is off, like False.
+            if passthrough.get(name) not in (None, False, "never"):
                 raise ValueError(f"an overlay does not serve {name}")
         for lower in lower_dirs:
             if not os.path.isdir(lower):

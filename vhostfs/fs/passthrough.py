@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING
 
 from vhostfs import native
 from vhostfs.fs.handles import Handle, HandleTable
+from vhostfs.fs.idmap import IdMap, IdTranslation, parse_proc_id_map
 from vhostfs.fs.inodes import Inode, InodeTable
 from vhostfs.fs.locks import LockTable
 from vhostfs.fs.migration import SessionMover
@@ -188,10 +189,28 @@ def prepare_process() -> None:
     it warns if this did not run.
     """
     global _prepared
-    if os.geteuid() == 0:
-        os.setgroups([])
+    if os.geteuid() == 0 and os.getgroups():
+        # Root's supplementary groups would count for every guest user once fsuid/fsgid are switched
+        # (the host checks group membership with them), so the daemon holds none.
+        try:
+            os.setgroups([])
+        except PermissionError:
+            # A user namespace whose setgroups is "deny" (one gid mapped, no newgidmap): the daemon
+            # keeps the groups its user has on the host, and can switch to no other gid.
+            with open("/proc/self/setgroups") as f:
+                if f.read().strip() != "deny":
+                    raise
     os.umask(0)
     _prepared = True
+
+
+def _negotiation_mode(option: str, value: bool | str) -> str:
+    """"never", "auto" or "always" from a mode or a bool (True: "auto"); ValueError otherwise."""
+    if value is True or value is False:
+        return "auto" if value else "never"
+    if value not in ("never", "auto", "always"):
+        raise ValueError(f"{option} must be never, auto or always, not {value!r}")
+    return value
 
 
 def _dirent_record(name: bytes, ino: int) -> bytes:
@@ -199,6 +218,20 @@ def _dirent_record(name: bytes, ino: int) -> bytes:
     reclen = (LINUX_DIRENT64.size + len(name) + 1 + 7) & ~7
     record = LINUX_DIRENT64.pack(ino, 0, reclen, _DT_DIR) + name
     return record + bytes(reclen - len(record))
+
+
+class _GuestAttr:
+    """The attributes `st` with the owner and group the guest sees (an `Attr`)."""
+
+    __slots__ = ("_st", "st_uid", "st_gid")
+
+    def __init__(self, st: os.stat_result, uid: int, gid: int) -> None:
+        self._st = st
+        self.st_uid = uid
+        self.st_gid = gid
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._st, name)
 
 
 def _fd_name(fd: int) -> str:
@@ -232,16 +265,19 @@ class Passthrough(Filesystem):
     - `killpriv_v2`: FUSE_HANDLE_KILLPRIV_V2: the guest leaves clearing set-user-ID/set-group-ID bits
       on write, truncate and chown to the daemon (FUSE_WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, and an
       O_TRUNC open by a guest user other than root).
-    - `posix_acl`: POSIX ACLs in the guest (FUSE_POSIX_ACL; implies `xattr`). The system.posix_acl_*
+    - `posix_acl`: POSIX ACLs in the guest (FUSE_POSIX_ACL; implies `xattr`): "never" (or False),
+      "auto" (or True: where the guest can negotiate them) or "always" (`init` fails with EPROTO, and
+      so the session, where the guest cannot). The system.posix_acl_*
       attributes go to the host like any other; the guest's umask is applied here (FUSE_DONT_MASK)
       except in a directory with a default ACL, which replaces it as on the host; and an access ACL
       set with `kill_sgid` clears the set-group-ID bit.
     - `security_label`: the security context the guest's LSM gives a new node (FUSE_SECURITY_CTX;
-      implies `xattr`) is set on the host node as the extended attribute it names (through the
-      xattrmap) right after create, mkdir, mknod, symlink and tmpfile make it, with the daemon's
-      credentials (outside SELinux, setting security.* needs CAP_SYS_ADMIN); if that fails, the node
-      is removed and the guest gets the error. A create that finds the file already there opens it
-      and labels nothing. SELinux's fscreate is not used.
+      implies `xattr`; "never", "auto" or "always" as for `posix_acl`) is set on the host node as
+      the extended attribute it names (through the xattrmap) right after create, mkdir, mknod,
+      symlink and tmpfile make it, with the daemon's credentials (outside SELinux, setting security.*
+      needs CAP_SYS_ADMIN); if that fails, the node is removed and the guest gets the error. A
+      create that finds the file already there opens it and labels nothing. SELinux's fscreate is
+      not used.
     - `xattrmap`: virtiofsd's --xattrmap rules (xattrmap.py), applied to every extended attribute name.
     - `inode_file_handles`: "never", "prefer" or "mandatory": hold the nodes the guest knows by file
       handles rather than fds (inodes.py); "mandatory" raises ValueError when the share cannot.
@@ -253,6 +289,10 @@ class Passthrough(Filesystem):
     - `passthrough`: offer open regular files for FUSE passthrough (`Open.backing_fd`), where the
       transport can (/dev/fuse) and the options allow it; see `passthrough_refusal` and
       docs/fuse-passthrough.md for when they do not.
+    - `translate_uid`, `translate_gid`: `IdMap`s (virtiofsd's --translate-uid/--translate-gid, see
+      idmap.py) applied to the caller's credentials, the owners the guest gives, every attribute
+      reply and the IDs inside POSIX ACLs and v3 file capabilities. Inside a user namespace, a guest
+      ID that would become a host ID the namespace does not map is refused with EPERM.
     - `proc_fd`: an fd of /proc to use (duplicated) instead of opening /proc, for a daemon that can no
       longer name it (its sandbox).
     """
@@ -261,12 +301,13 @@ class Passthrough(Filesystem):
                  xattr: bool = False, posix_lock: bool = True, flock: bool = True,
                  lock_wait: float | None = None, readdirplus: bool | None = None, writeback: bool = False,
                  allow_direct_io: bool = False, allow_mmap: bool = False, announce_submounts: bool = False,
-                 preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool = False,
+                 preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool | str = "never",
                  xattrmap: str | None = None, inode_file_handles: str = "never",
-                 fd_budget: int | None = None, security_label: bool = False,
+                 fd_budget: int | None = None, security_label: bool | str = "never",
                  passthrough: bool = True, proc_fd: int | None = None,
                  migration_mode: str = "find-paths", migration_on_error: str = "abort",
-                 migration_verify_handles: bool = False, migration_confirm_paths: bool = False) -> None:
+                 migration_verify_handles: bool = False, migration_confirm_paths: bool = False,
+                 translate_uid: IdMap | None = None, translate_gid: IdMap | None = None) -> None:
         if cache not in CACHE_POLICIES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
         if os.geteuid() == 0 and not _prepared:
@@ -276,9 +317,11 @@ class Passthrough(Filesystem):
                         "apply to what guest users create")
         self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
         self._readonly = readonly
-        self._xattr = xattr or posix_acl or security_label
-        self._posix_acl = posix_acl
-        self._security_label = security_label
+        self._acl_mode = _negotiation_mode("posix_acl", posix_acl)
+        self._label_mode = _negotiation_mode("security_label", security_label)
+        self._posix_acl = self._acl_mode != "never"
+        self._security_label = self._label_mode != "never"
+        self._xattr = xattr or self._posix_acl or self._security_label
         self._xattrmap = XattrMap.parse(xattrmap) if xattrmap is not None else None
         self._cap_name = self._xattrmap.capability_name if self._xattrmap is not None else None
         self._readdirplus = readdirplus if readdirplus is not None else cache != "never"
@@ -335,11 +378,27 @@ class Passthrough(Filesystem):
                                    mode=migration_mode, on_error=migration_on_error,
                                    verify_handles=migration_verify_handles,
                                    confirm_paths=migration_confirm_paths, flock=flock)
-        self._switch_creds = os.geteuid() == 0
+        self._ids = self._translation(translate_uid or IdMap(), translate_gid or IdMap())
+        self._creds = (os.geteuid(), os.getegid())
+        self._switch_creds = self._creds[0] == 0
 
     def stats(self) -> dict[str, int]:
         """Counters for listings (vhostfs.fs.vfs): the nodes the client knows and the handles open."""
         return {"nodes": len(self._inodes), "handles": len(self._handles)}
+
+    def _proc_text(self, name: str) -> str:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        try:
+            return os.read(fd, 65536).decode()
+        finally:
+            os.close(fd)
+
+    def _translation(self, uids: IdMap, gids: IdMap) -> IdTranslation | None:
+        """The ID translation in force: the maps, and the IDs this process's user namespace can use;
+        None when nothing needs translating or refusing."""
+        ids = IdTranslation(uids, gids, parse_proc_id_map(self._proc_text("self/uid_map")),
+                            parse_proc_id_map(self._proc_text("self/gid_map")))
+        return None if ids.identity else ids
 
     def close(self) -> None:
         """Releases every node and handle and closes the root; the object is unusable afterwards."""
@@ -374,7 +433,16 @@ class Passthrough(Filesystem):
         return self._inodes.open_fd(lambda: os.open(_fd_name(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd))
 
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
-        return Entry(inode.nodeid, st, entry_timeout=self._timeout, attr_timeout=self._timeout)
+        # Checked here, not in _guest_attr: untranslated replies are the hot path of LOOKUP and READDIRPLUS.
+        return Entry(inode.nodeid, st if self._ids is None else self._guest_attr(st),
+                     entry_timeout=self._timeout, attr_timeout=self._timeout)
+
+    def _guest_attr(self, st: os.stat_result) -> Attr:
+        """`st` as the guest sees it: with its owner and group translated (see translate_uid)."""
+        ids = self._ids
+        if ids is None:
+            return st
+        return _GuestAttr(st, ids.uid_to_guest(st.st_uid), ids.gid_to_guest(st.st_gid))
 
     def _lookup_at(self, dir_inode: Inode, name: bytes) -> Entry:
         """Looks up one component `name` (not following it) in directory node `dir_inode` (in use);
@@ -445,14 +513,18 @@ class Passthrough(Filesystem):
         A switch that did not take effect (an id the kernel refuses) fails the call with EPERM rather
         than creating the file as root.
         """
-        if not self._switch_creds or (ctx.uid == 0 and ctx.gid == 0):
+        uid, gid = ctx.uid, ctx.gid
+        if self._ids is not None:
+            # A guest ID that is forbidden or has no host ID the daemon can use: EPERM.
+            uid, gid = self._ids.uid_to_host(uid), self._ids.gid_to_host(gid)
+        if not self._switch_creds or (uid, gid) == self._creds:
             yield
             return
-        old_gid = native.setfsgid(ctx.gid)
-        old_uid = native.setfsuid(ctx.uid)
+        old_gid = native.setfsgid(gid)
+        old_uid = native.setfsuid(uid)
         try:
             # setfsuid(-1) changes nothing and returns the current value: the only way to see failure.
-            if native.setfsuid(0xFFFFFFFF) != ctx.uid or native.setfsgid(0xFFFFFFFF) != ctx.gid:
+            if native.setfsuid(0xFFFFFFFF) != uid or native.setfsgid(0xFFFFFFFF) != gid:
                 raise fs_error(errno.EPERM)
             yield
         finally:
@@ -565,7 +637,14 @@ class Passthrough(Filesystem):
             conn.want |= FUSE_SUBMOUNTS
         if self._killpriv_v2:
             conn.want |= FUSE_HANDLE_KILLPRIV_V2
-        if self._posix_acl and conn.capable & _ACL_FLAGS == _ACL_FLAGS:
+        acl = conn.capable & _ACL_FLAGS == _ACL_FLAGS
+        label = bool(conn.capable & FUSE_SECURITY_CTX)
+        for mode, offered, what in ((self._acl_mode, acl, "POSIX ACLs"), (self._label_mode, label,
+                                                                           "security labels")):
+            if mode == "always" and not offered:
+                raise OSError(errno.EPROTO, f"{what} are required (\"always\") and the kernel cannot "
+                              "negotiate them")
+        if self._posix_acl and acl:
             conn.want |= _ACL_FLAGS
         if self._security_label:
             conn.want |= FUSE_SECURITY_CTX
@@ -612,12 +691,13 @@ class Passthrough(Filesystem):
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
         """fstat of the node's O_PATH fd (the same inode as any `fh` opened from it)."""
         with self._inodes.use(nodeid) as inode:
-            return os.stat(inode.fd), self._timeout
+            st = os.stat(inode.fd)
+            return (st if self._ids is None else self._guest_attr(st)), self._timeout
 
     def statx(self, ctx: Context, nodeid: int, fh: int | None, flags: int, mask: int) -> tuple[Statx, float]:
         """The basic stats of the node (fstat of its O_PATH fd); no birth time, so `mask` says so."""
         with self._inodes.use(nodeid) as inode:
-            return Statx.from_attr(os.stat(inode.fd)), self._timeout
+            return Statx.from_attr(self._guest_attr(os.stat(inode.fd))), self._timeout
 
     def setattr(self, ctx: Context, nodeid: int, changes: SetAttr) -> tuple[Attr, float]:
         """Applies owner, mode, size and times, in that order (chown clears set-id bits; mode wins).
@@ -632,7 +712,7 @@ class Passthrough(Filesystem):
             else:
                 with self._handles.use(changes.fh) as handle:
                     self._setattr(inode, handle.fd, changes)
-            return os.stat(inode.fd), self._timeout
+            return self._guest_attr(os.stat(inode.fd)), self._timeout
 
     def _setattr(self, inode: Inode, fd: int | None, ch: SetAttr) -> None:
         name = _fd_name(inode.fd)
@@ -640,10 +720,20 @@ class Passthrough(Filesystem):
         if ch.uid is not None or ch.gid is not None:
             uid = -1 if ch.uid is None else ch.uid
             gid = -1 if ch.gid is None else ch.gid
-            if fd is not None:
-                os.fchown(fd, uid, gid)
-            else:
-                os.chown(name, uid, gid, dir_fd=proc)
+            if self._ids is not None:
+                uid = uid if ch.uid is None else self._ids.uid_to_host(uid)
+                gid = gid if ch.gid is None else self._ids.gid_to_host(gid)
+            try:
+                if fd is not None:
+                    os.fchown(fd, uid, gid)
+                else:
+                    os.chown(name, uid, gid, dir_fd=proc)
+            except OSError as e:
+                # EINVAL: an ID the daemon's user namespace does not map. To the guest, as to a
+                # process in that namespace, such an owner is simply not permitted.
+                if e.errno == errno.EINVAL:
+                    raise fs_error(errno.EPERM) from None
+                raise
             if inode.kind == stat.S_IFREG:
                 self._drop_capability(fd if fd is not None else inode)
         mode = ch.mode
@@ -1229,7 +1319,7 @@ class Passthrough(Filesystem):
         uid 0 passes everything except X_OK on a file no one can execute, as for root on the host.
         """
         with self._inodes.use(nodeid) as inode:
-            st = os.stat(inode.fd)
+            st = self._guest_attr(os.stat(inode.fd))
         mask &= os.R_OK | os.W_OK | os.X_OK
         if mask & os.W_OK and self._readonly:
             raise fs_error(errno.EROFS)
@@ -1310,19 +1400,22 @@ class Passthrough(Filesystem):
         """
         self._check_xattr(name, modify=True)
         host_name = self._host_name(name)
+        if self._ids is not None:
+            value = self._ids.xattr_to_host(name, value)
         with self._inodes.use(nodeid) as inode, self._proc_as_cwd():
             os.setxattr(_fd_name(inode.fd), host_name, value, flags)
             if kill_sgid:
                 mode = os.stat(inode.fd).st_mode
                 if mode & stat.S_ISGID:
-                    os.chmod(_fd_name(inode.fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
+                    os.chmod(_fd_name(inode.fd), stat.S_IMODE(mode) & ~stat.S_ISGID, dir_fd=self._proc_fd)
 
     def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:
         """getxattr(2): the value, or ENODATA (ENOSYS unless xattr=True)."""
         self._check_xattr(name)
         host_name = self._host_name(name)
         with self._inodes.use(nodeid) as inode, self._proc_as_cwd():
-            return os.getxattr(_fd_name(inode.fd), host_name)
+            value = os.getxattr(_fd_name(inode.fd), host_name)
+        return value if self._ids is None else self._ids.xattr_to_guest(name, value)
 
     def listxattr(self, ctx: Context, nodeid: int) -> list[bytes]:
         """listxattr(2): the attribute names, as the xattrmap shows them (ENOSYS unless xattr=True)."""
