@@ -95,6 +95,7 @@ from vhostfs.fuse.filesystem import (
     SetAttr,
     Stat,
     StatVfs,
+    check_access,
     check_name,
     fs_error,
 )
@@ -1203,19 +1204,7 @@ class OverlayFs(Filesystem):
         is copied up)."""
         with self._lock:
             st, _ = self._attr(self._node(nodeid))
-        mask &= os.R_OK | os.W_OK | os.X_OK
-        if ctx.uid == 0:
-            if mask & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
-                raise fs_error(errno.EACCES)
-            return
-        if st.st_uid == ctx.uid:
-            granted = st.st_mode >> 6
-        elif st.st_gid == ctx.gid:
-            granted = st.st_mode >> 3
-        else:
-            granted = st.st_mode
-        if mask & ~granted & 0o7:
-            raise fs_error(errno.EACCES)
+        check_access(ctx, st.st_mode, st.st_uid, st.st_gid, mask)
 
     def syncfs(self, ctx: Context, nodeid: int) -> None:
         self._layers[0].syncfs(ctx, ROOT_ID)

@@ -100,6 +100,7 @@ from vhostfs.fuse.filesystem import (
     SetAttr,
     StatVfs,
     Statx,
+    check_access,
     check_name,
     fs_error,
 )
@@ -1320,21 +1321,9 @@ class Passthrough(Filesystem):
         """
         with self._inodes.use(nodeid) as inode:
             st = self._guest_attr(os.stat(inode.fd))
-        mask &= os.R_OK | os.W_OK | os.X_OK
         if mask & os.W_OK and self._readonly:
             raise fs_error(errno.EROFS)
-        if ctx.uid == 0:
-            if mask & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
-                raise fs_error(errno.EACCES)
-            return
-        if st.st_uid == ctx.uid:
-            granted = st.st_mode >> 6
-        elif st.st_gid == ctx.gid:
-            granted = st.st_mode >> 3
-        else:
-            granted = st.st_mode
-        if mask & ~granted & 0o7:
-            raise fs_error(errno.EACCES)
+        check_access(ctx, st.st_mode, st.st_uid, st.st_gid, mask)
 
     def syncfs(self, ctx: Context, nodeid: int) -> None:
         """syncfs(2) of the shared directory's file system (it needs a real fd, not O_PATH)."""

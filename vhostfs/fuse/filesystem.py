@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 import threading
 from array import array
@@ -332,6 +333,25 @@ def check_name(name: bytes) -> None:
         raise fs_error(errno.EINVAL)
     if len(name) > 255:
         raise fs_error(errno.ENAMETOOLONG)
+
+
+def check_access(ctx: Context, mode: int, uid: int, gid: int, mask: int) -> None:
+    """Raises EACCES unless the caller of `ctx` may do `mask` (R_OK/W_OK/X_OK) to a node with these mode
+    bits and owner, by the classic owner/group/other rule: root passes everything but executing a
+    file with no execute bit. For file systems that answer FUSE_ACCESS from their own attributes."""
+    mask &= os.R_OK | os.W_OK | os.X_OK
+    if ctx.uid == 0:
+        if mask & os.X_OK and not stat.S_ISDIR(mode) and not mode & 0o111:
+            raise fs_error(errno.EACCES)
+        return
+    if uid == ctx.uid:
+        granted = mode >> 6
+    elif gid == ctx.gid:
+        granted = mode >> 3
+    else:
+        granted = mode
+    if mask & ~granted & 0o7:
+        raise fs_error(errno.EACCES)
 
 
 def _nosys() -> OSError:
