@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
 import time
+
+from _daemon import daemon, main_guard
 
 from vhostfs.fuse import abi
 from vhostfs.testing.frontend import Frontend
@@ -65,14 +65,7 @@ def main() -> None:
             while f.read(8 * MIB):
                 pass
         sock = os.path.join(tmp, "vfs.sock")
-        daemon = subprocess.Popen([sys.executable, "-m", "vhostfs", "--socket-path", sock,
-                                   "--shared-dir", share, "--log-level", "error",
-                                   "--dax-window-size", str(window)])
-        try:
-            while not os.path.exists(sock):
-                if daemon.poll() is not None:
-                    raise SystemExit("the daemon did not start")
-                time.sleep(0.05)
+        with daemon(sock, share, "--dax-window-size", str(window)) as watched:
             with Frontend.connect(sock) as fe:
                 fe.setup(dax_window=window)
                 client = FuseClient(fe)
@@ -81,13 +74,11 @@ def main() -> None:
                 fh = client.open(nodeid)
                 read_s = fuse_read(client, nodeid, fh, size)
                 dax_s = dax_read(client, fe, nodeid, fh, size)
+                watched.done()
             print(f"file size      {args.size_mib} MiB")
             print(f"FUSE READ      {args.size_mib / read_s:8.1f} MiB/s  (1 MiB requests)")
             print(f"DAX window     {args.size_mib / dax_s:8.1f} MiB/s  (2 MiB mappings, mapping included)")
-        finally:
-            daemon.terminate()
-            daemon.wait()
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

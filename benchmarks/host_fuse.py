@@ -16,7 +16,8 @@ passthrough and io_uring), fetched with apt through a private source list. The i
 the fuse module's enable_uring parameter for their run and put it back afterwards.
 
 The workload: fio (psync; 1 MiB sequential read and write, 4 KiB random read and write, buffered and
-with O_DIRECT so that every request reaches the file server; a job the file system fails shows as nan)
+with O_DIRECT so that every request reaches the file server; a job the file system fails shows as
+"failed" in the table and the plot, and fails the run if the host directory or vhostfs failed it)
 and a metadata loop (create, stat, open/close, rename, unlink of NFILES files). It prints a table and
 writes it, with a PNG plot, to --out (default ./host-fuse-report). Needs root and /dev/fuse; fio,
 pyfuse3 and matplotlib are installed when missing.
@@ -30,6 +31,7 @@ import argparse
 import glob
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -70,8 +72,9 @@ def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kw)
 
 
-def ensure_tools(need_pyfuse3: bool) -> str | None:
-    """Installs fio (and pyfuse3 with its build needs); returns the path of passthroughfs.py."""
+def ensure_tools(need_pyfuse3: bool, need_plot: bool = True) -> str | None:
+    """Installs fio (and pyfuse3 with its build needs, and matplotlib for the plot); returns the path
+    of passthroughfs.py."""
     apt = [] if shutil.which("fio") else ["fio"]
     if need_pyfuse3:
         apt += ["libfuse3-dev", "pkg-config", "fuse3"]
@@ -79,7 +82,7 @@ def ensure_tools(need_pyfuse3: bool) -> str | None:
         sh("apt-get", "install", "-y", "-q", *apt, stdout=subprocess.DEVNULL, env={**os.environ,
            "DEBIAN_FRONTEND": "noninteractive"})
     # Benchmark-only dependencies: the peer and the plot.
-    wanted = ["matplotlib"] + (["pyfuse3"] if need_pyfuse3 else [])
+    wanted = (["matplotlib"] if need_plot else []) + (["pyfuse3"] if need_pyfuse3 else [])
     missing = [name for name in wanted if importlib.util.find_spec(name) is None]
     if missing:
         sh(sys.executable, "-m", "pip", "install", "-q", *missing)
@@ -191,7 +194,11 @@ def run_target(name: str, src: Path, mnt: Path, args, example: str | None,
         where = mnt
     try:
         # Metadata first: a peer that cannot do O_DIRECT I/O may die in the fio jobs.
-        results = metadata(where, args.nfiles)
+        try:
+            results = metadata(where, args.nfiles)
+        except OSError as e:  # the file server died, or refused
+            print(f"  metadata failed: {e}")
+            results = dict.fromkeys(META, float("nan"))
         results.update({fig: fio(where, fig, rw, bs, args.runtime, args.size) for fig, rw, bs, _ in FIO_JOBS})
         return results
     finally:
@@ -203,6 +210,13 @@ def run_target(name: str, src: Path, mnt: Path, args, example: str | None,
                 proc.kill()
         if old_uring is not None:
             ENABLE_URING.write_text(old_uring)
+
+
+def relative(results: dict[str, dict[str, float]], target: str, figures: list[str]) -> list[float]:
+    """`target`'s figures relative to the host directory's (as they are without a host run); NaN
+    where the target or the host failed the figure."""
+    host = results.get("host")
+    return [results[target][f] / host[f] if host is not None else results[target][f] for f in figures]
 
 
 def plot(results: dict[str, dict[str, float]], path: Path) -> None:
@@ -217,16 +231,23 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> None:
     width = 0.8 / len(targets)
     fig, ax = plt.subplots(figsize=(11, 4.5))
     for i, target in enumerate(targets):
-        rel = [results[target][f] / results["host"][f] if "host" in results else results[target][f]
-               for f in figures]
-        ax.bar([x + i * width for x in range(len(figures))], [0 if r != r else r for r in rel], width,
-               label=target)
+        xs = [x + i * width for x in range(len(figures))]
+        heights = relative(results, target, figures)
+        # A failed figure gets no bar (a NaN height draws nothing) and says so: never a bar of 0.
+        ax.bar(xs, heights, width, label=target)
+        for x, h in zip(xs, heights, strict=True):
+            if math.isnan(h):
+                ax.text(x, 0, "failed", rotation=90, ha="center", va="bottom", fontsize=7, color="red")
     ax.set_xticks([x + width * (len(targets) - 1) / 2 for x in range(len(figures))], figures, rotation=20)
     ax.set_ylabel("relative to the host directory" if "host" in results else "figure")
     ax.set_title("vhostfs over /dev/fuse (higher is better)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _cell(value: float) -> str:
+    return f"{'failed':>14}" if math.isnan(value) else f"{value:>14.0f}"
 
 
 def main() -> None:
@@ -238,12 +259,13 @@ def main() -> None:
     ap.add_argument("--libfuse-suite", default="forky",
                     help="the Debian release whose fuse3 source builds passthrough_hp")
     ap.add_argument("--out", default="host-fuse-report")
+    ap.add_argument("--no-plot", action="store_true", help="write the table only (no matplotlib)")
     args = ap.parse_args()
     targets = args.targets.split(",")
     unknown = set(targets) - set(ALL_TARGETS)
     if unknown:
         ap.error(f"unknown targets: {', '.join(sorted(unknown))}")
-    example = ensure_tools("pyfuse3" in targets)
+    example = ensure_tools("pyfuse3" in targets, not args.no_plot)
     pthp = ensure_passthrough_hp(args.libfuse_suite) if set(PTHP_TARGETS) & set(targets) else None
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
@@ -264,7 +286,7 @@ def main() -> None:
     lines = [f"{'figure':<22}" + "".join(f"{t:>14}" for t in targets) + "  unit  "
              + "".join(f"{a + '/' + b:>26}" for a, b in ratios)]
     for figure, unit in units.items():
-        row = f"{figure:<22}" + "".join(f"{results[t][figure]:>14.0f}" for t in targets) + f"  {unit:<6}"
+        row = f"{figure:<22}" + "".join(_cell(results[t][figure]) for t in targets) + f"  {unit:<6}"
         row += "".join(f"{results[a][figure] / results[b][figure]:>26.2f}" for a, b in ratios)
         lines.append(row)
     table = "\n".join(lines)
@@ -273,8 +295,15 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / "results.txt").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "results.png")
-    print(f"report: {out}/results.txt, {out}/results.png")
+    if not args.no_plot:
+        plot(results, out / "results.png")
+    print(f"report: {out}/results.txt" + ("" if args.no_plot else f", {out}/results.png"))
+    # The peers may fail jobs they cannot serve (O_DIRECT); the host directory and vhostfs must not.
+    failed = [f"{t} {f}" for t in results if t == "host" or t.startswith("vhostfs")
+              for f, v in results[t].items() if math.isnan(v)]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

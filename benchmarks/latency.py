@@ -16,10 +16,10 @@ import os
 import random
 import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+
+from _daemon import daemon, main_guard
 
 from vhostfs.fuse import abi
 from vhostfs.testing.frontend import Frontend
@@ -42,6 +42,7 @@ def report(name: str, samples: list[float]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--file-mib", type=int, default=FILE_SIZE >> 20, help="size of the file read (MiB)")
     ap.add_argument("--profile", help="run the daemon under cProfile, statistics to this file")
     ap.add_argument("--daemon-args", default="", help="more vhostfs options, e.g. '--poll-us 0'")
     args = ap.parse_args()
@@ -49,16 +50,11 @@ def main() -> None:
         share = os.path.join(tmp, "share")
         os.mkdir(share)
         with open(os.path.join(share, "data"), "wb") as f:
-            f.write(os.urandom(FILE_SIZE))
+            f.write(os.urandom(args.file_mib << 20))
         sock = os.path.join(tmp, "vfs.sock")
         prof = ["py-spy", "record", "--format", "raw", "--rate", "2000", "--output",
                 os.path.abspath(args.profile), "--"] if args.profile else []
-        daemon = subprocess.Popen([*prof, sys.executable, "-m", "vhostfs", "--socket-path", sock,
-                                   "--shared-dir", share, "--log-level", "error",
-                                   *shlex.split(args.daemon_args)])
-        try:
-            while not os.path.exists(sock):
-                time.sleep(0.05)
+        with daemon(sock, share, *shlex.split(args.daemon_args), wrapper=prof) as watched:
             with Frontend.connect(sock) as fe:
                 fe.setup(queues=2, num=1024)
                 client = FuseClient(fe)
@@ -68,7 +64,7 @@ def main() -> None:
                 rng = random.Random(1)
                 reads, getattrs = [], []
                 for _ in range(args.requests):
-                    off = rng.randrange(FILE_SIZE // 4096) * 4096
+                    off = rng.randrange((args.file_mib << 20) // 4096) * 4096
                     t = time.perf_counter()
                     client.read(nodeid, fh, off, 4096)
                     reads.append(time.perf_counter() - t)
@@ -77,11 +73,10 @@ def main() -> None:
                     client.getattr(nodeid)
                     getattrs.append(time.perf_counter() - t)
                 client.release(nodeid, fh)
+                watched.done()
             report("read_4k", reads)
             report("getattr", getattrs)
             print(f"(median of {statistics.median(reads) * 1e6:.1f} us includes the front end's own work)")
-        finally:
-            daemon.wait(30)
     if args.profile:
         print_profile(args.profile)
 
@@ -102,4 +97,4 @@ def print_profile(path: str, top: int = 25) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

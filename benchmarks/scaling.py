@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
+
+from _daemon import daemon, main_guard
 
 from vhostfs.fuse import abi
 from vhostfs.testing.frontend import Frontend
@@ -33,14 +33,10 @@ CONFIGS = (  # (label, request queues, daemon options)
 
 
 def run(share: str, tmp: str, queues: int, options: tuple[str, ...], size: int, depth: int,
-        seconds: float) -> float:
+        seconds: float, file_size: int) -> float:
     """Requests per second with `depth` requests in flight on each of `queues` request queues."""
     sock = os.path.join(tmp, "vfs.sock")
-    daemon = subprocess.Popen([sys.executable, "-m", "vhostfs", "--socket-path", sock, "--shared-dir", share,
-                               "--log-level", "error", *options])
-    try:
-        while not os.path.exists(sock):
-            time.sleep(0.05)
+    with daemon(sock, share, *options) as watched:
         with Frontend.connect(sock, mem_size=(queues * depth + 8) * (size + 8192) + (32 << 20)) as fe:
             fe.setup(queues=1 + queues, num=1024)
             client = FuseClient(fe)
@@ -55,7 +51,7 @@ def run(share: str, tmp: str, queues: int, options: tuple[str, ...], size: int, 
                 slots.append((ring, bufs))
 
             def post(ring, src, dst) -> int:
-                off = rng.randrange(FILE_SIZE // size) * size
+                off = rng.randrange(file_size // size) * size
                 msg = client.message(abi.FUSE_READ, nodeid, abi.READ_IN.pack(fh, off, size, 0, 0, 0))
                 fe.view[src:src + len(msg)] = msg
                 head = fe.make_chain(ring, [(src, len(msg))], [(dst, size + 16)])
@@ -80,9 +76,8 @@ def run(share: str, tmp: str, queues: int, options: tuple[str, ...], size: int, 
             for (ring, _), heads in zip(slots, inflight, strict=True):
                 for _ in heads:
                     fe.wait_used(ring)
+            watched.done()
         return done / elapsed
-    finally:
-        daemon.wait(30)
 
 
 def main() -> None:
@@ -90,17 +85,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--size", type=int, default=4096, help="bytes per READ (e.g. 4096 or 1048576)")
     ap.add_argument("--depth", type=int, default=4, help="requests in flight per queue")
+    ap.add_argument("--file-mib", type=int, default=FILE_SIZE >> 20, help="size of the file read (MiB)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         share = os.path.join(tmp, "share")
         os.mkdir(share)
         with open(os.path.join(share, "data"), "wb") as f:
-            f.write(os.urandom(FILE_SIZE))
+            f.write(os.urandom(args.file_mib << 20))
         print(f"READ of {args.size} bytes, {args.depth} in flight per queue, {os.cpu_count()} CPUs")
         for label, queues, options in CONFIGS:
-            rate = run(share, tmp, queues, options, args.size, args.depth, args.seconds)
+            rate = run(share, tmp, queues, options, args.size, args.depth, args.seconds, args.file_mib << 20)
             print(f"{label:<18} {rate:10.0f} req/s {rate * args.size / (1 << 20):10.1f} MiB/s", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -31,6 +31,25 @@ apt_install() {
         || { log "apt-get install $* failed"; return "$VHOSTFS_EXIT_UNAVAILABLE"; }
 }
 
+# running_in_ci: whether CI is set to something true (as tests/e2e/guest.py's running_in_ci reads it).
+running_in_ci() {
+    case "${CI:-}" in
+        "" | 0 | [Ff][Aa][Ll][Ss][Ee] | [Nn][Oo]) return 1 ;;
+        *) return 0 ;;
+    esac
+}
+
+# install_needed PKG...: installs packages the tests need. Where that fails, CI (which must run those
+# tests) stops with an error; elsewhere it goes on, and the tests that need them skip with the reason.
+install_needed() {
+    apt_install "$@" && return 0
+    if running_in_ci; then
+        log "CI=$CI: cannot install $*, which the tests need"
+        exit 1
+    fi
+    log "continuing without $*; the tests that need them will say so"
+}
+
 # A dynamically linked busybox cannot run in the initramfs, which has no libc; `ldd` fails on
 # static binaries, which is exactly the property wanted.
 have_static_busybox() {

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vhostfs import __version__, sandbox, seccomp
+from vhostfs.fs import passthrough
 from vhostfs.fs.filehandles import INODE_FILE_HANDLES
 from vhostfs.fs.passthrough import CACHE_POLICIES
 from vhostfs.fs.vfs import MAX_MOUNTS
@@ -49,6 +50,10 @@ _O_SWITCHES = {
     "announce_submounts": "announce_submounts", "killpriv_v2": "killpriv_v2", "posix_acl": "posix_acl",
     "security_label": "security_label",
 }
+#: virtiofsd 1.14's negotiated features: --posix-acl[=never|auto|always], --security-label[=...]. The
+#: plain switch (and its `-o` form) means "always", as there; its `no_` form "never".
+NEGOTIATION_MODES = ("never", "auto", "always")
+_NEGOTIATED = ("--posix-acl", "--security-label")
 
 
 def _apply_o_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -125,16 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "a guest that waits on each reply gets the next one served sooner; the poll "
                         "shrinks while requests come later than that, and grows back when they come "
                         "sooner (default 500; 0: sleep at once)")
-    p.add_argument("--sandbox", choices=sandbox.MODES, default="none",
-                   help="confine the daemon to the shared directory: namespace (new mount, pid and net "
-                        "namespaces, pivot_root into it; needs root), chroot (for containers), or none "
-                        "(default)")
+    p.add_argument("--sandbox", choices=sandbox.MODES, default="namespace",
+                   help="confine the daemon to the shared directory: namespace (default: new mount, pid "
+                        "and net namespaces, pivot_root into it; without root inside a new user "
+                        "namespace), chroot (for containers, root only), or none")
+    p.add_argument("--uid-map", action="append", default=[], metavar=":INSIDE:OUTSIDE:COUNT:",
+                   help="without root: map host UIDs OUTSIDE.. to INSIDE.. in the daemon's user namespace "
+                        "(repeatable; newuidmap and /etc/subuid for any but your own UID; default: your "
+                        "UID as 0 and your subordinate UIDs from 1, or only your UID as itself)")
+    p.add_argument("--gid-map", action="append", default=[], metavar=":INSIDE:OUTSIDE:COUNT:",
+                   help="the same for GIDs (newgidmap, /etc/subgid)")
     p.add_argument("--modcaps", metavar="+CAP:-CAP",
                    help="adjust the capabilities the daemon keeps, e.g. +sys_admin:-mknod (names with or "
                         "without CAP_, colon-separated, each with + to keep or - to drop)")
-    p.add_argument("--seccomp", choices=("none", *seccomp.ACTIONS), default="none",
-                   help="system calls outside the daemon's list: none (no filter, default), kill the "
-                        "daemon, log them (kernel audit log) or trap (SIGSYS)")
+    p.add_argument("--seccomp", choices=("none", *seccomp.ACTIONS), default="kill",
+                   help="system calls outside the daemon's list: kill the daemon (default), log them "
+                        "(kernel audit log), trap (SIGSYS), or none (no filter)")
     p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
     p.add_argument("--syslog", action="store_true", help="log to syslog instead of stderr")
     p.add_argument("--print-capabilities", action="store_true",
@@ -159,7 +170,12 @@ def apply_passthrough_o(parser: argparse.ArgumentParser, args: argparse.Namespac
         if args.cache not in CACHE_MODES:
             parser.error(f"-o cache={value}: expected one of {', '.join(CACHE_MODES)}")
     elif key.removeprefix("no_") in _O_SWITCHES and not value:
-        setattr(args, _O_SWITCHES[key.removeprefix("no_")], not key.startswith("no_"))
+        name = _O_SWITCHES[key.removeprefix("no_")]
+        on = not key.startswith("no_")
+        if "--" + name.replace("_", "-") in _NEGOTIATED:
+            setattr(args, name, "always" if on else "never")
+        else:
+            setattr(args, name, on)
     elif key == "xattrmap":
         args.xattrmap = value
     else:
@@ -194,17 +210,57 @@ def add_passthrough_options(p: argparse.ArgumentParser) -> None:
                    help="do not serve flock(2) locks (the kernel keeps them local)")
     p.add_argument("--killpriv-v2", action="store_true",
                    help="clear set-user/group-ID bits as the kernel asks (FUSE_HANDLE_KILLPRIV_V2)")
-    p.add_argument("--posix-acl", action="store_true",
-                   help="POSIX ACLs (FUSE_POSIX_ACL); implies --xattr")
+    p.add_argument("--posix-acl", choices=NEGOTIATION_MODES, default="never", metavar="never|auto|always",
+                   help="POSIX ACLs (FUSE_POSIX_ACL); implies --xattr. auto: where the kernel can, "
+                        "always (the plain switch): the session fails where it cannot; never (default)")
     p.add_argument("--inode-file-handles", choices=INODE_FILE_HANDLES, default="never",
                    help="hold the files the kernel knows by file handles instead of open fds, so that "
                         "millions of them fit (needs CAP_DAC_READ_SEARCH); prefer: where the file system "
                         "can, mandatory: refuse to start otherwise (default: never for the daemon, as "
                         "virtiofsd; prefer for vhostfs mount). Without handles, idle fds are closed when "
                         "fds run short and the files found again by name")
-    p.add_argument("--security-label", action="store_true",
+    p.add_argument("--security-label", choices=NEGOTIATION_MODES, default="never",
+                   metavar="never|auto|always",
                    help="set the security context the kernel gives a new file (FUSE_SECURITY_CTX) as an "
-                        "extended attribute on the host file; implies --xattr")
+                        "extended attribute on the host file; implies --xattr. auto, always (the plain "
+                        "switch), never (default) as for --posix-acl")
+    p.add_argument("--translate-uid", action="append", default=[], metavar="TYPE:SOURCE:TARGET:COUNT",
+                   help="translate UIDs between the kernel and the host, repeatable: guest:G:H:N, "
+                        "host:H:G:N, squash-guest:G:H:N, squash-host:H:G:N, forbid-guest:G:N, map:G:H:N "
+                        "(both ways); IDs no rule names stay as they are")
+    p.add_argument("--translate-gid", action="append", default=[], metavar="TYPE:SOURCE:TARGET:COUNT",
+                   help="the same for GIDs")
+    p.add_argument("--migration-mode", choices=("find-paths", "file-handles"), default="find-paths",
+                   help="how a migration destination (or a live upgrade's new server) finds the "
+                        "kernel's files again: by their paths in the share (default), or by file "
+                        "handles (needs CAP_DAC_READ_SEARCH and the same file system on both hosts)")
+    p.add_argument("--migration-on-error", choices=("abort", "guest-error"), default="abort",
+                   help="a file the destination cannot find again fails the migration (abort, default; "
+                        "the guest goes on at the source), or only that file, whose requests get EIO")
+    p.add_argument("--migration-verify-handles", action="store_true",
+                   help="the destination checks by file handle that each file it found by path is the "
+                        "source's own (the same shared directory on the same file system)")
+    p.add_argument("--migration-confirm-paths", action="store_true",
+                   help="the source checks each path once more before sending it, in case another "
+                        "process renamed files in the share")
+
+
+def negotiated_switches(argv: Sequence[str]) -> list[str]:
+    """`argv` with each bare --posix-acl or --security-label spelled =always: their value must be
+    given with "=" (as virtiofsd requires), so a following argument is never taken for one."""
+    return [f"{arg}=always" if arg in _NEGOTIATED else arg for arg in argv]
+
+
+def translate_maps(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Replaces the --translate-uid/--translate-gid rule lists in `args` by checked `IdMap`s (None
+    without rules); a rule that does not parse or overlaps another is a command-line error naming it."""
+    from vhostfs.fs.idmap import IdMap, IdMapError
+
+    try:
+        args.translate_uid = IdMap(args.translate_uid, "--translate-uid") if args.translate_uid else None
+        args.translate_gid = IdMap(args.translate_gid, "--translate-gid") if args.translate_gid else None
+    except IdMapError as e:
+        parser.error(str(e))
 
 
 def add_overlay_options(p: argparse.ArgumentParser) -> None:
@@ -273,7 +329,8 @@ def passthrough_options(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in (
         "cache", "readonly", "xattr", "readdirplus", "writeback", "allow_direct_io", "allow_mmap",
         "announce_submounts", "preserve_noatime", "xattrmap", "posix_lock", "flock", "killpriv_v2",
-        "posix_acl", "inode_file_handles", "security_label")}
+        "posix_acl", "inode_file_handles", "security_label", "migration_mode", "migration_on_error",
+        "migration_verify_handles", "migration_confirm_paths", "translate_uid", "translate_gid")}
 
 
 def _setup_logging(level: str, use_syslog: bool) -> None:
@@ -350,11 +407,14 @@ def _listen(path: str, group: int | None = None) -> tuple[socket.socket, int]:
 def capabilities() -> dict:
     """The vhost-user back-end description (docs/interop/vhost-user.rst, "Backend program conventions").
 
-    "separate-options" tells libvirt to pass --shared-dir, --cache, ... rather than one `-o` list.
-    "migrate-precopy" is left out: guest memory is dirty-logged (VHOST_F_LOG_ALL), but the FUSE
-    session (node ids, open files) is not transferred, so a migrated guest would lose its files.
+    "separate-options" tells libvirt to pass --shared-dir, --cache, ... rather than one `-o` list;
+    "migrate-precopy" that the back end migrates with the VM (its FUSE session travels as the
+    device state, VHOST_USER_PROTOCOL_F_DEVICE_STATE), which libvirt requires of a virtiofs device;
+    "posix-acl-negotiation-mode" and "security-label-negotiation-mode" that --posix-acl and
+    --security-label take never|auto|always, as virtiofsd 1.14's do.
     """
-    return {"type": "fs", "features": ["separate-options"]}
+    return {"type": "fs", "features": ["migrate-precopy", "posix-acl-negotiation-mode",
+                                       "security-label-negotiation-mode", "separate-options"]}
 
 
 _SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -475,8 +535,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     from vhostfs import caps
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(negotiated_switches(argv))
     _apply_o_options(parser, args)
+    translate_maps(parser, args)
     _setup_logging("debug" if args.debug else args.log_level, args.syslog)
     for item in args.ignored_o:
         log.warning("-o %s is accepted and has no effect", item)
@@ -502,19 +563,22 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, int | None, tuple]:
     if args.rlimit_nofile is not None and args.rlimit_nofile < 0:
         parser.error("--rlimit-nofile must not be negative")
     try:
-        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles), and an
-        # overlay's trusted.overlay.* markers CAP_SYS_ADMIN (unless --overlay-userxattr).
-        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never",
+        # open_by_handle_at(2) needs CAP_DAC_READ_SEARCH (file handles: --inode-file-handles, and a
+        # destination of --migration-mode file-handles), and an overlay's trusted.overlay.* markers
+        # CAP_SYS_ADMIN (unless --overlay-userxattr).
+        keep_caps = caps.wanted(args.modcaps, file_handles=args.inode_file_handles != "never"
+                                or args.migration_mode == "file-handles",
                                 trusted_xattrs=_trusted_overlay(args))
     except caps.CapabilityError as e:
         parser.error(str(e))
-    if (args.security_label and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None
+    if (args.security_label != "never" and "CAP_SYS_ADMIN" not in keep_caps[0] and args.xattrmap is None
             and not os.path.isdir("/sys/fs/selinux")):
         # Without SELinux to decide, the host lets only CAP_SYS_ADMIN set security.* attributes.
         log.warning("--security-label: the host will refuse security.* labels without SELinux; keep "
                     "CAP_SYS_ADMIN (--modcaps=+sys_admin) or store them elsewhere with --xattrmap")
     if args.seccomp != "none" and not seccomp.supported():
-        parser.error(f"--seccomp={args.seccomp}: {seccomp.UNSUPPORTED}")
+        parser.error(f"--seccomp={args.seccomp}: {seccomp.UNSUPPORTED} (this is {os.uname().machine}); "
+                     "pass --seccomp=none to serve without a filter")
     return args, group, keep_caps
 
 
@@ -567,6 +631,14 @@ def _confine(jail, keep_caps: tuple, args: argparse.Namespace) -> None:
             seccomp.install(args.seccomp, syslog=args.syslog)
     except (sandbox.SandboxError, caps.CapabilityError, seccomp.SeccompError) as e:
         raise _StartError(str(e)) from None
+
+
+def _in_force(jail, args: argparse.Namespace) -> str:
+    """One line: the sandbox, the user namespace's mapping and the ID translation in force."""
+    translated = [f"{option} {rule}" for option, ids in (("--translate-uid", args.translate_uid),
+                                                          ("--translate-gid", args.translate_gid))
+                  if ids is not None for rule in ids.rules]
+    return jail.describe() + ("; " + ", ".join(translated) if translated else "")
 
 
 def _serve(listener: socket.socket, device, keep_listening: bool, recorder=None) -> None:
@@ -659,7 +731,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # removes the sockets when it is done (see vhostfs/sandbox.py). The sandbox's root is the
         # share, or the first --mount's directory (the others are held by fds).
         jail_dir = args.shared_dir if args.shared_dir is not None else args.mounts[0][1]
-        jail = sandbox.prepare(args.sandbox, jail_dir, remove_sockets)
+        jail = sandbox.prepare(args.sandbox, jail_dir, remove_sockets, args.uid_map, args.gid_map)
+        # After the sandbox's user namespace (rootless), whose root is the one that must drop its groups.
+        passthrough.prepare_process()
         if args.sandbox == "namespace":
             files.disown()
             api_files.disown()
@@ -668,6 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if api_listener is not None:
             control.ControlServer(vfs, api_listener, make_fs).start()
             log.info("control API on %s", args.api_socket)
+        log.info("%s", _in_force(jail, args))
         shared = (args.shared_dir if vfs is None
                   else ", ".join(f"{m.source} at {m.path}" for m in vfs.mounts()))
         log.info("serving %s on %s", shared or "no directory yet", args.socket_path or f"fd {args.fd}")

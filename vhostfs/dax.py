@@ -27,6 +27,7 @@ from typing import Protocol
 
 from vhostfs.fuse import abi
 from vhostfs.fuse.filesystem import SETUPMAPPING_NO_FH, Context, Entry, Filesystem, Open, SetAttr, Stat
+from vhostfs.fuse.session_state import Encoder, StateError, section
 
 log = logging.getLogger("vhostfs.dax")
 
@@ -395,10 +396,6 @@ class DaxFilesystem(Filesystem):
     - DESTROY: every mapping.
     """
 
-    _OWN = frozenset({"init", "destroy", "setattr", "unlink", "open", "create", "release", "setupmapping",
-                      "removemapping", "write", "write_from", "fallocate", "copy_file_range", "fsync",
-                      "flush", "getattr", "lookup", "readdir"})
-
     def __init__(self, fs: Filesystem, window: DaxWindow) -> None:
         if not hasattr(fs, "fd_for_mapping"):
             raise TypeError(f"{type(fs).__name__} cannot lend fds for mapping (no fd_for_mapping)")
@@ -408,10 +405,6 @@ class DaxFilesystem(Filesystem):
         self._open: dict[int, int] = {}
         #: FUSE_HAS_INODE_DAX negotiated: the guest maps only the files whose entries say FUSE_ATTR_DAX.
         self._inode_dax = False
-        # Everything else is the wrapped file system's own bound method: no per-request indirection.
-        for name in dir(Filesystem):
-            if not name.startswith("_") and name not in self._OWN and callable(getattr(Filesystem, name)):
-                setattr(self, name, getattr(fs, name))
 
     # -- session --------------------------------------------------------------------------------
     def init(self, conn) -> None:
@@ -431,6 +424,35 @@ class DaxFilesystem(Filesystem):
         with self._open_lock:
             self._open.clear()
         self.fs.destroy()
+
+    def save_state(self) -> list[tuple[bytes, int, bytes]]:
+        """The wrapped file system's sections and the open counts (DAXO). A session with mappings
+        cannot move: they are the VMM's mappings of this host's files, and no VMM today carries
+        a DAX window across a migration (QEMU's vhost-user-fs-pci has none)."""
+        mappings = self.window.mappings()
+        if mappings:
+            raise OSError(errno.EBUSY, f"{len(mappings)} DAX mappings are in place")
+        enc = Encoder()
+        with self._open_lock:
+            enc.u32(len(self._open))
+            for nodeid, count in self._open.items():
+                enc.u64(nodeid)
+                enc.u32(count)
+        return [*self.fs.save_state(), (b"DAXO", 1, enc.payload())]
+
+    def load_state(self, sections: dict) -> None:
+        dec = section(sections, b"DAXO", 1)
+        opened = {}
+        for _ in range(dec.count("open nodes", 12)):
+            nodeid = dec.u64("nodeid")
+            count = dec.u32("open count")
+            if nodeid in opened or not count:
+                raise StateError(f"DAXO section: node {nodeid} open {count} times")
+            opened[nodeid] = count
+        dec.end()
+        self.fs.load_state(sections)
+        with self._open_lock:
+            self._open = opened
 
     # -- DAX ------------------------------------------------------------------------------------
     def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int, flags: int,
@@ -588,3 +610,22 @@ class DaxFilesystem(Filesystem):
             return
         if attr.st_nlink == 0:
             self.window.remove_node(nodeid)
+
+
+def _delegate(name: str):
+    """A DaxFilesystem method that calls the wrapped file system's method `name` as it is."""
+    def method(self: DaxFilesystem, *args, **kwargs):
+        return getattr(self.fs, name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__qualname__ = f"DaxFilesystem.{name}"
+    method.__doc__ = getattr(Filesystem, name).__doc__
+    return method
+
+
+# Every Filesystem operation that DaxFilesystem does not define itself goes to the wrapped file
+# system unchanged: defined once here, on the class, so that the class says what its instances do.
+for _name, _value in vars(Filesystem).items():
+    if not _name.startswith("_") and callable(_value) and _name not in vars(DaxFilesystem):
+        setattr(DaxFilesystem, _name, _delegate(_name))
+del _name, _value

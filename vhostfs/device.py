@@ -155,6 +155,8 @@ class QueueWorker:
         self.new_memory: GuestMemory | None = None
         self.broken = False
         self.stopping = False
+        #: Descriptor chains taken off the ring (requests) since the queue started.
+        self.requests = 0
         self.thread = threading.Thread(target=self._run, name=f"vhostfs-queue{index}", daemon=True)
         self.used_lock = threading.Lock()
         self.in_flight: set[int] = set()
@@ -196,6 +198,7 @@ class QueueWorker:
         for t in self.pool:
             t.join()
         os.close(self.stop_fd)
+        log.debug("queue %d: %d requests served", self.index, self.requests)
         return self.queue.last_avail_idx
 
     def set_memory(self, memory: GuestMemory) -> None:
@@ -253,6 +256,7 @@ class QueueWorker:
                 served = 0
                 while not self.stopping and q.pending():
                     head = q.pop_head()
+                    self.requests += 1
                     if self.pool:
                         self._dispatch(head)
                         continue
@@ -398,6 +402,9 @@ class VirtioFsDevice:
         self.max_queues = 1 + max(request_queues, MAX_REQUEST_QUEUES)
         self.features = DEVICE_FEATURES
         self.protocol_features = 1 << vu.VHOST_USER_PROTOCOL_F_CONFIG if tag is not None else 0
+        # Migration carries the FUSE session as the back end's own state (QEMU 8.2+ "internal"
+        # migration of vhost-user-fs).
+        self.protocol_features |= 1 << vu.VHOST_USER_PROTOCOL_F_DEVICE_STATE
         self.workers: dict[int, QueueWorker] = {}
         #: The DAX window (shmid 0), mapped by the front end through the back-end channel: offered
         #: only when enabled, so a front end without one never sees VHOST_USER_PROTOCOL_F_SHMEM.
@@ -452,6 +459,22 @@ class VirtioFsDevice:
             self.dax_window.mapper = channel
         if old is not None:
             old.close()
+
+    # -- migration: the FUSE session is the device's state ---------------------------------------
+    def save_state(self) -> bytes:
+        """The session state (vhostfs.fuse.session_state) while every queue is stopped."""
+        if self.workers:
+            raise RuntimeError(f"queues {sorted(self.workers)} still run")
+        return self.server.save_state()
+
+    def load_state(self, data: bytes) -> None:
+        """Takes over a saved session before the queues start."""
+        if self.workers:
+            raise RuntimeError(f"queues {sorted(self.workers)} already run")
+        self.server.load_state(data)
+
+    def resume_after_save(self) -> None:
+        self.server.fs.resume_after_save()
 
     def reset(self) -> None:
         for index in list(self.workers):

@@ -15,7 +15,8 @@ forms) are the daemon's own, with the same spellings and meanings (vhostfs.cli.a
 The passthrough file system that virtio-fs guests get, mounted over /dev/fuse: useful to try the
 file server without a VM, and as a bind mount that applies its policies (read-only, caching).
 It serves in the foreground until unmounted (umount, or SIGTERM/SIGINT, which unmount), as a
-service manager expects. Also runnable as `python -m vhostfs.mount_cli ...`.
+service manager expects, or until it hands the mount to a new `vhostfs mount --take-over` (live
+upgrade, `--upgrade-socket`; vhostfs/fuse/upgrade.py). Also runnable as `python -m vhostfs.mount_cli ...`.
 
 Command-line wiring like vhostfs/cli.py, which routes `vhostfs mount` here: it joins the FUSE
 transport and the passthrough, which know nothing of each other.
@@ -34,11 +35,15 @@ from vhostfs.cli import (
     add_overlay_options,
     add_passthrough_options,
     apply_passthrough_o,
+    negotiated_switches,
     passthrough_options,
     shared_filesystem,
+    translate_maps,
     vfs_specs,
 )
+from vhostfs.fs.passthrough import prepare_process
 from vhostfs.fuse.fusedev import serve_filesystem
+from vhostfs.fuse.upgrade import UpgradeError
 
 log = logging.getLogger("vhostfs")
 
@@ -83,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "passthrough's: cache=, xattrmap= and the switches xattr, posix_acl, writeback, "
                         "readdirplus, flock, posix_lock, allow_direct_io, announce_submounts, killpriv_v2, "
                         "security_label with their no_ forms")
+    p.add_argument("--upgrade-socket", metavar="PATH",
+                   help="listen on this Unix socket for a new vhostfs mount to hand the mount to (live "
+                        "upgrade: the mount stays, and programs using it go on)")
+    p.add_argument("--take-over", metavar="PATH",
+                   help="instead of mounting, take over the mount of the vhostfs mount listening on "
+                        "this upgrade socket (same MOUNTPOINT and options)")
     p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS))
     return p
 
@@ -118,8 +129,9 @@ def main(argv: list[str]) -> int:
     1 if it could not be mounted or serving failed. Argument errors exit with status 2, as argparse does.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(negotiated_switches(argv))
     mount_opts = _mount_options(parser, args.o, args)
+    translate_maps(parser, args)
     logging.basicConfig(level=LOG_LEVELS[args.log_level],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     specs = vfs_specs(parser, args)
@@ -127,6 +139,7 @@ def main(argv: list[str]) -> int:
         parser.error("--shared-dir, --mount or --api-socket is required")
     if args.shared_dir is not None and not os.path.isdir(args.shared_dir):
         parser.error(f"shared directory {args.shared_dir!r} is not a directory")
+    prepare_process()
     api = None
     try:
         if specs or args.api_socket is not None:
@@ -144,14 +157,17 @@ def main(argv: list[str]) -> int:
     try:
         if api is not None:
             api.start()
-        log.info("mounting %s at %s", args.shared_dir or ", ".join(f"{h} at {g}" for g, h, _ in specs),
-                 args.mountpoint)
+        if args.take_over is None:
+            log.info("mounting %s at %s", args.shared_dir or ", ".join(f"{h} at {g}" for g, h, _ in specs),
+                     args.mountpoint)
         describe = getattr(fs, "describe_inodes", None)  # a Passthrough's or an OverlayFs's; not a Vfs's
         if describe is not None:
             log.info("%s", describe())
+        upgrade = {key: value for key, value in (("upgrade_socket", args.upgrade_socket),
+                                                 ("take_over", args.take_over)) if value is not None}
         serve_filesystem(fs, args.mountpoint, threads=args.threads, passthrough=args.fuse_passthrough,
-                         io_uring=args.io_uring, **mount_opts)
-    except (OSError, ValueError) as exc:
+                         io_uring=args.io_uring, **upgrade, **mount_opts)
+    except (OSError, ValueError, UpgradeError) as exc:
         log.error("%s: %s", args.mountpoint, exc)
         return 1
     finally:

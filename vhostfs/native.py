@@ -203,6 +203,9 @@ assert STAT.size == ffi.sizeof("struct vhostfs_stat") == 112
 STAT_ERR = struct.Struct("=iI")
 STAT_ERR_OFFSET = 104
 STAT_KEY = struct.Struct("=3Q")
+#: Where uid and gid lie in a STAT record.
+STAT_OWNER = struct.Struct("=II")
+STAT_OWNER_OFFSET = 84
 
 
 def stat_dirents(dirfd: int, data: bytes, offsets: array, first: int, count: int) -> bytearray:

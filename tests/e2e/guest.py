@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.needs import running_in_ci, skip_unless_ci  # noqa: F401 (the harness's rule, for the tests)
+
 REPO = Path(__file__).resolve().parents[2]
 BUILD_GUEST = REPO / "scripts" / "build-guest.sh"
 # build-guest.sh's status for "something needed cannot be had here" (see scripts/common.sh).
@@ -101,10 +103,6 @@ def daemon_command() -> list[str]:
     return shlex.split(override) if override else list(DEFAULT_DAEMON)
 
 
-def running_in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
-
 @functools.cache
 def build_guest(stack: str = DEFAULT_STACK) -> GuestImages:
     """Builds the guest of stack with scripts/build-guest.sh (once per process and stack).
@@ -169,6 +167,7 @@ def boot_guest(
     dax_window_size: str | None = None,
     reboot: bool = False,
     files: Mapping[str, bytes] | None = None,
+    run_dir_owner: tuple[int, int] | None = None,
 ) -> GuestResult:
     """Serves shared_dir with daemon_cmd ({sock}, {dir} substituted) and runs script in a guest on it.
 
@@ -183,10 +182,14 @@ def boot_guest(
     daemon_started, if given, is called with the daemon's pid once its socket exists, before QEMU
     starts (e.g. to watch the daemon's resources from another thread while the guest runs).
     files are more executables for the guest's root (name -> contents), beside /cmd.sh.
+    run_dir_owner (uid, gid) gives the directory of the socket to that user, for a daemon that runs
+    as someone else than the tests.
     """
     images = build_guest(stack)
     with tempfile.TemporaryDirectory(prefix="vhostfs-e2e-") as tmp:
         run = Path(tmp)
+        if run_dir_owner is not None:
+            os.chown(run, *run_dir_owner)
         sock = run / "vhostfs.sock"
         initrd = run / "initrd.img"
         archive = cpio_archive({"cmd.sh": script.encode(), **(files or {})})

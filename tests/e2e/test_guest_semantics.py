@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from .guest import GuestImages, GuestResult, boot_guest, daemon_command, running_in_ci
+from .guest import GuestImages, GuestResult, boot_guest, daemon_command, skip_unless_ci
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
@@ -120,14 +120,12 @@ def _need(result: GuestResult, *tools: str) -> None:
             f"the guest has no {', '.join(missing)}: scripts/build-guest.sh copies them from the "
             "host, which lacks them"
         )
-        if running_in_ci():
-            pytest.fail(f"CI must run this check, but {message}")
-        pytest.skip(message)
+        skip_unless_ci(message)
 
 
 def _need_root(what: str) -> None:
     if os.geteuid() != 0:
-        pytest.skip(f"{what} needs the tests to run as root (to give host files other owners)")
+        skip_unless_ci(f"{what} needs the tests to run as root (to give host files other owners)")
 
 
 def _booted(result: GuestResult) -> None:
@@ -503,7 +501,7 @@ def test_fallocate_and_holes(main_boot: tuple[GuestResult, MainBoot]) -> None:
     finally:
         os.close(fd)
     if hole == st.st_size:
-        pytest.skip(f"the host file system of {host.share} reports no holes (SEEK_HOLE)")
+        skip_unless_ci(f"the host file system of {host.share} reports no holes (SEEK_HOLE)")
     # The guest's SEEK_HOLE/SEEK_DATA are answered by the host's.
     assert int(_value(result, "seek-hole-0")) == hole
     assert int(_value(result, "seek-data-64k")) == data == 1 << 20
@@ -714,7 +712,7 @@ def xattr_boot(
         os.setxattr(xattr / "host-set.txt", "user.origin", b"host")
         os.setxattr(xattr / "removed.txt", "user.doomed", b"x")
     except OSError as exc:
-        pytest.skip(f"the host file system of {share} has no user extended attributes: {exc}")
+        skip_unless_ci(f"the host file system of {share} has no user extended attributes: {exc}")
     acl = share / "acl"
     acl.mkdir()
     (acl / "file").write_text("root's\n")
@@ -841,14 +839,14 @@ echo "SEM sub-mounts $(grep -c ' /mnt/sub ' /proc/mounts)"
 def tmpfs_in_share(tmp_path: Path) -> Iterator[Path]:
     """tmp_path with a tmpfs mounted on tmp_path/sub (skips unless the tests may mount)."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs inside the share needs root")
+        skip_unless_ci("mounting a tmpfs inside the share needs root")
     sub = tmp_path / "sub"
     sub.mkdir()
     mount = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=1m", "vhostfs-e2e", str(sub)], capture_output=True, text=True
     )
     if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+        skip_unless_ci(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
     try:
         yield tmp_path
     finally:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from .guest import DEFAULT_DAEMON, GuestImages, GuestResult, boot_guest, daemon_command, running_in_ci
+from .guest import DEFAULT_DAEMON, GuestImages, GuestResult, boot_guest, daemon_command, skip_unless_ci
 
 LOAD_SECONDS = int(os.environ.get("VHOSTFS_LOAD_SECONDS", "60"))
 
@@ -286,9 +286,7 @@ def _daemon_args() -> tuple[list[str], int]:
 def test_load_with_verification(guest_images: GuestImages, tmp_path: Path) -> None:
     if not shutil.which("fio"):
         message = "fio is not installed on the host, so build-guest.sh put none in the guest (apt: fio)"
-        if running_in_ci():
-            pytest.fail(f"CI must run the load test, but {message}")
-        pytest.skip(message)
+        skip_unless_ci(message)
     settings = {
         "LOAD_SECONDS": LOAD_SECONDS,
         "FIO_JOBS": FIO_JOBS,

@@ -12,7 +12,13 @@ it from its example database.
 
 from __future__ import annotations
 
+import logging
+import os
+
+import pytest
 from hypothesis import HealthCheck, settings
+
+from vhostfs.fs.passthrough import prepare_process
 
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
                                                        HealthCheck.function_scoped_fixture]}
@@ -21,3 +27,28 @@ settings.register_profile("long", max_examples=20000, print_blob=True, **_COMMON
 # The command line (--hypothesis-profile) wins: it is applied after this file is loaded.
 if settings.get_current_profile_name() == "default":
     settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True)
+def passthrough_process():
+    """The process-wide settings a Passthrough needs (prepare_process), undone after each test."""
+    umask = os.umask(0)
+    groups = os.getgroups()
+    prepare_process()
+    yield
+    os.umask(umask)
+    if os.geteuid() == 0:
+        os.setgroups(groups)
+
+
+@pytest.fixture(autouse=True)
+def vhostfs_logs_not_kept():
+    """The daemon's log records do not reach pytest's log capture during the fuzzers: a kept record
+    keeps the exception it names, and with it whatever its frames held (guest memory mappings, fds),
+    until the test ends, which would hide a real fd leak among them or fake one. The fuzzers that
+    watch for bugs in the logs attach their own handler."""
+    logger = logging.getLogger("vhostfs")
+    old = logger.propagate
+    logger.propagate = False
+    yield
+    logger.propagate = old

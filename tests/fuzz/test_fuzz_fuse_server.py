@@ -1,7 +1,15 @@
 """Fuzzing the FUSE server against the passthrough file system in a scratch directory.
 
-After a valid INIT, each example sends a random sequence of requests: any opcode (and unknown ones),
-argument structs filled with edge values and with the node ids and file handles earlier replies gave
+Two fuzzers. The structure-aware one plays the seed session of fuse_corpus.py (valid requests built
+from the ABI structs, one or more for every opcode the server serves, each naming the nodes and
+handles earlier replies gave out) with mutations: steps dropped, repeated or moved, struct fields set
+to edge values or to another step's node or handle, names replaced by hostile ones, bodies truncated,
+header lengths and reply rooms changed, opcodes swapped. Because most requests stay valid, every
+handler is reached past its argument checks, down to the host system calls.
+
+The random one: after a valid INIT, each example sends a random sequence of requests: any opcode
+(and unknown ones), argument structs filled with edge values and with the node ids and file handles
+earlier replies gave
 out, names that try to climb out of the share ("..", "a/b", absolute symlink targets, the canary's
 name), truncated and oversized bodies, reply rooms from none to plenty. A canary directory sits next
 to the share. The server must never raise, every reply must be a well-formed fuse_out_header with
@@ -22,6 +30,8 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fuzz.fuse_corpus import NO_REPLY as SEED_NO_REPLY
+from tests.fuzz.fuse_corpus import SEED, Ref, Session, Step, make_server
 from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse import abi
 from vhostfs.fuse.server import FuseServer
@@ -212,3 +222,121 @@ def test_fuse_server_over_passthrough_survives_any_requests(tmp_path, data):
     assert snapshot(canary) == before_canary
     assert sorted(os.listdir(base)) == [CANARY, "share"]
     assert _open_fds() <= before_fds, "the file system leaked fds"
+
+
+# -- the structure-aware fuzzer -------------------------------------------------------------------
+
+LABELS = sorted({step.label for step in SEED})
+HOSTILE_NAMES = [b"..", b".", b"", b"a/b", b"/", b"../" + CANARY.encode(), b"escape", b"x" * 256, b"\xff",
+                 b"a\0b", b"f", b"d"]
+EDGES = [0, 1, 2, 0x7F, 0x80, 0xFFFF, 1 << 31, (1 << 32) - 1, 1 << 63, (1 << 64) - 1, 4095, 4097, 1 << 20,
+         (1 << 63) - 1]
+
+
+def _scratch(tmp_path: Path) -> tuple[Path, Path, Path]:
+    base = Path(tempfile.mkdtemp(dir=tmp_path))
+    share, canary = base / "share", base / CANARY
+    share.mkdir()
+    (share / "a").write_bytes(b"hello")
+    os.symlink(str(canary), share / "escape")
+    canary.mkdir()
+    (canary / "secret").write_bytes(b"do not touch")
+    (canary / "sub").mkdir()
+    return base, share, canary
+
+
+def test_seed_session_succeeds_at_every_step(tmp_path):
+    """The corpus is what the fuzzer's depth rests on: unmutated, every request succeeds, and together
+    they reach every opcode the server serves."""
+    _, share, _ = _scratch(tmp_path)
+    server, fs = make_server(str(share))
+    session = Session(server)
+    try:
+        session.init()
+        for step in SEED:
+            n, error, _ = session.play(step)
+            assert error == 0, f"seed step {step.label}: {os.strerror(error)}"
+            assert n or step.opcode in SEED_NO_REPLY, f"seed step {step.label} got no reply"
+        n, error, _ = session.play(Step("destroy", abi.FUSE_DESTROY, 0))
+        assert (n, error) == (abi.OUT_HEADER.size, 0)
+    finally:
+        fs.close()
+    served = {opcode for opcode, handler in enumerate(server._table) if handler is not None}
+    succeeded = {opcode for opcode, n, error in session.replies if error == 0}
+    missing = sorted(abi_name(op) for op in served - succeeded)
+    assert not missing, f"opcodes the seed session never answers successfully: {missing}"
+
+
+def abi_name(opcode: int) -> str:
+    return next((name for name, value in vars(abi).items() if name.startswith("FUSE_") and value == opcode
+                 and not name.startswith(("FUSE_KERNEL", "FUSE_ROOT"))), str(opcode))
+
+
+def _mutate_value(draw, value):
+    return draw(st.one_of(st.sampled_from(EDGES), st.builds(Ref, st.sampled_from(LABELS), st.booleans()),
+                          st.integers(0, (1 << 64) - 1), st.just(value)))
+
+
+def mutate(draw, step: Step) -> tuple[Step, int | None]:
+    """One structure-aware mutation of `step`; returns it and a wrong header length, if any."""
+    kind = draw(st.sampled_from(["field", "field", "name", "node", "truncate", "room", "opcode", "length",
+                                 "data"]))
+    parts = list(step.parts)
+    if kind == "field" and any(isinstance(p, tuple) and p[1] for p in parts):
+        i = draw(st.sampled_from([i for i, p in enumerate(parts) if isinstance(p, tuple) and p[1]]))
+        st_, values = parts[i]
+        values = list(values)
+        j = draw(st.integers(0, len(values) - 1))
+        values[j] = _mutate_value(draw, values[j])
+        parts[i] = (st_, tuple(values))
+    elif kind == "name" and any(isinstance(p, bytes) for p in parts):
+        i = draw(st.sampled_from([i for i, p in enumerate(parts) if isinstance(p, bytes)]))
+        parts[i] = draw(st.one_of(st.sampled_from(HOSTILE_NAMES), st.binary(max_size=12)))
+    elif kind == "node":
+        return Step(step.label, step.opcode, _mutate_value(draw, step.node), step.parts, step.room), None
+    elif kind == "truncate":
+        # Sent as raw bytes, cut anywhere (a body shorter than its struct, a name without its NUL).
+        raw = Session(server=None).encode(step)  # Refs become 0xDEAD: no session to resolve them
+        parts = [bytearray(raw[:draw(st.integers(0, max(0, len(raw) - 1)))])]
+    elif kind == "room":
+        return Step(step.label, step.opcode, step.node, step.parts,
+                    draw(st.sampled_from([0, 8, 16, 17, 24, 64, 120, 200]))), None
+    elif kind == "opcode":
+        other = draw(st.one_of(st.sampled_from(SEED).map(lambda s: s.opcode), st.integers(0, 0xFFFFFFFF)))
+        return Step(step.label, other, step.node, step.parts, step.room), None
+    elif kind == "length":
+        return step, draw(st.one_of(st.integers(0, 80), st.integers(0, 0xFFFFFFFF)))
+    elif kind == "data":
+        parts.append(bytearray(draw(st.binary(min_size=1, max_size=64))))
+    return Step(step.label, step.opcode, step.node, tuple(parts), step.room), None
+
+
+@given(st.data())
+def test_fuse_server_survives_mutated_seed_sessions(tmp_path, data):
+    base, share, canary = _scratch(tmp_path)
+    before_canary = snapshot(canary)
+    before_fds = _open_fds()
+    # Mostly writable, so that the changing requests get past EROFS.
+    server, fs = make_server(str(share), readonly=data.draw(st.integers(0, 5), label="readonly") == 0)
+    session = Session(server)
+    bugs = _Bugs()
+    logging.getLogger("vhostfs").addHandler(bugs)
+    try:
+        session.init()
+        steps = [step for step in SEED if data.draw(st.integers(0, 9), label="keep")]
+        for _ in range(data.draw(st.integers(0, 4), label="repeats")):
+            steps.insert(data.draw(st.integers(0, len(steps))), data.draw(st.sampled_from(SEED)))
+        for step in steps:
+            header_len = None
+            if data.draw(st.integers(0, 3), label="mutate") == 0:
+                step, header_len = mutate(data.draw, step)
+            session.play(step, split=data.draw(st.booleans(), label="split"), header_len=header_len)
+        session.play(Step("destroy", abi.FUSE_DESTROY, 0))
+    finally:
+        logging.getLogger("vhostfs").removeHandler(bugs)
+        fs.close()
+    assert not bugs.reports, bugs.reports[0]
+    assert snapshot(canary) == before_canary
+    assert sorted(os.listdir(base)) == [CANARY, "share"]
+    assert _open_fds() <= before_fds, "the file system leaked fds"
+

@@ -9,53 +9,33 @@ GET_QUEUE_NUM is answered unless the framing itself was broken (then the session
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
 
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
+from tests.fuzz.vhost_user_corpus import (
+    FD_KINDS,
+    GPA2,
+    MEM_SIZE,
+    REFUSED,
+    SEED,
+    SHMEM_SIZE,
+    UVA,
+    VALID_FLAGS,
+    WITH_REPLY,
+    Msg,
+    Peer,
+    RecordingBackend,
+)
 from vhostfs.vhost_user import messages as m
 from vhostfs.vhost_user.connection import Connection
 from vhostfs.vhost_user.handler import Session
-from vhostfs.virtqueue import split
 
 R = m.Request
-MEM_SIZE = 1 << 20
-VALID_FLAGS = m.VHOST_USER_VERSION
-
-
-class RecordingBackend:
-    """A back end that accepts everything and remembers nothing but the calls."""
-
-    max_queues = 2
-    features = 1 << m.VIRTIO_F_VERSION_1 | 1 << m.VIRTIO_RING_F_EVENT_IDX | 1 << m.VHOST_F_LOG_ALL
-    protocol_features = 1 << m.VHOST_USER_PROTOCOL_F_CONFIG
-    check_ring_size = staticmethod(split.check_queue_size)
-    check_ring_addresses = staticmethod(split.check_ring_addresses)
-
-    def __init__(self) -> None:
-        self.events: list[tuple] = []
-
-    def start_queue(self, index, vring, memory, features, log=None):
-        self.events.append(("start", index))
-
-    def stop_queue(self, index):
-        self.events.append(("stop", index))
-        return 0
-
-    def set_call_fd(self, index, fd):
-        self.events.append(("call", index))
-
-    def set_memory(self, memory):
-        self.events.append(("memory", len(memory.regions)))
-
-    def config(self):
-        return b"tag".ljust(36, b"\0") + (1).to_bytes(4, "little")
-
-    def reset(self):
-        self.events.append(("reset",))
 
 
 u32 = st.integers(0, 0xFFFFFFFF)
@@ -117,6 +97,24 @@ def _read_replies(sock: socket.socket) -> tuple[bytes, bool]:
     return b"".join(chunks), False
 
 
+def _check_replies(replies: bytes, sent: set[int], framing_ok: bool, reset: bool) -> None:
+    """Every reply is well framed and answers a request that was sent; with the framing intact, the
+    last request (GET_QUEUE_NUM) was answered and the session ended cleanly."""
+    pos, answered = 0, []
+    while pos < len(replies):
+        assert len(replies) - pos >= m.HEADER.size, "truncated reply header"
+        request, flag, size = m.HEADER.unpack_from(replies, pos)
+        assert flag == m.VHOST_USER_VERSION | m.VHOST_USER_REPLY_MASK, hex(flag)
+        # Once the framing is broken, payload bytes are read as headers: replies may name anything.
+        assert request in sent or not framing_ok, request
+        assert size <= m.MAX_PAYLOAD and pos + m.HEADER.size + size <= len(replies)
+        answered.append((request, replies[pos + m.HEADER.size:pos + m.HEADER.size + size]))
+        pos += m.HEADER.size + size
+    if framing_ok:
+        assert not reset
+        assert answered and answered[-1] == (R.VHOST_USER_GET_QUEUE_NUM, m.U64.pack(2))
+
+
 @given(st.lists(message(), min_size=1, max_size=8), st.booleans())
 def test_session_survives_any_message_sequence(msgs, negotiate):
     before = _open_fds()
@@ -169,19 +167,7 @@ def test_session_survives_any_message_sequence(msgs, negotiate):
     assert not thread.is_alive(), "the session did not end after the front end closed"
     assert not errors, errors
 
-    pos, answered = 0, []
-    while pos < len(replies):
-        assert len(replies) - pos >= m.HEADER.size, "truncated reply header"
-        request, flag, size = m.HEADER.unpack_from(replies, pos)
-        assert flag == m.VHOST_USER_VERSION | m.VHOST_USER_REPLY_MASK, hex(flag)
-        # Once the framing is broken, payload bytes are read as headers: replies may name anything.
-        assert request in sent or not framing_ok, request
-        assert size <= m.MAX_PAYLOAD and pos + m.HEADER.size + size <= len(replies)
-        answered.append((request, replies[pos + m.HEADER.size:pos + m.HEADER.size + size]))
-        pos += m.HEADER.size + size
-    if framing_ok:
-        assert not reset
-        assert answered and answered[-1] == (R.VHOST_USER_GET_QUEUE_NUM, m.U64.pack(2))
+    _check_replies(replies, sent, framing_ok, reset)
     # Every fd the session received (memory regions, kick/call fds, logs) is closed by now.
     assert _open_fds() <= before
 
@@ -201,4 +187,132 @@ def test_backend_req_fd_that_is_not_a_socket_is_closed():
     ours.close()
     thread.join(30)
     assert not reset and replies.endswith(m.U64.pack(2))
+    assert _open_fds() <= before
+
+
+# -- the structure-aware fuzzer -------------------------------------------------------------------
+
+def test_seed_session_is_served_request_by_request():
+    """Unmutated, the seed session gets the answers a VMM expects, and reaches every request the
+    session serves with a successful reply (SET_CONFIG excepted: refused by design)."""
+    # Collected first and last: what a reference cycle holds is closed whenever the collector runs,
+    # possibly in another example; what stays referenced is a leak either way. (Refused regions are
+    # closed at once whatever the collector does: test_vhost_user_session.py checks that with it off.)
+    gc.collect()
+    before = _open_fds()
+    peer = Peer()
+    succeeded = set()
+    try:
+        for msg in SEED:
+            assert peer.send(msg)
+            if msg.request == R.VHOST_USER_SET_PROTOCOL_FEATURES:
+                succeeded.add(msg.request)  # REPLY_ACK is not negotiated before this request returns
+                continue
+            reply = peer.reply(msg.request)
+            if msg.request in WITH_REPLY:
+                assert reply, f"{R(msg.request).name}: empty reply (a refusal)"
+                expected = {
+                    R.VHOST_USER_GET_FEATURES: m.U64.pack(RecordingBackend.features
+                                                          | 1 << m.VHOST_USER_F_PROTOCOL_FEATURES),
+                    R.VHOST_USER_GET_QUEUE_NUM: m.U64.pack(2),
+                    R.VHOST_USER_GET_VRING_BASE: m.VRING_STATE.pack(1, 7),
+                    R.VHOST_USER_GET_CONFIG: m.CONFIG_HEADER.pack(0, 40, 0) + RecordingBackend().config(),
+                }.get(msg.request)
+                if expected is not None:
+                    assert reply == expected, R(msg.request).name
+                if msg.request == R.VHOST_USER_GET_SHMEM_CONFIG:
+                    assert m.SHMEM_CONFIG.unpack(reply)[:3] == (1, 0, SHMEM_SIZE)
+                succeeded.add(msg.request)
+                continue
+            status = m.U64.unpack(reply)[0]
+            if msg.request == R.VHOST_USER_SET_DEVICE_STATE_FD:
+                status &= 0xFF  # bit 8: the back end sends no fd back
+            if msg.request in REFUSED:
+                assert status != 0, REFUSED[msg.request]
+            else:
+                assert status == 0, f"{R(msg.request).name} refused"
+                succeeded.add(msg.request)
+        served = set(peer.session._handlers) - set(REFUSED)
+        assert served - succeeded == set(), sorted(R(r).name for r in served - succeeded)
+        events = peer.backend.events
+        # The ring started, restarted with a dirty log once LOG_ALL was acked, and stopped at 7.
+        assert ("start", 1, False) in events and ("start", 1, True) in events and ("stop", 1) in events
+        assert ("channel", True) in events and ("save",) in events
+    finally:
+        peer.close()
+    assert not peer.errors, peer.errors
+    assert _open_fds() <= before
+
+
+EDGES = [0, 1, 2, 255, 256, 257, 0x8000, 0xFFFF, 1 << 31, (1 << 32) - 1, 1 << 63, (1 << 64) - 1, MEM_SIZE,
+         MEM_SIZE - 1, UVA, UVA + MEM_SIZE, GPA2]
+
+
+def mutate(draw, msg: Msg) -> Msg:
+    """One structure-aware mutation; the framing stays valid except for the rare "framing" kind."""
+    kind = draw(st.sampled_from(["field", "field", "field", "fds", "reply", "request", "truncate", "extra",
+                                 "framing"]))
+    parts = list(msg.parts)
+    if kind == "field" and any(isinstance(p, tuple) for p in parts):
+        i = draw(st.sampled_from([i for i, p in enumerate(parts) if isinstance(p, tuple)]))
+        st_, values = parts[i]
+        values = list(values)
+        j = draw(st.integers(0, len(values) - 1))
+        values[j] = draw(st.one_of(st.sampled_from(EDGES), st.integers(0, (1 << 64) - 1)))
+        parts[i] = (st_, tuple(values))
+        return Msg(msg.request, tuple(parts), msg.fds, msg.flags)
+    if kind == "fds":
+        return Msg(msg.request, msg.parts, tuple(draw(st.lists(st.sampled_from(FD_KINDS), max_size=3))),
+                   msg.flags)
+    if kind == "reply":
+        return Msg(msg.request, msg.parts, msg.fds, msg.flags ^ m.VHOST_USER_NEED_REPLY_MASK)
+    if kind == "request":
+        other = draw(st.one_of(st.sampled_from([s.request for s in SEED]), st.sampled_from(list(R)),
+                               st.integers(0, 0xFFFFFFFF)))
+        return Msg(other, msg.parts, msg.fds, msg.flags)
+    payload = msg.payload()
+    if kind == "truncate":
+        return Msg(msg.request, (payload[:draw(st.integers(0, len(payload)))],), msg.fds, msg.flags)
+    if kind == "extra":
+        return Msg(msg.request, (payload + draw(st.binary(min_size=1, max_size=64)),), msg.fds, msg.flags)
+    # "framing": a header the session cannot read past (it closes the connection).
+    if draw(st.booleans()):
+        return Msg(msg.request, msg.parts, msg.fds, draw(st.integers(0, 0xFFFFFFFF)))
+    return Msg(msg.request, msg.parts, msg.fds, msg.flags, draw(st.integers(0, 5000)))
+
+
+@given(st.data())
+def test_session_survives_mutated_seed_sessions(data):
+    # Everything is drawn first: hypothesis may end an example in the middle of a draw, which must not
+    # leave a session running, and what the session does must not change what is drawn.
+    steps = [msg for msg in SEED if data.draw(st.integers(0, 9), label="keep")]
+    for _ in range(data.draw(st.integers(0, 3), label="repeats")):
+        steps.insert(data.draw(st.integers(0, len(steps))), data.draw(st.sampled_from(SEED)))
+    steps = [mutate(data.draw, msg) if data.draw(st.integers(0, 3), label="mutate") == 0 else msg
+             for msg in steps]
+    before = _open_fds()
+    peer = Peer()
+    sent = {R.VHOST_USER_GET_QUEUE_NUM}
+    framing_ok = True
+    try:
+        for msg in steps:
+            sent.add(msg.request & 0xFFFFFFFF)
+            framing_ok = framing_ok and msg.framing_valid()
+            if not peer.send(msg):
+                framing_ok = False
+                break
+        if not peer.send(Msg(R.VHOST_USER_GET_QUEUE_NUM, flags=VALID_FLAGS)):
+            framing_ok = False
+        try:
+            peer.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            framing_ok = False
+        replies, reset = _read_replies(peer.sock)
+    finally:
+        peer.close()
+    assert not peer.errors, peer.errors
+    _check_replies(replies, sent, framing_ok, reset)
+    event(f"framing intact to the end: {framing_ok}")
+    del peer
+    gc.collect()
     assert _open_fds() <= before

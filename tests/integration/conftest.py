@@ -32,6 +32,14 @@ class Daemon:
         return self.proc.wait(timeout)
 
 
+def check_statfs(client: FuseClient, shared: Path) -> None:
+    """STATFS through `client` answers with the shared directory's own file system figures."""
+    blocks, _bfree, _bavail, files, _ffree, bsize, namelen, frsize = client.statfs()
+    host = os.statvfs(shared)
+    assert (blocks, files, bsize, namelen, frsize) == (host.f_blocks, host.f_files, host.f_bsize,
+                                                       host.f_namemax, host.f_frsize)
+
+
 def start_daemon(tmp_path: Path, *args: str, shared: Path | None = None) -> Daemon:
     shared = shared or tmp_path / "share"
     shared.mkdir(exist_ok=True)

@@ -35,6 +35,8 @@ def test_print_capabilities_is_the_backend_json_and_ignores_other_options():
     caps = json.loads(r.stdout)
     assert caps["type"] == "fs"
     assert "separate-options" in caps["features"]
+    # libvirt migrates a VM with a virtiofs device only when its back end says so (virtiofsd 1.13 does).
+    assert "migrate-precopy" in caps["features"]
 
 
 def test_backend_description_file_ships_with_the_package():
@@ -239,3 +241,36 @@ def test_a_file_that_is_not_a_socket_is_not_replaced(tmp_path):
     r = run("--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path))
     assert r.returncode != 0 and "is not a socket" in r.stderr
     assert (tmp_path / "s").read_bytes() == b"keep me"
+
+
+def test_print_capabilities_announces_the_negotiation_modes():
+    features = json.loads(run("--print-capabilities").stdout)["features"]
+    assert {"posix-acl-negotiation-mode", "security-label-negotiation-mode", "separate-options"} \
+        <= set(features)
+
+
+@pytest.mark.parametrize("option, named", [
+    ("--translate-uid=bogus:1:2:3", "'bogus:1:2:3'"),
+    ("--translate-gid=map:0:1000:0", "'map:0:1000:0'"),
+    ("--translate-uid=forbid-guest:5", "'forbid-guest:5'"),
+])
+def test_malformed_translation_rules_are_refused_at_start(tmp_path, option, named):
+    r = run("--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path), option)
+    assert r.returncode == 2, r.stderr
+    assert named in r.stderr and option.split("=")[0] in r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_overlapping_translation_rules_are_refused_naming_both(tmp_path):
+    r = run("--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path),
+            "--translate-uid", "map:0:100000:65536", "--translate-uid", "squash-guest:1000:5:1")
+    assert r.returncode == 2
+    assert "'squash-guest:1000:5:1' overlaps 'map:0:100000:65536'" in r.stderr, r.stderr
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("option", ["--posix-acl=sometimes", "--security-label=yes"])
+def test_bad_negotiation_mode_is_refused(tmp_path, option):
+    r = run("--socket-path", str(tmp_path / "s"), "--shared-dir", str(tmp_path), option)
+    assert r.returncode == 2, r.stderr
+    assert "invalid choice" in r.stderr and option.split("=")[0] in r.stderr, r.stderr

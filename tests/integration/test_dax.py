@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -284,6 +285,29 @@ def test_without_the_option_there_is_no_window(session):
     nodeid, fh = open_file(client, b"f")
     expect_errno(errno.ENOSYS, setupmapping, client, nodeid, fh, 0, PAGE, READ, 0)
     expect_errno(errno.ENOSYS, removemapping, client, [(0, PAGE)])
+
+
+def test_a_front_end_that_never_answers_fails_the_request_after_5_s(dax):
+    """The back end waits at most 5 s for the reply to SHMEM_MAP (backend_channel.DEFAULT_TIMEOUT), then
+    answers EIO and goes on serving."""
+    client, fe, daemon = dax
+    host_file(daemon, "slow", b"s" * 2 * PAGE)
+    nodeid, fh = open_file(client, b"slow")
+    fe.silent_backend = True
+    start = time.monotonic()
+    expect_errno(errno.EIO, setupmapping, client, nodeid, fh, 0, PAGE, READ, 0)
+    waited = time.monotonic() - start
+    assert 4.5 <= waited < 9, f"the request failed after {waited:.1f} s"
+    assert "did not map" in daemon.log_text()
+    # A late reply would answer the wrong request, so the channel is closed: later mappings fail at
+    # once, and everything else is still served.
+    fe.silent_backend = False
+    start = time.monotonic()
+    expect_errno(errno.EIO, setupmapping, client, nodeid, fh, PAGE, PAGE, READ, PAGE)
+    assert time.monotonic() - start < 2
+    assert "back-end channel closed" in daemon.log_text()
+    assert client.getattr(nodeid)[3] == 2 * PAGE  # fuse_attr.size
+    assert client.read(nodeid, fh, 0, 4) == b"ssss"
 
 
 # -- what Linux and QEMU 11.1 ask for and allow ------------------------------------------------------

@@ -8,6 +8,7 @@ import errno
 import inspect
 import os
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from tests.unit.test_passthrough_options import ALL_RWX, USER_1000_READS
 from vhostfs import cli, mount_cli
 from vhostfs.fs import passthrough
+from vhostfs.fs.idmap import IdMap
 from vhostfs.fs.passthrough import Passthrough
 
 MAP = ":map:trusted.:user.virtiofs.:"
@@ -29,8 +31,11 @@ OPTIONS = [
     (["--readonly"], {"readonly": True}),
     (["--xattr"], {"xattr": True}),
     (["-o", "xattr"], {"xattr": True}),
-    (["--posix-acl"], {"posix_acl": True}),
-    (["-o", "posix_acl"], {"posix_acl": True}),
+    (["--posix-acl"], {"posix_acl": "always"}),
+    (["--posix-acl=auto"], {"posix_acl": "auto"}),
+    (["--posix-acl=always"], {"posix_acl": "always"}),
+    (["--posix-acl=never"], {}),
+    (["-o", "posix_acl"], {"posix_acl": "always"}),
     (["--writeback"], {"writeback": True}),
     (["-o", "writeback"], {"writeback": True}),
     (["--xattrmap", MAP], {"xattrmap": MAP}),
@@ -50,9 +55,13 @@ OPTIONS = [
     (["-o", "no_posix_lock"], {"posix_lock": False}),
     (["--no-flock"], {"flock": False}),
     (["-o", "no_flock"], {"flock": False}),
-    (["-o", "xattr,no_xattr,no_posix_acl,posix_acl"], {"posix_acl": True}),
-    (["--security-label"], {"security_label": True}),
-    (["-o", "security_label"], {"security_label": True}),
+    (["-o", "xattr,no_xattr,no_posix_acl,posix_acl"], {"posix_acl": "always"}),
+    (["--security-label"], {"security_label": "always"}),
+    (["--security-label=auto"], {"security_label": "auto"}),
+    (["-o", "security_label"], {"security_label": "always"}),
+    (["--translate-uid", "map:0:1000:10", "--translate-uid=forbid-guest:10:5"],
+     {"translate_uid": IdMap(["map:0:1000:10", "forbid-guest:10:5"])}),
+    (["--translate-gid", "squash-guest:0:100:65536"], {"translate_gid": IdMap(["squash-guest:0:100:65536"])}),
 ]
 _DEFAULTS = {name: p.default for name, p in inspect.signature(Passthrough).parameters.items()
              if p.kind is inspect.Parameter.KEYWORD_ONLY}
@@ -118,15 +127,18 @@ def test_fuse_passthrough_is_on_unless_turned_off(recorded):
 
 def _daemon_options(argv: list[str]) -> dict:
     parser = cli.build_parser()
-    args = parser.parse_args(["--shared-dir", "/", "--socket-path", "/unused", *argv])
+    argv = ["--shared-dir", "/", "--socket-path", "/unused", *argv]
+    args = parser.parse_args(cli.negotiated_switches(argv))
     cli._apply_o_options(parser, args)
+    cli.translate_maps(parser, args)
     return cli.passthrough_options(args)
 
 
 def _mount_options(argv: list[str]) -> dict:
     parser = mount_cli.build_parser()
-    args = parser.parse_args(["--shared-dir", "/", "/mnt", *argv])
+    args = parser.parse_args(cli.negotiated_switches(["--shared-dir", "/", "/mnt", *argv]))
     mount_cli._mount_options(parser, args.o, args)
+    cli.translate_maps(parser, args)
     return cli.passthrough_options(args)
 
 
@@ -226,3 +238,31 @@ def test_xattrmap_through_the_kernel(mount):
     with pytest.raises(OSError) as exc:  # a host name carrying the prefix is not the guest's to name
         os.getxattr(mnt / "f", "user.virtiofs.trusted.overlay.opaque")
     assert exc.value.errno == errno.EPERM
+
+
+def _acl_ids(value: bytes) -> set[tuple[int, int]]:
+    """(tag, id) of each entry of a POSIX ACL in the xattr format."""
+    return {struct.unpack_from("<HHI", value, off)[0::2] for off in range(4, len(value), 8)}
+
+
+def test_translated_ids_through_the_kernel(mount):
+    """--translate-uid/--translate-gid over /dev/fuse: the host kernel's callers (root here) are guest
+    IDs 0-1999, the source directory's files host IDs 100000-101999 and 200000-201999."""
+    src, mnt = mount("--posix-acl", "--translate-uid", "map:0:100000:2000",
+                     "--translate-gid", "map:0:200000:2000")
+    src.chmod(0o777)
+    (mnt / "f").write_bytes(b"x")
+    st = os.stat(src / "f")
+    assert (st.st_uid, st.st_gid) == (100000, 200000), "made by root, who is host 100000:200000"
+    assert (os.stat(mnt / "f").st_uid, os.stat(mnt / "f").st_gid) == (0, 0)
+    os.chown(mnt / "f", 1000, 1001)
+    st = os.stat(src / "f")
+    assert (st.st_uid, st.st_gid) == (101000, 201001)
+    assert (os.stat(mnt / "f").st_uid, os.stat(mnt / "f").st_gid) == (1000, 1001)
+    os.setxattr(mnt / "f", "system.posix_acl_access", USER_1000_READS)  # setfacl -m u:1000:r
+    assert (0x02, 101000) in _acl_ids(os.getxattr(src / "f", "system.posix_acl_access"))
+    assert os.getxattr(mnt / "f", "system.posix_acl_access") == USER_1000_READS
+    # Guest uid 2000 is past the rules: it stays 2000 on the host; the directory listing agrees.
+    os.chown(mnt / "f", 2000, -1)
+    assert os.stat(src / "f").st_uid == 2000
+    assert [(e.name, e.stat().st_uid) for e in os.scandir(mnt)] == [("f", 2000)]

@@ -3,13 +3,19 @@ logging for live migration, stopping and resuming rings, memory and call fds cha
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
+import struct
+import subprocess
+import sys
 
 from vhostfs.fuse import abi
 from vhostfs.testing.frontend import PAGE
 from vhostfs.testing.fuse_client import FuseClient
 from vhostfs.vhost_user import messages as m
+
+from .conftest import check_statfs
 
 R = m.Request
 LOG_ALL = 1 << m.VHOST_F_LOG_ALL
@@ -124,7 +130,7 @@ def test_get_vring_base_stops_ring_and_set_vring_base_resumes(daemon):
         ring.kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         fe.send(R.VHOST_USER_SET_VRING_KICK, m.U64.pack(1), [ring.kick])
         assert [fe.wait_used(ring)[0] for _ in heads] == heads
-        assert client.statfs()
+        check_statfs(client, daemon.shared)
 
 
 def test_kick_before_ring_is_enabled_is_ignored(daemon):
@@ -155,7 +161,7 @@ def test_memory_added_while_queues_run(daemon):
         try:
             region = bytes(8) + m.MEMORY_REGION.pack(extra_gpa, extra_size, 0x7E00_0000_0000, 0)
             assert fe.ack(R.VHOST_USER_ADD_MEM_REG, region, [extra_fd]) == 0
-            assert client.statfs()
+            check_statfs(client, daemon.shared)
             request = client.message(abi.FUSE_STATFS, abi.ROOT_ID)
             extra[:len(request)] = request
             ring = fe.rings[1]
@@ -178,7 +184,7 @@ def test_call_fd_replaced_while_running(daemon):
         ring.call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         assert fe.ack(R.VHOST_USER_SET_VRING_CALL, m.U64.pack(1), [ring.call]) == 0
         try:
-            assert client.statfs()  # wait_used waits on the new call fd
+            check_statfs(client, daemon.shared)  # wait_used waits on the new call fd
             try:
                 os.eventfd_read(old)
                 signalled_old = True
@@ -187,3 +193,30 @@ def test_call_fd_replaced_while_running(daemon):
             assert not signalled_old
         finally:
             os.close(old)
+
+
+def test_a_state_transfer_while_a_queue_runs_is_refused(daemon):
+    """The daemon migrates (migrate-precopy, DEVICE_STATE), but only once every ring is stopped
+    (vhost-user.rst, "Migrating back-end state"): a front end that asks for the state while a queue
+    runs is told no, and the device goes on serving."""
+    caps = json.loads(subprocess.run([sys.executable, "-m", "vhostfs", "--print-capabilities"],
+                                     capture_output=True, text=True, timeout=60, check=True).stdout)
+    with daemon.connect() as fe:
+        fe.setup(queues=2)
+        offered = fe.call_u64(R.VHOST_USER_GET_PROTOCOL_FEATURES)
+        offers_state = offered >> m.VHOST_USER_PROTOCOL_F_DEVICE_STATE & 1
+        assert bool(offers_state) == ("migrate-precopy" in caps["features"])
+        client = FuseClient(fe)
+        client.init()
+        read_end, write_end = os.pipe()
+        try:
+            # struct VhostUserTransferDeviceState: direction SAVE (0), phase STOPPED (0).
+            fe.send(R.VHOST_USER_SET_DEVICE_STATE_FD, struct.pack("=II", 0, 0), [write_end],
+                    need_reply=True)
+            reply = fe.recv_reply(R.VHOST_USER_SET_DEVICE_STATE_FD)
+            assert reply == b"" or m.U64.unpack(reply)[0] != 0
+            assert fe.ack(R.VHOST_USER_CHECK_DEVICE_STATE) != 0
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        check_statfs(client, daemon.shared)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_passthrough import _tree
-from vhostfs.fs.passthrough import Passthrough
+from vhostfs.fs.passthrough import Passthrough, prepare_process
 
 
 @pytest.fixture
@@ -25,10 +25,8 @@ def share(tmp_path: Path):
 
 @pytest.fixture
 def make(share):
-    """Builds Passthroughs of `share` with the given options, closed (and the umask restored) after."""
+    """Builds Passthroughs of `share` with the given options, closed after."""
     made: list[Passthrough] = []
-    umask = os.umask(0)
-    os.umask(umask)
 
     def factory(**kw) -> Passthrough:
         fs = Passthrough(str(share), **kw)
@@ -38,4 +36,15 @@ def make(share):
     yield factory
     for fs in made:
         fs.close()
+
+
+@pytest.fixture(autouse=True)
+def passthrough_process():
+    """The process-wide settings a Passthrough needs (prepare_process), undone after each test."""
+    umask = os.umask(0)
+    groups = os.getgroups()
+    prepare_process()
+    yield
     os.umask(umask)
+    if os.geteuid() == 0:
+        os.setgroups(groups)

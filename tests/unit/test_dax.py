@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from vhostfs.dax import DaxWindow, Mapping
+from vhostfs.dax import DaxFilesystem, DaxWindow, Mapping
+from vhostfs.fuse.filesystem import Filesystem
 from vhostfs.vhost_user import messages as m
 from vhostfs.vhost_user.backend_channel import BackendChannel
 
@@ -287,6 +288,38 @@ def test_map_needs_the_shmem_feature() -> None:
     assert exc.value.errno == errno.EOPNOTSUPP
     channel.close()
     theirs.close()
+
+
+class _Mappable(Filesystem):
+    """A file system that records the calls that reach it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def fd_for_mapping(self, nodeid, fh):
+        raise OSError(errno.EBADF, "none")
+
+    def readlink(self, ctx, nodeid):
+        self.calls.append(("readlink", nodeid))
+        return b"target"
+
+    def statfs(self, ctx, nodeid):
+        self.calls.append(("statfs", nodeid))
+        return "statvfs"
+
+
+def test_dax_filesystem_passes_other_operations_through_unchanged(window: DaxWindow) -> None:
+    inner = _Mappable()
+    fs = DaxFilesystem(inner, window)
+    # What an instance does is its class's: nothing is rebound on the instance.
+    assert not set(vars(fs)) & set(dir(Filesystem))
+    assert fs.readlink(None, 1) == b"target" and fs.statfs(None, 1) == "statvfs"
+    assert inner.calls == [("readlink", 1), ("statfs", 1)]
+    # Operations the wrapped file system lacks answer as Filesystem's defaults do (ENOSYS).
+    with pytest.raises(OSError) as exc:
+        fs.mknod(None, 1, b"x", 0o644, 0, 0)
+    assert exc.value.errno == errno.ENOSYS
+    assert DaxFilesystem.statfs.__doc__ == Filesystem.statfs.__doc__
 
 
 def test_write_back_never_grows_a_file_cut_shorter_meanwhile(ragged) -> None:

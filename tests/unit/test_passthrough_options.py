@@ -118,13 +118,6 @@ def test_announce_submounts_flags_a_host_mount_point(make, share):
 # -- ownership and privileges ------------------------------------------------------------------------------
 
 @ROOT_ONLY
-def test_daemon_drops_supplementary_groups(make):
-    os.setgroups([4242])
-    make()
-    assert os.getgroups() == []
-
-
-@ROOT_ONLY
 def test_setgid_directory_passes_its_group_on(make, share):
     d = share / "team"
     d.mkdir()
@@ -303,3 +296,25 @@ def test_posix_acl_applies_the_umask_unless_a_default_acl_replaces_it(make, shar
 def test_malformed_xattrmap_is_refused_at_construction(share):
     with pytest.raises(ValueError, match="unknown rule type"):
         Passthrough(str(share), xattrmap=":nope:all:::")
+
+
+@pytest.mark.parametrize("option", ["posix_acl", "security_label"])
+def test_negotiation_modes(make, option):
+    flags = {"posix_acl": abi.FUSE_POSIX_ACL, "security_label": abi.FUSE_SECURITY_CTX}[option]
+    everything = abi.FUSE_POSIX_ACL | abi.FUSE_DONT_MASK | abi.FUSE_SETXATTR_EXT | abi.FUSE_SECURITY_CTX
+
+    def negotiate(mode, capable):
+        conn = ConnectionInfo(7, 39, capable, 0, 1 << 20, 1 << 17, 256)
+        make(**{option: mode}).init(conn)
+        return conn.want & capable & flags
+
+    assert negotiate("never", everything) == 0
+    assert negotiate("auto", everything) == flags
+    assert negotiate("auto", 0) == 0
+    assert negotiate("always", everything) == flags
+    assert negotiate(True, everything) == flags  # the library's bool means "auto"
+    with pytest.raises(OSError) as info:
+        negotiate("always", 0)  # the kernel cannot: the session fails rather than serve without
+    assert info.value.errno == errno.EPROTO
+    with pytest.raises(ValueError):
+        make(**{option: "sometimes"})

@@ -1,7 +1,8 @@
 """Escapes tried through FuseServer.handle with hand-built requests against the passthrough.
 
-Each test runs with a canary directory next to the share (and the share holds symlinks to it and to
-/etc); the fixture checks after every test that nothing in the canary changed.
+Each test runs with a canary directory next to the share (and the share holds symlinks into it); the
+fixture checks after every test that nothing in the canary changed. Nothing aims at the host's own
+files: a regression would damage the canary, not the machine.
 """
 
 from __future__ import annotations
@@ -30,18 +31,13 @@ def env(tmp_path: Path):
     (canary / "dir").mkdir()
     os.symlink(canary, share / "to_canary")
     os.symlink(canary / "secret", share / "to_secret")
-    os.symlink("/etc", share / "to_etc")
     before = _tree(canary)
-    etc_passwd = os.stat("/etc/passwd")
     fs = Passthrough(str(share), xattr=True)
     srv = Server(fs)
     srv.init(DEFAULT_WANT)
     yield srv, share, canary
     fs.close()
     assert _tree(canary) == before, "the canary directory outside the share changed"
-    after = os.stat("/etc/passwd")
-    assert (after.st_mode, after.st_uid, after.st_mtime_ns) == (etc_passwd.st_mode, etc_passwd.st_uid,
-                                                                etc_passwd.st_mtime_ns)
 
 
 def lookup(srv: Server, name: bytes, parent: int = 1) -> tuple[int, int]:
@@ -58,7 +54,7 @@ def setattr_mode(mode: int) -> bytes:
     return abi.SETATTR_IN.pack(abi.FATTR_MODE, 0, 0, 0, 0, 0, 0, 0, 0, 0, mode, 0, 0)
 
 
-@pytest.mark.parametrize("name", [b"../canary/secret", b"to_canary/secret", b"/etc/passwd", b"a/b", b"..",
+@pytest.mark.parametrize("name", [b"../canary/secret", b"to_canary/secret", b"/canary/secret", b"a/b", b"..",
                                   b".", b""])
 def test_names_with_slash_or_dots_are_refused(env, name):
     srv, share, _ = env
@@ -66,7 +62,7 @@ def test_names_with_slash_or_dots_are_refused(env, name):
     assert srv.call(abi.FUSE_MKDIR, abi.MKDIR_IN.pack(0o755, 0) + name + b"\0")[0] == errno.EINVAL
     assert srv.call(abi.FUSE_UNLINK, name + b"\0")[0] == errno.EINVAL
     assert srv.call(abi.FUSE_RENAME, abi.RENAME_IN.pack(1) + b"to_secret\0" + name + b"\0")[0] == errno.EINVAL
-    assert sorted(os.listdir(share)) == ["to_canary", "to_etc", "to_secret"]
+    assert sorted(os.listdir(share)) == ["to_canary", "to_secret"]
 
 
 def test_dotdot_of_the_root_is_the_root(env):
@@ -77,12 +73,13 @@ def test_dotdot_of_the_root_is_the_root(env):
 
 
 def test_absolute_symlink_target_is_stored_as_data(env):
-    srv, share, _ = env
-    err, body = srv.call(abi.FUSE_SYMLINK, b"abs\0" + b"/etc/passwd\0")
+    srv, share, canary = env
+    target = os.fsencode(canary / "secret")
+    err, body = srv.call(abi.FUSE_SYMLINK, b"abs\0" + target + b"\0")
     assert err == 0
     node = abi.ENTRY_OUT.unpack(body)[0]
-    assert os.readlink(share / "abs") == "/etc/passwd"
-    assert srv.call(abi.FUSE_READLINK, b"", node) == (0, b"/etc/passwd")
+    assert os.readlink(share / "abs") == os.fsdecode(target)
+    assert srv.call(abi.FUSE_READLINK, b"", node) == (0, target)
     assert srv.call(abi.FUSE_OPEN, abi.OPEN_IN.pack(os.O_RDWR, 0), node)[0] == errno.ELOOP
     assert srv.call(abi.FUSE_SETATTR, setattr_mode(0o777), node)[0] == errno.EOPNOTSUPP
     # The symlink's own attributes, never the target's: user.* refused, as lsetxattr(2) refuses it.
@@ -90,7 +87,7 @@ def test_absolute_symlink_target_is_stored_as_data(env):
         == errno.EPERM
 
 
-@pytest.mark.parametrize("link", [b"to_etc", b"to_canary", b"to_secret"])
+@pytest.mark.parametrize("link", [b"to_canary", b"to_secret"])
 def test_host_symlinks_inside_the_share_lead_nowhere(env, link):
     srv, share, _ = env
     err, node = lookup(srv, link)
@@ -109,7 +106,8 @@ def test_host_symlinks_inside_the_share_lead_nowhere(env, link):
         # An attribute a symlink can have lands on the symlink (the canary check covers the targets).
         assert srv.call(abi.FUSE_SETXATTR, abi.SETXATTR_IN_COMPAT.pack(1, 0) + b"trusted.x\0y", node)[0] == 0
         assert os.getxattr(share / link.decode(), "trusted.x", follow_symlinks=False) == b"y"
-        assert "trusted.x" not in os.listxattr("/etc")
+        target = os.readlink(share / link.decode())
+        assert "trusted.x" not in os.listxattr(target)
     # Creating over the link's name does not write through it either.
     assert create(srv, link, flags=os.O_RDWR | os.O_TRUNC) == errno.ELOOP
 
@@ -177,4 +175,4 @@ def test_link_or_rename_into_an_unlinked_directory(env):
     assert srv.call(abi.FUSE_LINK, abi.LINK_IN.pack(f) + b"l\0", gone)[0] == errno.ENOENT
     assert srv.call(abi.FUSE_RENAME, abi.RENAME_IN.pack(gone) + b"f\0r\0")[0] == errno.ENOENT
     assert create(srv, b"c", gone) == errno.ENOENT
-    assert sorted(os.listdir(share)) == ["f", "to_canary", "to_etc", "to_secret"]
+    assert sorted(os.listdir(share)) == ["f", "to_canary", "to_secret"]

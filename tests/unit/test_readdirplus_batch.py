@@ -12,6 +12,7 @@ import pytest
 
 from tests.unit import test_passthrough_scale
 from tests.unit.test_passthrough_locks import Server
+from vhostfs.fs.idmap import IdMap
 from vhostfs.fs.passthrough import Passthrough
 from vhostfs.fuse import abi
 from vhostfs.fuse.filesystem import HostDirentsPlus
@@ -221,3 +222,23 @@ def test_host_mount_points_are_flagged_and_their_files_stay_distinct(make, share
     assert nodes[b"m1"] != nodes[b"m2"]
     plain = server(make())
     assert all(entry[-1] == 0 for body in list_plus(plain, 1, 4096) for entry, _, _ in records(body))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+def test_translated_owners_are_the_guest_ids_lookup_gives(make, share):
+    fill(share)
+    for i, path in enumerate(sorted((share / "d").iterdir())):
+        os.lchown(path, 100000 + i, 200000 + 2 * i)
+    fs = make(translate_uid=IdMap(["map:0:100000:2000"]), translate_gid=IdMap(["map:0:200000:2000"],
+                                                                             "--translate-gid"))
+    srv = server(fs)
+    d = lookup(srv, b"d")[0]
+    seen = 0
+    for body in list_plus(srv, d, 4096):
+        for entry, _, name in records(body):
+            if entry[0]:
+                st = os.lstat(share / "d" / name.decode())
+                assert (entry[17], entry[18]) == (st.st_uid - 100000, st.st_gid - 200000)
+                assert entry == lookup(srv, name, d)
+                seen += 1
+    assert seen == 303

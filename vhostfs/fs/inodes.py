@@ -165,6 +165,9 @@ class InodeTable:
                           stat.S_IFMT(root_stat.st_mode))
         self._by_id: dict[int, Inode] = {ROOT_ID: self.root}
         self._by_key: dict[tuple[int, int, int], Inode] = {self.root.key: self.root}
+        #: nodeid -> nlookup of nodes a loaded session knows but whose file was not found again
+        #: (migration with on-error "guest-error"): their requests get EIO until they are forgotten.
+        self._lost: dict[int, int] = {}
 
     @property
     def file_handles(self) -> str:
@@ -436,7 +439,7 @@ class InodeTable:
         with self._lock:
             inode = self._by_id.get(nodeid)
             if inode is None:
-                raise ebadf()
+                raise fs_error(errno.EIO) if nodeid in self._lost else ebadf()
             inode.nlookup += 1
             return inode
 
@@ -448,7 +451,7 @@ class InodeTable:
         with self._lock:
             inode = self._by_id.get(nodeid)
             if inode is None:
-                raise ebadf()
+                raise fs_error(errno.EIO) if nodeid in self._lost else ebadf()
             inode.users += 1
             self._idle.pop(inode, None)
             self._idle_named.pop(inode, None)
@@ -545,6 +548,13 @@ class InodeTable:
         """
         with self._lock:
             inode = self._by_id.get(nodeid)
+            if inode is None and nodeid in self._lost:
+                left = self._lost[nodeid] - nlookup
+                if left > 0:
+                    self._lost[nodeid] = left
+                else:
+                    del self._lost[nodeid]
+                return
             if inode is None or inode is self.root:
                 return
             inode.nlookup -= nlookup
@@ -560,6 +570,7 @@ class InodeTable:
         """Forgets every node but the root (the session ended; the next one starts from the root alone)."""
         with self._lock:
             dropped = [i for i in self._by_id.values() if i is not self.root]
+            self._lost.clear()
             self._by_id = {ROOT_ID: self.root}
             self._by_key = {self.root.key: self.root}
             fds = []
@@ -569,3 +580,61 @@ class InodeTable:
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
+
+    # -- moving the session (fs/migration.py) ----------------------------------------------------
+    def saved_nodes(self) -> tuple[int, list[tuple[int, int, int, FileHandle | None]]]:
+        """The next nodeid and (nodeid, nlookup, file type, file handle or None) of every node but
+        the root, for saving the session; a lost node has type 0."""
+        with self._lock:
+            nodes = [(i.nodeid, i.nlookup, i.kind, i.handle) for i in self._by_id.values()
+                     if i is not self.root]
+            nodes += [(nodeid, nlookup, 0, None) for nodeid, nlookup in self._lost.items()]
+            return self._next, nodes
+
+    def restore(self, nodes: list[tuple[int, int, int, os.stat_result]], lost: dict[int, int],
+                next_id: int, *, more: bool = False) -> None:
+        """Installs the nodes of a loaded session: (nodeid, nlookup, O_PATH fd, stat) each, taking
+        ownership of the fds, and the `lost` ones (nodeid -> nlookup, their requests get EIO).
+
+        The table must know the root alone, unless `more` adds a further batch of one session (`clear`
+        undoes them all). Raises ValueError (closing every fd of `nodes`) when two nodes name one host
+        file or one nodeid, or a nodeid is not below `next_id`; with file handles, the error of a file
+        that has none under "mandatory"."""
+        made: list[Inode] = []
+        try:
+            with self._lock:
+                if not more and (len(self._by_id) != 1 or self._lost):
+                    raise ValueError("a session is already running")
+                seen: set[int] = set(lost) | set(self._by_id)
+                keys: set[tuple[int, int, int]] = set(self._by_key)
+            for nodeid, nlookup, fd, st in nodes:
+                if nodeid in seen or not ROOT_ID < nodeid < next_id:
+                    raise ValueError(f"nodeid {nodeid} is repeated or out of range")
+                seen.add(nodeid)
+                key = (st.st_dev, st.st_ino, mount_id(fd, self._proc_fd))
+                if key in keys:
+                    raise ValueError(f"nodeid {nodeid} names a host file another node names")
+                keys.add(key)
+                kind = stat.S_IFMT(st.st_mode)
+                handle = self._handle_for(fd, kind, key[2]) if self._mode != "never" else None
+                inode = Inode(self, nodeid, fd, key, kind, handle)
+                inode.nlookup = nlookup
+                made.append(inode)
+        except BaseException:
+            for inode in made:
+                if inode.handle is not None:
+                    self._mounts.release(inode.handle.mount_id)
+            for _, _, fd, _ in nodes:
+                os.close(fd)
+            raise
+        close: list[int] = []
+        with self._lock:
+            for inode in made:
+                self._by_id[inode.nodeid] = inode
+                self._by_key[inode.key] = inode
+                if inode.handle is not None:
+                    close += self._park(inode)
+            self._lost = dict(lost)
+            self._next = max(self._next, next_id)
+        for fd in close:
+            os.close(fd)

@@ -66,6 +66,29 @@ def _end(start: int, length: int) -> int:
     return OFFSET_MAX if length == 0 else start + length - 1
 
 
+def parse_fdinfo_locks(text: str) -> list[tuple[str, int, int, int]]:
+    """The locks that /proc/PID/fdinfo/FD lists as held through that open file ("lock:" lines, as
+    fs/locks.c lock_get_status prints them): (class, type, start, end) each, class being "OFDLCK",
+    "POSIX" or "FLOCK", type F_RDLCK or F_WRLCK, end inclusive (OFFSET_MAX for "EOF"). Lines of
+    waiting requests ("->") and of other kinds (leases) are skipped."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith("lock:") or "->" in line:
+            continue
+        words = line[5:].split()
+        cls = next((w for w in words if w in ("OFDLCK", "POSIX", "FLOCK")), None)
+        kind = next((w for w in words if w in ("READ", "WRITE")), None)
+        if cls is None or kind is None or len(words) < 2:
+            continue
+        try:
+            start = int(words[-2])
+            end = OFFSET_MAX if words[-1] == "EOF" else int(words[-1])
+        except ValueError:
+            continue
+        out.append((cls, fcntl.F_WRLCK if kind == "WRITE" else fcntl.F_RDLCK, start, end))
+    return out
+
+
 def wait_until(attempt, interrupt: threading.Event | None, gone, wait_limit: float | None) -> None:
     """Calls `attempt()` until it stops raising EAGAIN/EACCES (see the module doc).
 
@@ -295,3 +318,10 @@ class LockTable:
             for waiter in self._flock_waits:
                 waiter.gone = True
         self._drop(entries)
+
+    def saved(self) -> list[tuple[int, int, int, int, list[int]]]:
+        """(nodeid, owner, pid, host fd, fhs used) of every owner's description, for saving the session
+        (the caller reads the locks each holds from fdinfo; no request runs meanwhile)."""
+        with self._lock:
+            return [(n, o, e.pid, e.fd, sorted(e.fhs)) for (n, o), e in self._owners.items()
+                    if not e.closed]

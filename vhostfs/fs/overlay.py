@@ -95,6 +95,7 @@ from vhostfs.fuse.filesystem import (
     SetAttr,
     Stat,
     StatVfs,
+    check_access,
     check_name,
     fs_error,
 )
@@ -260,7 +261,8 @@ class OverlayFs(Filesystem):
             raise ValueError("an overlay cannot map extended attribute names (xattrmap): its markers "
                              "must keep the names the kernel's overlayfs reads")
         for name in NOT_WITH_OVERLAY:
-            if passthrough.get(name):
+            # posix_acl and security_label are modes: "never" is off, like False.
+            if passthrough.get(name) not in (None, False, "never"):
                 raise ValueError(f"an overlay does not serve {name}")
         for lower in lower_dirs:
             if not os.path.isdir(lower):
@@ -1202,19 +1204,7 @@ class OverlayFs(Filesystem):
         is copied up)."""
         with self._lock:
             st, _ = self._attr(self._node(nodeid))
-        mask &= os.R_OK | os.W_OK | os.X_OK
-        if ctx.uid == 0:
-            if mask & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
-                raise fs_error(errno.EACCES)
-            return
-        if st.st_uid == ctx.uid:
-            granted = st.st_mode >> 6
-        elif st.st_gid == ctx.gid:
-            granted = st.st_mode >> 3
-        else:
-            granted = st.st_mode
-        if mask & ~granted & 0o7:
-            raise fs_error(errno.EACCES)
+        check_access(ctx, st.st_mode, st.st_uid, st.st_gid, mask)
 
     def syncfs(self, ctx: Context, nodeid: int) -> None:
         self._layers[0].syncfs(ctx, ROOT_ID)

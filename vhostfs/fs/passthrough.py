@@ -1,6 +1,6 @@
 """Passthrough: serves a host directory (the shared dir) to an untrusted guest.
 
-Security model (see DESIGN.md):
+Security model (see docs/architecture.md, "Security model"):
 
 - Every node the guest knows is an O_PATH fd held in the `InodeTable`; host paths are only ever
   resolved as one component relative to such a directory fd, with O_NOFOLLOW / AT_SYMLINK_NOFOLLOW.
@@ -28,15 +28,15 @@ Credentials: when the daemon runs as root, the calls that create a node (mknod, 
 create) run with the thread's fsuid/fsgid switched to the caller's (`_as_caller`), so new files belong
 to the guest user and the host checks the guest user's permission to create them (a setgid directory
 passes its group on, and a set-group-ID bit the guest user may not set is dropped, as on the host).
-The constructor drops the daemon's supplementary groups, which would otherwise count as the guest
-user's in those checks. Everything else runs with the daemon's credentials; the guest kernel mounts
+The process must hold no supplementary groups, which would otherwise count as the guest user's in
+those checks (`prepare_process`). Everything else runs with the daemon's credentials; the guest kernel mounts
 virtio-fs with default_permissions and checks access itself.
 
 Locks: POSIX record locks and flock(2) locks are held on the host (locks.py), so they conflict between
 guest processes and with host processes alike.
 
-The constructor sets the process umask to 0: the guest has already applied its own umask (or passes it
-to be applied here), and the daemon's umask must not change the modes a second time.
+The process umask must be 0 (`prepare_process`): the guest has already applied its own umask (or
+passes it to be applied here), and the daemon's umask must not change the modes a second time.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ from typing import TYPE_CHECKING
 
 from vhostfs import native
 from vhostfs.fs.handles import Handle, HandleTable
+from vhostfs.fs.idmap import IdMap, IdTranslation, parse_proc_id_map
 from vhostfs.fs.inodes import Inode, InodeTable
 from vhostfs.fs.locks import LockTable
+from vhostfs.fs.migration import SessionMover
 from vhostfs.fs.xattrmap import XattrMap
 from vhostfs.fuse.abi import (
     FOPEN_CACHE_DIR,
@@ -99,6 +101,7 @@ from vhostfs.fuse.filesystem import (
     SetAttr,
     StatVfs,
     Statx,
+    check_access,
     check_name,
     fs_error,
 )
@@ -192,11 +195,63 @@ _FLOCK_OPS = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX, fcntl.
 _FALLOC_FL_ALL = 0x7F
 
 
+#: Whether prepare_process ran in this process.
+_prepared = False
+
+
+def prepare_process() -> None:
+    """Makes the process-wide settings the passthrough relies on (see the module doc): umask 0 and,
+    when running as root, no supplementary groups.
+
+    A program that serves a Passthrough calls it once at start-up, before building one: the daemon
+    and `vhostfs mount` do. The constructor changes nothing in the process (and makes no system call
+    for it, so that a file system mounted at run time under the seccomp filter needs none); as root
+    it warns if this did not run.
+    """
+    global _prepared
+    if os.geteuid() == 0 and os.getgroups():
+        # Root's supplementary groups would count for every guest user once fsuid/fsgid are switched
+        # (the host checks group membership with them), so the daemon holds none.
+        try:
+            os.setgroups([])
+        except PermissionError:
+            # A user namespace whose setgroups is "deny" (one gid mapped, no newgidmap): the daemon
+            # keeps the groups its user has on the host, and can switch to no other gid.
+            with open("/proc/self/setgroups") as f:
+                if f.read().strip() != "deny":
+                    raise
+    os.umask(0)
+    _prepared = True
+
+
+def _negotiation_mode(option: str, value: bool | str) -> str:
+    """"never", "auto" or "always" from a mode or a bool (True: "auto"); ValueError otherwise."""
+    if value is True or value is False:
+        return "auto" if value else "never"
+    if value not in ("never", "auto", "always"):
+        raise ValueError(f"{option} must be never, auto or always, not {value!r}")
+    return value
+
+
 def _dirent_record(name: bytes, ino: int) -> bytes:
     """A linux_dirent64 record of directory `name` (for b"." and b"..", which the daemon lists itself)."""
     reclen = (LINUX_DIRENT64.size + len(name) + 1 + 7) & ~7
     record = LINUX_DIRENT64.pack(ino, 0, reclen, _DT_DIR) + name
     return record + bytes(reclen - len(record))
+
+
+class _GuestAttr:
+    """The attributes `st` with the owner and group the guest sees (an `Attr`)."""
+
+    __slots__ = ("_st", "st_uid", "st_gid")
+
+    def __init__(self, st: os.stat_result, uid: int, gid: int) -> None:
+        self._st = st
+        self.st_uid = uid
+        self.st_gid = gid
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._st, name)
 
 
 def _fd_name(fd: int) -> str:
@@ -230,25 +285,34 @@ class Passthrough(Filesystem):
     - `killpriv_v2`: FUSE_HANDLE_KILLPRIV_V2: the guest leaves clearing set-user-ID/set-group-ID bits
       on write, truncate and chown to the daemon (FUSE_WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, and an
       O_TRUNC open by a guest user other than root).
-    - `posix_acl`: POSIX ACLs in the guest (FUSE_POSIX_ACL; implies `xattr`). The system.posix_acl_*
+    - `posix_acl`: POSIX ACLs in the guest (FUSE_POSIX_ACL; implies `xattr`): "never" (or False),
+      "auto" (or True: where the guest can negotiate them) or "always" (`init` fails with EPROTO, and
+      so the session, where the guest cannot). The system.posix_acl_*
       attributes go to the host like any other; the guest's umask is applied here (FUSE_DONT_MASK)
       except in a directory with a default ACL, which replaces it as on the host; and an access ACL
       set with `kill_sgid` clears the set-group-ID bit.
     - `security_label`: the security context the guest's LSM gives a new node (FUSE_SECURITY_CTX;
-      implies `xattr`) is set on the host node as the extended attribute it names (through the
-      xattrmap) right after create, mkdir, mknod, symlink and tmpfile make it, with the daemon's
-      credentials (outside SELinux, setting security.* needs CAP_SYS_ADMIN); if that fails, the node
-      is removed and the guest gets the error. A create that finds the file already there opens it
-      and labels nothing. SELinux's fscreate is not used.
+      implies `xattr`; "never", "auto" or "always" as for `posix_acl`) is set on the host node as
+      the extended attribute it names (through the xattrmap) right after create, mkdir, mknod,
+      symlink and tmpfile make it, with the daemon's credentials (outside SELinux, setting security.*
+      needs CAP_SYS_ADMIN); if that fails, the node is removed and the guest gets the error. A
+      create that finds the file already there opens it and labels nothing. SELinux's fscreate is
+      not used.
     - `xattrmap`: virtiofsd's --xattrmap rules (xattrmap.py), applied to every extended attribute name.
     - `inode_file_handles`: "never", "prefer" or "mandatory": hold the nodes the guest knows by file
       handles rather than fds (inodes.py); "mandatory" raises ValueError when the share cannot.
+    - `migration_mode`, `migration_on_error`, `migration_verify_handles`, `migration_confirm_paths`:
+      how a moved session (live migration, live upgrade) finds its files again (fs/migration.py).
     - `fd_budget`: how many fds the daemon may hold for the guest (default: RLIMIT_NOFILE less a
       reserve, see inodes.py); near it, idle nodes are closed (found again by handle or by name),
       and only when open files hold the rest do requests that would open one more fail with EMFILE.
     - `passthrough`: offer open regular files for FUSE passthrough (`Open.backing_fd`), where the
       transport can (/dev/fuse) and the options allow it; see `passthrough_refusal` and
       docs/fuse-passthrough.md for when they do not.
+    - `translate_uid`, `translate_gid`: `IdMap`s (virtiofsd's --translate-uid/--translate-gid, see
+      idmap.py) applied to the caller's credentials, the owners the guest gives, every attribute
+      reply and the IDs inside POSIX ACLs and v3 file capabilities. Inside a user namespace, a guest
+      ID that would become a host ID the namespace does not map is refused with EPERM.
     - `proc_fd`: an fd of /proc to use (duplicated) instead of opening /proc, for a daemon that can no
       longer name it (its sandbox).
     """
@@ -257,17 +321,27 @@ class Passthrough(Filesystem):
                  xattr: bool = False, posix_lock: bool = True, flock: bool = True,
                  lock_wait: float | None = None, readdirplus: bool | None = None, writeback: bool = False,
                  allow_direct_io: bool = False, allow_mmap: bool = False, announce_submounts: bool = False,
-                 preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool = False,
+                 preserve_noatime: bool = False, killpriv_v2: bool = False, posix_acl: bool | str = "never",
                  xattrmap: str | None = None, inode_file_handles: str = "never",
-                 fd_budget: int | None = None, security_label: bool = False,
-                 passthrough: bool = True, proc_fd: int | None = None) -> None:
+                 fd_budget: int | None = None, security_label: bool | str = "never",
+                 passthrough: bool = True, proc_fd: int | None = None,
+                 migration_mode: str = "find-paths", migration_on_error: str = "abort",
+                 migration_verify_handles: bool = False, migration_confirm_paths: bool = False,
+                 translate_uid: IdMap | None = None, translate_gid: IdMap | None = None) -> None:
         if cache not in CACHE_POLICIES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_POLICIES)}, not {cache!r}")
+        if os.geteuid() == 0 and not _prepared:
+            # Root's supplementary groups would count for every guest user once fsuid/fsgid are
+            # switched (the host checks group membership with them).
+            log.warning("prepare_process() was not called: the process's supplementary groups and umask "
+                        "apply to what guest users create")
         self._timeout, self._fopen_file, self._fopen_dir = CACHE_POLICIES[cache]
         self._readonly = readonly
-        self._xattr = xattr or posix_acl or security_label
-        self._posix_acl = posix_acl
-        self._security_label = security_label
+        self._acl_mode = _negotiation_mode("posix_acl", posix_acl)
+        self._label_mode = _negotiation_mode("security_label", security_label)
+        self._posix_acl = self._acl_mode != "never"
+        self._security_label = self._label_mode != "never"
+        self._xattr = xattr or self._posix_acl or self._security_label
         self._xattrmap = XattrMap.parse(xattrmap) if xattrmap is not None else None
         self._cap_name = self._xattrmap.capability_name if self._xattrmap is not None else None
         self._readdirplus = readdirplus if readdirplus is not None else cache != "never"
@@ -320,16 +394,31 @@ class Passthrough(Filesystem):
         self._posix_lock = posix_lock
         self._flock = flock
         self._locks = LockTable(self._reopen_fd, lock_wait)
-        self._switch_creds = os.geteuid() == 0
-        if self._switch_creds and os.getgroups():
-            # Root's supplementary groups would count for every guest user once fsuid/fsgid are
-            # switched (the host checks group membership with them), so the daemon holds none.
-            os.setgroups([])
-        os.umask(0)
+        self._mover = SessionMover(self._inodes, self._handles, self._locks, self._proc_fd,
+                                   mode=migration_mode, on_error=migration_on_error,
+                                   verify_handles=migration_verify_handles,
+                                   confirm_paths=migration_confirm_paths, flock=flock)
+        self._ids = self._translation(translate_uid or IdMap(), translate_gid or IdMap())
+        self._creds = (os.geteuid(), os.getegid())
+        self._switch_creds = self._creds[0] == 0
 
     def stats(self) -> dict[str, int]:
         """Counters for listings (vhostfs.fs.vfs): the nodes the client knows and the handles open."""
         return {"nodes": len(self._inodes), "handles": len(self._handles)}
+
+    def _proc_text(self, name: str) -> str:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._proc_fd)
+        try:
+            return os.read(fd, 65536).decode()
+        finally:
+            os.close(fd)
+
+    def _translation(self, uids: IdMap, gids: IdMap) -> IdTranslation | None:
+        """The ID translation in force: the maps, and the IDs this process's user namespace can use;
+        None when nothing needs translating or refusing."""
+        ids = IdTranslation(uids, gids, parse_proc_id_map(self._proc_text("self/uid_map")),
+                            parse_proc_id_map(self._proc_text("self/gid_map")))
+        return None if ids.identity else ids
 
     def close(self) -> None:
         """Releases every node and handle and closes the root; the object is unusable afterwards."""
@@ -364,7 +453,16 @@ class Passthrough(Filesystem):
         return self._inodes.open_fd(lambda: os.open(_fd_name(fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fd))
 
     def _entry(self, inode: Inode, st: os.stat_result) -> Entry:
-        return Entry(inode.nodeid, st, entry_timeout=self._timeout, attr_timeout=self._timeout)
+        # Checked here, not in _guest_attr: untranslated replies are the hot path of LOOKUP and READDIRPLUS.
+        return Entry(inode.nodeid, st if self._ids is None else self._guest_attr(st),
+                     entry_timeout=self._timeout, attr_timeout=self._timeout)
+
+    def _guest_attr(self, st: os.stat_result) -> Attr:
+        """`st` as the guest sees it: with its owner and group translated (see translate_uid)."""
+        ids = self._ids
+        if ids is None:
+            return st
+        return _GuestAttr(st, ids.uid_to_guest(st.st_uid), ids.gid_to_guest(st.st_gid))
 
     def _lookup_at(self, dir_inode: Inode, name: bytes) -> Entry:
         """Looks up one component `name` (not following it) in directory node `dir_inode` (in use);
@@ -412,7 +510,9 @@ class Passthrough(Filesystem):
 
     def _drop_handle(self, fh: int) -> None:
         """Releases `fh` (EBADF if unknown) and its node's pin."""
-        self._inodes.unpin(self._handles.remove(fh).nodeid)
+        handle = self._handles.remove(fh)
+        if handle is not None:  # None: a lost handle of a moved session, which pins nothing
+            self._inodes.unpin(handle.nodeid)
 
     def _add_fd(self, fd: int, parent: int | None = None, name: bytes | None = None,
                 mnt: int | None = None) -> Entry:
@@ -435,14 +535,18 @@ class Passthrough(Filesystem):
         A switch that did not take effect (an id the kernel refuses) fails the call with EPERM rather
         than creating the file as root.
         """
-        if not self._switch_creds or (ctx.uid == 0 and ctx.gid == 0):
+        uid, gid = ctx.uid, ctx.gid
+        if self._ids is not None:
+            # A guest ID that is forbidden or has no host ID the daemon can use: EPERM.
+            uid, gid = self._ids.uid_to_host(uid), self._ids.gid_to_host(gid)
+        if not self._switch_creds or (uid, gid) == self._creds:
             yield
             return
-        old_gid = native.setfsgid(ctx.gid)
-        old_uid = native.setfsuid(ctx.uid)
+        old_gid = native.setfsgid(gid)
+        old_uid = native.setfsuid(uid)
         try:
             # setfsuid(-1) changes nothing and returns the current value: the only way to see failure.
-            if native.setfsuid(0xFFFFFFFF) != ctx.uid or native.setfsgid(0xFFFFFFFF) != ctx.gid:
+            if native.setfsuid(0xFFFFFFFF) != uid or native.setfsgid(0xFFFFFFFF) != gid:
                 raise fs_error(errno.EPERM)
             yield
         finally:
@@ -555,10 +659,29 @@ class Passthrough(Filesystem):
             conn.want |= FUSE_SUBMOUNTS
         if self._killpriv_v2:
             conn.want |= FUSE_HANDLE_KILLPRIV_V2
-        if self._posix_acl and conn.capable & _ACL_FLAGS == _ACL_FLAGS:
+        acl = conn.capable & _ACL_FLAGS == _ACL_FLAGS
+        label = bool(conn.capable & FUSE_SECURITY_CTX)
+        for mode, offered, what in ((self._acl_mode, acl, "POSIX ACLs"), (self._label_mode, label,
+                                                                           "security labels")):
+            if mode == "always" and not offered:
+                raise OSError(errno.EPROTO, f"{what} are required (\"always\") and the kernel cannot "
+                              "negotiate them")
+        if self._posix_acl and acl:
             conn.want |= _ACL_FLAGS
         if self._security_label:
             conn.want |= FUSE_SECURITY_CTX
+
+    def save_state(self) -> list[tuple[bytes, int, bytes]]:
+        """The nodes, handles and locks of the session (fs/migration.py)."""
+        return self._mover.save()
+
+    def load_state(self, sections: dict) -> None:
+        """Takes over a saved session: finds every node and handle again (fs/migration.py)."""
+        self._mover.load(sections)
+
+    def resume_after_save(self) -> None:
+        """The session saved last goes on here (the move failed): drops what the save made."""
+        self._mover.discard_copies()
 
     def destroy(self) -> None:
         """Forgets every node but the root and closes every handle (a new session may follow)."""
@@ -590,12 +713,13 @@ class Passthrough(Filesystem):
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[Attr, float]:
         """fstat of the node's O_PATH fd (the same inode as any `fh` opened from it)."""
         with self._inodes.use(nodeid) as inode:
-            return os.stat(inode.fd), self._timeout
+            st = os.stat(inode.fd)
+            return (st if self._ids is None else self._guest_attr(st)), self._timeout
 
     def statx(self, ctx: Context, nodeid: int, fh: int | None, flags: int, mask: int) -> tuple[Statx, float]:
         """The basic stats of the node (fstat of its O_PATH fd); no birth time, so `mask` says so."""
         with self._inodes.use(nodeid) as inode:
-            return Statx.from_attr(os.stat(inode.fd)), self._timeout
+            return Statx.from_attr(self._guest_attr(os.stat(inode.fd))), self._timeout
 
     def setattr(self, ctx: Context, nodeid: int, changes: SetAttr) -> tuple[Attr, float]:
         """Applies owner, mode, size and times, in that order (chown clears set-id bits; mode wins).
@@ -610,7 +734,7 @@ class Passthrough(Filesystem):
             else:
                 with self._handles.use(changes.fh) as handle:
                     self._setattr(inode, handle.fd, changes)
-            return os.stat(inode.fd), self._timeout
+            return self._guest_attr(os.stat(inode.fd)), self._timeout
 
     def _setattr(self, inode: Inode, fd: int | None, ch: SetAttr) -> None:
         name = _fd_name(inode.fd)
@@ -618,10 +742,20 @@ class Passthrough(Filesystem):
         if ch.uid is not None or ch.gid is not None:
             uid = -1 if ch.uid is None else ch.uid
             gid = -1 if ch.gid is None else ch.gid
-            if fd is not None:
-                os.fchown(fd, uid, gid)
-            else:
-                os.chown(name, uid, gid, dir_fd=proc)
+            if self._ids is not None:
+                uid = uid if ch.uid is None else self._ids.uid_to_host(uid)
+                gid = gid if ch.gid is None else self._ids.gid_to_host(gid)
+            try:
+                if fd is not None:
+                    os.fchown(fd, uid, gid)
+                else:
+                    os.chown(name, uid, gid, dir_fd=proc)
+            except OSError as e:
+                # EINVAL: an ID the daemon's user namespace does not map. To the guest, as to a
+                # process in that namespace, such an owner is simply not permitted.
+                if e.errno == errno.EINVAL:
+                    raise fs_error(errno.EPERM) from None
+                raise
             if inode.kind == stat.S_IFREG:
                 self._drop_capability(fd if fd is not None else inode)
         mode = ch.mode
@@ -1219,6 +1353,8 @@ class Passthrough(Filesystem):
                     nodeids[i] = inode.nodeid
                 if self._submounts:
                     self._flag_submounts(dir_fd, stats, count)
+                if self._ids is not None:
+                    self._guest_ids(stats, nodeids)
             except BaseException:
                 for counted_id in counted:
                     self._inodes.forget(counted_id, 1)
@@ -1245,6 +1381,18 @@ class Passthrough(Filesystem):
                               mt_s, ct_s, at_ns, mt_ns, ct_ns, st.st_mode, st.st_nlink, st.st_uid, st.st_gid,
                               st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0, 0, 1)
         return inode
+
+    def _guest_ids(self, stats: bytearray, nodeids: array) -> None:
+        """Translates the owner and group of the STAT records of the listed nodes to the guest's
+        (see translate_uid), as _guest_attr does for one."""
+        ids = self._ids
+        assert ids is not None
+        owner, at = native.STAT_OWNER, native.STAT_OWNER_OFFSET
+        for i, nid in enumerate(nodeids):
+            if nid:
+                uid, gid = owner.unpack_from(stats, i * native.STAT.size + at)
+                owner.pack_into(stats, i * native.STAT.size + at, ids.uid_to_guest(uid),
+                                ids.gid_to_guest(gid))
 
     def _flag_submounts(self, dir_fd: int, stats: bytearray, count: int) -> None:
         """Sets FUSE_ATTR_SUBMOUNT in the STAT records of the directories on another host file
@@ -1279,22 +1427,10 @@ class Passthrough(Filesystem):
         uid 0 passes everything except X_OK on a file no one can execute, as for root on the host.
         """
         with self._inodes.use(nodeid) as inode:
-            st = os.stat(inode.fd)
-        mask &= os.R_OK | os.W_OK | os.X_OK
+            st = self._guest_attr(os.stat(inode.fd))
         if mask & os.W_OK and self._readonly:
             raise fs_error(errno.EROFS)
-        if ctx.uid == 0:
-            if mask & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
-                raise fs_error(errno.EACCES)
-            return
-        if st.st_uid == ctx.uid:
-            granted = st.st_mode >> 6
-        elif st.st_gid == ctx.gid:
-            granted = st.st_mode >> 3
-        else:
-            granted = st.st_mode
-        if mask & ~granted & 0o7:
-            raise fs_error(errno.EACCES)
+        check_access(ctx, st.st_mode, st.st_uid, st.st_gid, mask)
 
     def syncfs(self, ctx: Context, nodeid: int) -> None:
         """syncfs(2) of the shared directory's file system (it needs a real fd, not O_PATH)."""
@@ -1360,19 +1496,22 @@ class Passthrough(Filesystem):
         """
         self._check_xattr(name, modify=True)
         host_name = self._host_name(name)
+        if self._ids is not None:
+            value = self._ids.xattr_to_host(name, value)
         with self._inodes.use(nodeid) as inode, self._proc_as_cwd():
             os.setxattr(_fd_name(inode.fd), host_name, value, flags)
             if kill_sgid:
                 mode = os.stat(inode.fd).st_mode
                 if mode & stat.S_ISGID:
-                    os.chmod(_fd_name(inode.fd), stat.S_IMODE(mode) & ~stat.S_ISGID)
+                    os.chmod(_fd_name(inode.fd), stat.S_IMODE(mode) & ~stat.S_ISGID, dir_fd=self._proc_fd)
 
     def getxattr(self, ctx: Context, nodeid: int, name: bytes) -> bytes:
         """getxattr(2): the value, or ENODATA (ENOSYS unless xattr=True)."""
         self._check_xattr(name)
         host_name = self._host_name(name)
         with self._inodes.use(nodeid) as inode, self._proc_as_cwd():
-            return os.getxattr(_fd_name(inode.fd), host_name)
+            value = os.getxattr(_fd_name(inode.fd), host_name)
+        return value if self._ids is None else self._ids.xattr_to_guest(name, value)
 
     def listxattr(self, ctx: Context, nodeid: int) -> list[bytes]:
         """listxattr(2): the attribute names, as the xattrmap shows them (ENOSYS unless xattr=True)."""

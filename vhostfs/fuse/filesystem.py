@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import struct
 import threading
 from array import array
@@ -356,6 +357,25 @@ def check_name(name: bytes) -> None:
         raise fs_error(errno.ENAMETOOLONG)
 
 
+def check_access(ctx: Context, mode: int, uid: int, gid: int, mask: int) -> None:
+    """Raises EACCES unless the caller of `ctx` may do `mask` (R_OK/W_OK/X_OK) to a node with these mode
+    bits and owner, by the classic owner/group/other rule: root passes everything but executing a
+    file with no execute bit. For file systems that answer FUSE_ACCESS from their own attributes."""
+    mask &= os.R_OK | os.W_OK | os.X_OK
+    if ctx.uid == 0:
+        if mask & os.X_OK and not stat.S_ISDIR(mode) and not mode & 0o111:
+            raise fs_error(errno.EACCES)
+        return
+    if uid == ctx.uid:
+        granted = mode >> 6
+    elif gid == ctx.gid:
+        granted = mode >> 3
+    else:
+        granted = mode
+    if mask & ~granted & 0o7:
+        raise fs_error(errno.EACCES)
+
+
 def _nosys() -> OSError:
     return fs_error(errno.ENOSYS)
 
@@ -378,6 +398,22 @@ class Filesystem:
 
     def destroy(self) -> None:
         """Called when the session ends (DESTROY, unmount or device reset). Release everything."""
+
+    def save_state(self) -> list[tuple[bytes, int, bytes]]:
+        """The file system's part of a session being moved (live migration, live upgrade): sections
+        of (4-byte tag, version, payload) for `vhostfs.fuse.session_state`. Called while no request
+        runs; the session goes on here if the move fails. A file system that cannot move its
+        session raises OSError saying why (the default: EOPNOTSUPP)."""
+        raise OSError(errno.EOPNOTSUPP, f"{type(self).__name__} cannot save its session state")
+
+    def resume_after_save(self) -> None:
+        """The session `save_state` saved goes on here after all (the move failed or was cancelled)."""
+
+    def load_state(self, sections: dict) -> None:
+        """Takes over a session from the sections `save_state` made (tag -> (version, payload)),
+        before any request of it arrives. Must check every count, size, id and name and raise
+        `vhostfs.fuse.session_state.StateError` for what it cannot account for, changing nothing."""
+        raise OSError(errno.EOPNOTSUPP, f"{type(self).__name__} cannot load a session state")
 
     # -- names ----------------------------------------------------------------------------------
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:

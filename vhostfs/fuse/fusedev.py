@@ -37,6 +37,8 @@ import stat
 import struct
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from vhostfs import native
@@ -376,11 +378,14 @@ class FuseDevSession:
     `io_uring` offers FUSE_OVER_IO_URING at INIT when the kernel has it enabled and io_uring works
     (else one log line says why); once INIT is answered, one queue per possible CPU is registered,
     each served by `threads` / queues threads (at least one).
+
+    `upgradable` sessions read the fd non-blocking, so that `handover` can pause their workers (not
+    with io_uring, whose queues cannot be handed over).
     """
 
     def __init__(self, server: FuseServer, fd: int, *, threads: int = 4, max_write: int = 1 << 20,
                  mountpoint: str | None = None, passthrough: bool = False, max_stack_depth: int = 1,
-                 io_uring: bool = False) -> None:
+                 io_uring: bool = False, upgradable: bool = False) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
         if server.max_write > max_write:
@@ -399,6 +404,15 @@ class FuseDevSession:
         self._stopping = False
         self._stopped = threading.Event()
         self._error: OSError | None = None
+        self.upgradable = upgradable
+        # Live upgrade (`handover`): the workers park between requests while `_paused`; `_wake` gets
+        # them out of their poll; once `_handed_over` they leave without unmounting.
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._cond = threading.Condition()
+        self._paused = False
+        self._parked = 0
+        self._workers = 0
+        self._handed_over = False
         if passthrough and server.backing is None:
             allowed, why = passthrough_allowed()
             if allowed:
@@ -430,6 +444,13 @@ class FuseDevSession:
         worker give up (an unexpected read error), after stopping the others.
         """
         fds = [self.fd] + [self._clone() for _ in range(self.threads - 1)]
+        if self.upgradable:
+            # Non-blocking reads: a worker waits in poll(2), which a handover can wake (a worker
+            # blocked in read(2) could not be stopped without unmounting). Blocking reads stay the
+            # default: the kernel wakes one blocked reader per request, poll(2) wakes them all.
+            for fd in set(fds):
+                os.set_blocking(fd, False)
+        self._workers = len(fds)
         workers = [threading.Thread(target=self._work, args=(fd,), name=f"fusedev-{i}", daemon=True)
                    for i, fd in enumerate(fds)]
         try:
@@ -454,9 +475,74 @@ class FuseDevSession:
                 self._stopped.wait()
             for fd in set(fds) - {self.fd}:
                 os.close(fd)
+            os.close(self._wake)
             self.server.reset()
         if self._error is not None:
             raise self._error
+
+    @property
+    def handed_over(self) -> bool:
+        """True once `handover` gave the session to a successor (the mount stays)."""
+        return self._handed_over
+
+    def handover(self, give: Callable[[int, bytes], bool], timeout: float = 30) -> bool:
+        """Live upgrade: hands the running session to a successor without unmounting.
+
+        The workers finish the requests they serve (requests waiting without bound, such as a
+        blocking lock, are interrupted and answer EINTR) and park; the session is saved
+        (`FuseServer.save_state`) and `give(fd, state)` passes the /dev/fuse fd and the state on.
+        If it returns True the workers exit and `serve` returns, leaving the mount to the successor;
+        otherwise (or when the session cannot be saved) they go on serving here. The kernel keeps
+        the requests that arrive meanwhile queued for whoever reads the fd next.
+        """
+        with self._cond:
+            if not self.upgradable or self._uring is not None or self._stopping or self._paused \
+                    or self._handed_over:
+                log.error("handover refused: %s", "the session uses io_uring" if self._uring is not None
+                          else "the session cannot be handed over now")
+                return False
+            self._paused = True
+        paused = time.monotonic()
+        os.eventfd_write(self._wake, 1)
+        ok = False
+        try:
+            self.server.interrupt_waits()
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._parked == self._workers, timeout):
+                    log.error("handover: %d of %d workers still busy after %s s",
+                              self._workers - self._parked, self._workers, timeout)
+                    return False
+            try:
+                state = self.server.save_state()
+            except OSError as exc:
+                log.error("handover: the session cannot be saved: %s", exc)
+                return False
+            ok = give(self.fd, state)
+            if not ok:
+                self.server.fs.resume_after_save()
+            else:
+                log.info("handover: %d bytes of session state; requests waited %.1f ms",
+                         len(state), (time.monotonic() - paused) * 1e3)
+            return ok
+        finally:
+            with self._cond:
+                self._handed_over = ok
+                self._paused = False
+                try:
+                    os.eventfd_read(self._wake)
+                except BlockingIOError:
+                    pass
+                self._cond.notify_all()
+
+    def _park(self) -> bool:
+        """Waits while a handover is under way; False once the session was handed over."""
+        with self._cond:
+            self._parked += 1
+            self._cond.notify_all()
+            while self._paused:
+                self._cond.wait()
+            self._parked -= 1
+            return not self._handed_over
 
     def stop(self) -> None:
         """Makes the workers exit: unmounts `mountpoint` (if the session has one) so that their reads
@@ -496,8 +582,14 @@ class FuseDevSession:
         request_view = memoryview(request)
         reply_view = memoryview(bytearray(self._reply_size))
         handle = self.server.handle
-        poller: select.poll | None = None
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
         while not self._stopping:
+            if self._paused:
+                if not self._park():
+                    return
+                continue
             try:
                 n = os.readv(fd, [request])
             except OSError as exc:
@@ -507,10 +599,7 @@ class FuseDevSession:
                     # ENOENT: the request was interrupted and withdrawn before it could be read.
                     continue
                 if exc.errno == errno.EAGAIN:
-                    # A non-blocking fd from the caller: wait for a request instead of spinning.
-                    if poller is None:
-                        poller = select.poll()
-                        poller.register(fd, select.POLLIN)
+                    # Nothing to read (a non-blocking fd): wait for a request, or for a handover.
                     poller.poll()
                     continue
                 log.error("reading /dev/fuse failed: %s", exc)
@@ -551,6 +640,7 @@ class FuseDevSession:
 
 def serve_filesystem(fs: Filesystem, mountpoint: str, *, threads: int = 4, foreground: bool = True,
                      max_write: int = 1 << 20, passthrough: bool = False, io_uring: bool = False,
+                     upgrade_socket: str | None = None, take_over: str | None = None,
                      **mount_opts: Any) -> None:
     """Mounts `fs` at `mountpoint` over /dev/fuse and serves it until it is unmounted, then returns.
 
@@ -558,6 +648,12 @@ def serve_filesystem(fs: Filesystem, mountpoint: str, *, threads: int = 4, foreg
     options); `passthrough` and `io_uring` are `FuseDevSession`'s. Called from the main thread,
     SIGTERM and SIGINT unmount the file system (and so end the serving) while it runs; the previous
     handlers are restored afterwards. `fs.destroy()` is called when the session ends.
+
+    Live upgrade (vhostfs.fuse.upgrade): with `upgrade_socket`, a successor may take the mount over
+    through that Unix socket; this call then returns with the file system still mounted. With
+    `take_over`, nothing is mounted: the mount served by the server listening on that socket is
+    taken over, its session loaded into `fs` (StateError or UpgradeError when that fails, and the
+    old server goes on).
 
     With `foreground` False the process forks once the mount is in place: the parent returns at once,
     and the child, in a new session with its standard streams on /dev/null, serves and then exits
@@ -567,7 +663,11 @@ def serve_filesystem(fs: Filesystem, mountpoint: str, *, threads: int = 4, foreg
     """
     mountpoint = os.path.abspath(mountpoint)
     server = FuseServer(fs, max_write=max_write)
-    fd = mount(mountpoint, **mount_opts)
+    if take_over is not None:
+        fd = _take_over(server, take_over, passthrough)
+    else:
+        fd = mount(mountpoint, **mount_opts)
+    args = (server, fd, mountpoint, threads, max_write, passthrough, io_uring, upgrade_socket)
     if not foreground:
         if os.fork():
             os.close(fd)
@@ -579,18 +679,49 @@ def serve_filesystem(fs: Filesystem, mountpoint: str, *, threads: int = 4, foreg
             os.dup2(null, std)
         os.close(null)
         try:
-            _serve(server, fd, mountpoint, threads, max_write, passthrough, io_uring)
+            _serve(*args)
         except BaseException:
             log.exception("serving %s failed", mountpoint)
             os._exit(1)
         os._exit(0)
-    _serve(server, fd, mountpoint, threads, max_write, passthrough, io_uring)
+    _serve(*args)
+
+
+def _take_over(server: FuseServer, path: str, passthrough: bool) -> int:
+    """The /dev/fuse fd of the mount served on upgrade socket `path`, its session loaded into `server`."""
+    from vhostfs.fuse import upgrade
+
+    fd, state, conn = upgrade.take_over(path)
+    try:
+        if passthrough and passthrough_allowed()[0]:
+            # Negotiated as the session was: with the backing files of this connection.
+            server.backing = Backing(fd, 1)
+        server.load_state(state)
+    except (ValueError, OSError) as exc:
+        os.close(fd)
+        upgrade.answer(conn, str(exc))
+        raise
+    upgrade.answer(conn, None)
+    log.info("took over the mount served on %s (%d bytes of session state)", path, len(state))
+    return fd
 
 
 def _serve(server: FuseServer, fd: int, mountpoint: str, threads: int, max_write: int,
-           passthrough: bool, io_uring: bool) -> None:
+           passthrough: bool, io_uring: bool, upgrade_socket: str | None = None) -> None:
+    if io_uring and upgrade_socket is not None:
+        # Requests on io_uring queues are bound to this process's rings: a handover could not pause
+        # and pass them on.
+        log.info("FUSE over io_uring is off: a mount that may be handed over (--upgrade-socket) "
+                 "reads its requests from /dev/fuse")
+        io_uring = False
     session = FuseDevSession(server, fd, threads=threads, max_write=max_write, mountpoint=mountpoint,
-                             passthrough=passthrough, io_uring=io_uring)
+                             passthrough=passthrough, io_uring=io_uring,
+                             upgradable=upgrade_socket is not None)
+    listener = None
+    if upgrade_socket is not None:
+        from vhostfs.fuse.upgrade import UpgradeListener
+
+        listener = UpgradeListener(upgrade_socket, session)
 
     def on_signal(signum: int, frame: object) -> None:
         # stop() takes a lock and unmounts; from a thread of its own, it can neither deadlock with a
@@ -604,6 +735,8 @@ def _serve(server: FuseServer, fd: int, mountpoint: str, threads: int, max_write
     try:
         session.serve()
     finally:
+        if listener is not None:
+            listener.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         os.close(fd)

@@ -40,6 +40,7 @@ from vhostfs.fuse.filesystem import (
     SetAttr,
     Statx,
 )
+from vhostfs.fuse.session_state import Encoder, StateError, pack_state, section, unpack_state
 
 if TYPE_CHECKING:
     from vhostfs.iov import Reader, Writer
@@ -408,6 +409,8 @@ class FuseServer:
         # the arguments and counted by total_extlen, or (a client before 7.38) as one more argument.
         self._security_ctx = False
         self._secctx_in_args = False
+        # (client minor, client max_readahead, granted flags, max_write) of the running session.
+        self._client = (0, 0, 0, 0)
         # unique -> the event of a request waiting in the file system; INTERRUPTs that came first.
         self._wait_lock = threading.Lock()
         self._waits: dict[int, threading.Event] = {}
@@ -481,6 +484,12 @@ class FuseServer:
         if reader.peek_u32(_OPCODE_OFFSET) != abi.FUSE_SETLKW:
             return None
         return reader.peek_u64(_UNIQUE_OFFSET)
+
+    def interrupt_waits(self) -> None:
+        """Makes every request waiting in the file system stop waiting (each answers EINTR)."""
+        with self._wait_lock:
+            for event in self._waits.values():
+                event.set()
 
     def interrupt(self, unique: int) -> bool:
         """Makes request `unique` stop waiting (it then answers EINTR), as FUSE_INTERRUPT does.
@@ -593,12 +602,30 @@ class FuseServer:
         # flags2 exists only in the 64-byte fuse_init_in that FUSE_INIT_EXT announces (7.36).
         if flags & abi.FUSE_INIT_EXT and body_len >= abi.INIT_IN.size:
             flags |= abi.INIT_IN.unpack_from(body)[4] << 32
-        proto_minor = min(minor, abi.KERNEL_MINOR_VERSION)
+        conn, out, max_write, passthrough = self._negotiate(minor, max_readahead, flags)
+        backing = self.backing
+        stack_depth = backing.max_stack_depth if passthrough and backing is not None else 0
+        extra = conn.extra
+        reply = _R_INIT.pack(
+            _R_INIT.size, 0, unique, abi.KERNEL_VERSION, conn.proto_minor,
+            min(conn.max_readahead, max_readahead), out & 0xFFFFFFFF, extra["max_background"],
+            extra["congestion_threshold"], max_write, extra["time_gran"], max(1, min(conn.max_pages, 0xFFFF)),
+            extra["map_alignment"], out >> 32, stack_depth, 0)
+        if len(reply) > writer.available:
+            self.fs.destroy()
+            return _error(writer, unique, errno.ERANGE)
+        self._start_session(conn, minor, max_readahead, out, max_write, passthrough)
+        writer.write(reply)
+        return len(reply)
+
+    def _negotiate(self, minor: int, max_readahead: int, flags: int) -> tuple[ConnectionInfo, int, int, bool]:
+        """What this server and its file system answer to a client of protocol 7.`minor` offering INIT
+        `flags`: (ConnectionInfo, the flags granted, max_write, whether files are passed through)."""
         backing = self.backing
         want = self.want | (abi.FUSE_PASSTHROUGH if backing is not None else 0)
         conn = ConnectionInfo(
             proto_major=abi.KERNEL_VERSION,
-            proto_minor=proto_minor,
+            proto_minor=min(minor, abi.KERNEL_MINOR_VERSION),
             capable=flags,
             want=want & flags,
             max_write=self.max_write,
@@ -618,28 +645,78 @@ class FuseServer:
                            and not out & abi.FUSE_WRITEBACK_CACHE)
         if not passthrough:
             out &= ~abi.FUSE_PASSTHROUGH
-        stack_depth = backing.max_stack_depth if passthrough and backing is not None else 0
-        max_write = max(4096, min(conn.max_write, 0xFFFFFFFF))
-        extra = conn.extra
-        reply = _R_INIT.pack(
-            _R_INIT.size, 0, unique, abi.KERNEL_VERSION, proto_minor,
-            min(conn.max_readahead, max_readahead), out & 0xFFFFFFFF, extra["max_background"],
-            extra["congestion_threshold"], max_write, extra["time_gran"], max(1, min(conn.max_pages, 0xFFFF)),
-            extra["map_alignment"], out >> 32, stack_depth, 0)
-        if len(reply) > writer.available:
-            self.fs.destroy()
-            return _error(writer, unique, errno.ERANGE)
+        return conn, out, max(4096, min(conn.max_write, 0xFFFFFFFF)), passthrough
+
+    def _start_session(self, conn: ConnectionInfo, client_minor: int, client_readahead: int, out: int,
+                       max_write: int, passthrough: bool) -> None:
         self._write_limit = max_write
         self._setxattr_ext = bool(out & abi.FUSE_SETXATTR_EXT)
         self._acl_kill_sgid = self._setxattr_ext and bool(out & abi.FUSE_POSIX_ACL)
         # flags2 counts only in a reply that has FUSE_INIT_EXT.
         self._security_ctx = bool(out & abi.FUSE_SECURITY_CTX and out & abi.FUSE_INIT_EXT)
-        self._secctx_in_args = minor < abi.EXT_MINOR_VERSION
+        self._secctx_in_args = client_minor < abi.EXT_MINOR_VERSION
         self._passthrough = passthrough
+        self._client = (client_minor, client_readahead, out, max_write)
         self.conn = conn
         self._initialized = True
-        writer.write(reply)
-        return len(reply)
+
+    # -- moving the session (live migration, live upgrade; docs/session-state.md) -----------------
+    def save_state(self) -> bytes:
+        """The session as a state stream: what INIT negotiated and the file system's own sections.
+
+        Call it while no request is being served (the transport has stopped its queues). Raises
+        OSError when the file system cannot save its state (it says why).
+        """
+        enc = Encoder()
+        enc.u8(1 if self._initialized else 0)
+        sections: list[tuple[bytes, int, bytes]] = []
+        if self._initialized:
+            assert self.conn is not None
+            minor, readahead, out, max_write = self._client
+            enc.u32(minor)
+            enc.u32(readahead)
+            enc.u64(self.conn.capable)
+            enc.u64(out)
+            enc.u32(max_write)
+            sections = self.fs.save_state()
+        return pack_state([(b"INIT", 1, enc.payload()), *sections])
+
+    def load_state(self, data: bytes | memoryview) -> None:
+        """Takes over the session saved by `save_state` (on this or another host): the client goes on
+        without a new INIT. Everything is checked before anything changes; a stream that is
+        truncated, corrupt, of another version, or that this server would have negotiated
+        differently (other options) raises StateError and leaves the server as it was.
+
+        Files the old server passed through (FUSE_PASSTHROUGH) stay passed through in the kernel,
+        whose open files hold their backing files; this server registers backing files for the
+        opens that come after."""
+        sections = unpack_state(data)
+        dec = section(sections, b"INIT", 1)
+        initialized = dec.u8("session flag")
+        if initialized not in (0, 1):
+            raise StateError(f"INIT section: session flag {initialized}")
+        if not initialized:
+            dec.end()
+            if len(sections) > 1:
+                raise StateError("a state without a session has sections of one")
+            self.reset()
+            return
+        minor = dec.u32("protocol minor")
+        readahead = dec.u32("max_readahead")
+        capable = dec.u64("client flags")
+        out = dec.u64("granted flags")
+        max_write = dec.u32("max_write")
+        dec.end()
+        if minor < abi.MIN_KERNEL_MINOR_VERSION:
+            raise StateError(f"INIT section: FUSE protocol 7.{minor} is not supported")
+        conn, my_out, my_max_write, passthrough = self._negotiate(minor, readahead, capable)
+        if (my_out, my_max_write) != (out, max_write):
+            raise StateError(
+                f"this server negotiates INIT flags {my_out:#x} and max_write {my_max_write}, the saved "
+                f"session has {out:#x} and {max_write}: start it with the source's options")
+        self.reset()
+        self.fs.load_state(sections)
+        self._start_session(conn, minor, readahead, out, max_write, passthrough)
 
     def _destroy(self, unique: int, nodeid: int, ctx: Context, body_len: int, reader: Reader,
                  writer: Writer) -> int:

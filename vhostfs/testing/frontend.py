@@ -102,6 +102,8 @@ class Frontend:
         self.window_lock = threading.Lock()
         #: When set, SHMEM_MAP requests are answered with a failure status (a VMM out of resources).
         self.refuse_maps = False
+        #: When set, back-end requests are received but never answered (a VMM that hangs).
+        self.silent_backend = False
         #: (request, shm_offset, len, status) of every back-end request served, in order.
         self.backend_log: list[tuple[int, int, int, int]] = []
         self._backend_sock: socket.socket | None = None
@@ -420,7 +422,7 @@ class Frontend:
             finally:
                 for fd in fds:
                     os.close(fd)
-            if flags & m.VHOST_USER_NEED_REPLY_MASK:
+            if flags & m.VHOST_USER_NEED_REPLY_MASK and not self.silent_backend:
                 sock.sendall(m.HEADER.pack(request, m.VHOST_USER_VERSION | m.VHOST_USER_REPLY_MASK, 8)
                              + m.U64.pack(status))
 

@@ -11,6 +11,15 @@ VHOST_F_LOG_ALL, each queue is started with a `QueueLog`. When that changes on a
 restarted at the same index, so when the request that switched logging on is acknowledged no write
 can escape the log: the front end waits for that ack (REPLY_ACK) before it starts copying memory.
 
+Back-end state ("Migrating back-end state"): with VHOST_USER_PROTOCOL_F_DEVICE_STATE, once every ring
+is stopped the front end sends SET_DEVICE_STATE_FD with one end of a pipe: on the source the session
+writes the `Backend`'s saved state into it and closes it, on the destination it reads the state to
+the end of file and has the backend load it, before any ring starts. The bytes are the backend's: the
+session only carries them, on a thread of its own, since the front end reads (or writes) the pipe only
+after the reply. CHECK_DEVICE_STATE waits for that thread and answers whether it succeeded. If the
+source's rings start again afterwards, the migration failed and the session goes on there
+(`Backend.resume_after_save`).
+
 Refused requests never take the daemon down: the request is answered with a failure status when the
 front end asked for one (REPLY_ACK), logged otherwise, and the previous state is kept.
 """
@@ -20,6 +29,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +50,69 @@ from vhostfs.vhost_user.record import Recorder
 log = logging.getLogger("vhostfs.vhost_user")
 
 R = m.Request
+
+
+#: Largest back-end state a destination reads; beyond it the transfer fails.
+MAX_DEVICE_STATE = 1 << 30
+
+
+class _Transfer:
+    """One SET_DEVICE_STATE_FD transfer, run on its own thread; `error` says why it failed."""
+
+    def __init__(self, backend: Backend, direction: int, fd: int) -> None:
+        self.backend = backend
+        self.direction = direction
+        self.fd = fd
+        self.error: str | None = None
+        self.size = 0
+        name = "save" if direction == m.VHOST_TRANSFER_STATE_DIRECTION_SAVE else "load"
+        self.thread = threading.Thread(target=self._run, name=f"vhostfs-state-{name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            os.set_blocking(self.fd, True)
+            if self.direction == m.VHOST_TRANSFER_STATE_DIRECTION_SAVE:
+                self._save()
+            else:
+                self._load()
+        except Exception as e:  # reported by CHECK_DEVICE_STATE too; the session goes on
+            self.error = str(e) or type(e).__name__
+            what = "saved" if self.direction == m.VHOST_TRANSFER_STATE_DIRECTION_SAVE else "loaded"
+            if isinstance(e, (OSError, ValueError)):
+                log.error("the device state could not be %s: %s", what, self.error)
+            else:
+                log.exception("the device state could not be %s", what)
+        finally:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    def _save(self) -> None:
+        start = time.monotonic()
+        data = memoryview(self.backend.save_state())
+        self.size = len(data)
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]
+        log.info("device state saved: %d bytes in %.1f ms", self.size, (time.monotonic() - start) * 1e3)
+
+    def _load(self) -> None:
+        chunks = []
+        while chunk := os.read(self.fd, 1 << 20):
+            self.size += len(chunk)
+            if self.size > MAX_DEVICE_STATE:
+                raise ValueError(f"device state larger than {MAX_DEVICE_STATE} bytes")
+            chunks.append(chunk)
+        os.close(self.fd)
+        self.fd = -1
+        start = time.monotonic()
+        self.backend.load_state(b"".join(chunks))
+        log.info("device state loaded: %d bytes in %.1f ms", self.size, (time.monotonic() - start) * 1e3)
+
+    def wait(self) -> str | None:
+        self.thread.join()
+        return self.error
 
 
 @dataclass(slots=True)
@@ -96,6 +170,11 @@ class Backend(Protocol):
     def reset(self) -> None:
         """The device is reset (RESET_OWNER/RESET_DEVICE or disconnect): drop session state."""
 
+    # Optional, for devices that migrate (VHOST_USER_PROTOCOL_F_DEVICE_STATE in protocol_features):
+    #   save_state() -> bytes, the device's state while every queue is stopped (raises to refuse);
+    #   load_state(data: bytes), takes over a saved state before any queue starts (raises ValueError
+    #   or OSError, changing nothing, for a state it cannot account for);
+    #   resume_after_save(), the saved state goes on here after all (the migration failed).
     # Optional, for devices with VIRTIO shared memory regions (VHOST_USER_PROTOCOL_F_SHMEM):
     #   shmem_regions: list[int], the size of each region by shmid (GET_SHMEM_CONFIG);
     #   set_backend_channel(channel: BackendChannel | None), the channel to send SHMEM_MAP/UNMAP on,
@@ -132,6 +211,9 @@ class Session:
         self.acked_protocol_features = 0
         self.backend_channel: socket.socket | None = None
         self.dirty_log: DirtyLog | None = None
+        #: The last device state transfer, until CHECK_DEVICE_STATE; whether a save was the last one.
+        self._transfer: _Transfer | None = None
+        self._saved = False
         self._handlers = {
             R.VHOST_USER_GET_FEATURES: self.get_features,
             R.VHOST_USER_SET_FEATURES: self.set_features,
@@ -159,18 +241,26 @@ class Session:
             R.VHOST_USER_ADD_MEM_REG: self.add_mem_reg,
             R.VHOST_USER_REM_MEM_REG: self.rem_mem_reg,
             R.VHOST_USER_GET_SHMEM_CONFIG: self.get_shmem_config,
+            R.VHOST_USER_SET_DEVICE_STATE_FD: self.set_device_state_fd,
+            R.VHOST_USER_CHECK_DEVICE_STATE: self.check_device_state,
         }
         #: Requests answered with a payload of their own (no REPLY_ACK on top).
         self._with_reply = {
             R.VHOST_USER_GET_FEATURES, R.VHOST_USER_GET_PROTOCOL_FEATURES, R.VHOST_USER_GET_VRING_BASE,
             R.VHOST_USER_GET_QUEUE_NUM, R.VHOST_USER_GET_CONFIG, R.VHOST_USER_GET_MAX_MEM_SLOTS,
-            R.VHOST_USER_GET_SHMEM_CONFIG,
+            R.VHOST_USER_GET_SHMEM_CONFIG, R.VHOST_USER_SET_DEVICE_STATE_FD, R.VHOST_USER_CHECK_DEVICE_STATE,
+        }
+        #: What a refused request of `_with_reply` answers (default: an empty payload).
+        self._error_replies = {
+            R.VHOST_USER_SET_DEVICE_STATE_FD: m.U64.pack(1 | m.VHOST_USER_DEVICE_STATE_NO_FD),
+            R.VHOST_USER_CHECK_DEVICE_STATE: m.U64.pack(1),
         }
         #: Requests whose messages may carry fds.
         self._take_fds = {
             R.VHOST_USER_SET_MEM_TABLE, R.VHOST_USER_SET_VRING_KICK, R.VHOST_USER_SET_VRING_CALL,
             R.VHOST_USER_SET_VRING_ERR, R.VHOST_USER_SET_BACKEND_REQ_FD, R.VHOST_USER_ADD_MEM_REG,
             R.VHOST_USER_REM_MEM_REG, R.VHOST_USER_SET_LOG_BASE, R.VHOST_USER_SET_LOG_FD,
+            R.VHOST_USER_SET_DEVICE_STATE_FD,
         }
 
     # -- the loop -------------------------------------------------------------------------------
@@ -221,8 +311,9 @@ class Session:
         except (m.VhostUserError, GuestMemoryError, ValueError, OSError) as e:
             log.error("%s refused: %s", name, e)
             if request in self._with_reply:
-                # The front end waits for this reply: answer with an empty payload it will reject.
-                return b""
+                # The front end waits for this reply: answer with a failure status, or an empty
+                # payload it will reject.
+                return self._error_replies.get(request, b"")
             return m.U64.pack(1) if ack or status_reply else None
         if request in self._with_reply:
             return result
@@ -230,6 +321,9 @@ class Session:
 
     def shutdown(self) -> None:
         """Stops every queue and forgets the session (on disconnect)."""
+        if self._transfer is not None:
+            self._transfer.wait()
+            self._transfer = None
         self._reset()
         self.memory = GuestMemory([])
         self.dirty_log = None
@@ -253,6 +347,13 @@ class Session:
         ready = vr.started and vr.enabled and vr.num > 0 and vr.addr is not None and bool(
             self.memory.regions)
         if ready and not vr.running:
+            if self._saved:
+                # The source's rings start again after its state was saved: the migration failed.
+                self._saved = False
+                resume = getattr(self.backend, "resume_after_save", None)
+                if resume is not None:
+                    resume()
+                log.info("queues restarted after the device state was saved: the session goes on here")
             queue_log = self._queue_log(vr)
             self.backend.start_queue(index, vr, self.memory, self.acked_features, queue_log)
             vr.running = True
@@ -349,8 +450,16 @@ class Session:
         regions = m.parse_mem_table(msg.payload)
         if len(msg.fds) != len(regions):
             raise m.VhostUserError(f"{len(regions)} regions but {len(msg.fds)} fds")
-        mapped = [map_region(region, fd) for region, fd in zip(regions, msg.fds, strict=True)]
-        self._set_memory(GuestMemory(mapped))
+        mapped: list[MappedRegion] = []
+        try:
+            for region, fd in zip(regions, msg.fds, strict=True):
+                mapped.append(map_region(region, fd))
+            memory = GuestMemory(mapped)
+        except BaseException:
+            for r in mapped:
+                r.unmap()
+            raise
+        self._set_memory(memory)
 
     def add_mem_reg(self, msg: Message) -> None:
         region = m.parse_single_region(msg.payload)
@@ -358,7 +467,13 @@ class Session:
             raise m.VhostUserError(f"ADD_MEM_REG with {len(msg.fds)} fds")
         if len(self.memory.regions) >= MAX_MEM_SLOTS:
             raise m.VhostUserError(f"all {MAX_MEM_SLOTS} memory slots are in use")
-        self._set_memory(self.memory.with_region(map_region(region, msg.fds[0])))
+        mapped = map_region(region, msg.fds[0])
+        try:
+            memory = self.memory.with_region(mapped)
+        except BaseException:
+            mapped.unmap()
+            raise
+        self._set_memory(memory)
 
     def rem_mem_reg(self, msg: Message) -> None:
         region = m.parse_single_region(msg.payload)
@@ -515,3 +630,30 @@ class Session:
         # the front end reads the bitmap when it syncs anyway, so it is taken and closed.
         if len(msg.fds) != 1:
             raise m.VhostUserError(f"SET_LOG_FD with {len(msg.fds)} fds")
+
+    def set_device_state_fd(self, msg: Message) -> bytes:
+        if not self._has_protocol(m.VHOST_USER_PROTOCOL_F_DEVICE_STATE):
+            raise m.VhostUserError("SET_DEVICE_STATE_FD without VHOST_USER_PROTOCOL_F_DEVICE_STATE")
+        direction, _ = m.parse_device_state_params(msg.payload)
+        if len(msg.fds) != 1:
+            raise m.VhostUserError(f"SET_DEVICE_STATE_FD with {len(msg.fds)} fds")
+        running = [i for i, vr in enumerate(self.vrings) if vr.running]
+        if running:
+            # Phase "stopped": the state is only whole once no request is in flight.
+            raise m.VhostUserError(f"device state transfer while queue {running[0]} runs")
+        if self._transfer is not None:
+            error = self._transfer.wait()
+            log.warning("a device state transfer was not checked%s",
+                        f" (it failed: {error})" if error else "")
+        self._saved = direction == m.VHOST_TRANSFER_STATE_DIRECTION_SAVE
+        self._transfer = _Transfer(self.backend, direction, msg.take_fds()[0])
+        # No channel of our own: the front end's pipe carries the state.
+        return m.U64.pack(m.VHOST_USER_DEVICE_STATE_NO_FD)
+
+    def check_device_state(self, msg: Message) -> bytes:
+        if not self._has_protocol(m.VHOST_USER_PROTOCOL_F_DEVICE_STATE):
+            raise m.VhostUserError("CHECK_DEVICE_STATE without VHOST_USER_PROTOCOL_F_DEVICE_STATE")
+        transfer, self._transfer = self._transfer, None
+        if transfer is None:
+            raise m.VhostUserError("CHECK_DEVICE_STATE without a device state transfer")
+        return m.U64.pack(0 if transfer.wait() is None else 1)

@@ -39,6 +39,12 @@ class MappedRegion:
     def gpa_end(self) -> int:
         return self.gpa + self.size
 
+    def unmap(self) -> None:
+        """Unmaps a region nothing uses (one that was refused), closing its fd now rather than when
+        the garbage collector finds it."""
+        self.view.release()
+        self.mapping.close()
+
     def describes(self, region: MemoryRegion) -> bool:
         return (self.gpa, self.size, self.uva) == (
             region.guest_phys_addr, region.memory_size, region.userspace_addr)

@@ -151,6 +151,19 @@ CONFIG_HEADER = struct.Struct("=III")  # offset, size, flags
 assert CONFIG_HEADER.size == 12
 LOG = struct.Struct("=QQ")  # mmap_size, mmap_offset
 assert LOG.size == 16
+#: SET_DEVICE_STATE_FD payload ("device state transfer parameters"): direction, phase.
+DEVICE_STATE_PARAMS = struct.Struct("=II")
+assert DEVICE_STATE_PARAMS.size == 8
+
+#: Transfer directions and phases of SET_DEVICE_STATE_FD ("Migrating back-end state"): the source
+#: saves (back end writes), the destination loads (back end reads); the only phase is "stopped",
+#: after every ring was stopped with GET_VRING_BASE.
+VHOST_TRANSFER_STATE_DIRECTION_SAVE = 0
+VHOST_TRANSFER_STATE_DIRECTION_LOAD = 1
+VHOST_TRANSFER_STATE_PHASE_STOPPED = 0
+#: SET_DEVICE_STATE_FD reply: bits 0-7 are the status, bit 8 says the back end returns no fd of its
+#: own (the front end's channel is used).
+VHOST_USER_DEVICE_STATE_NO_FD = 0x1 << 8
 
 VHOST_VRING_F_LOG = 0
 
@@ -219,6 +232,17 @@ def _need(payload: bytes, size: int, what: str) -> None:
 def parse_u64(payload: bytes) -> int:
     _need(payload, U64.size, "u64 payload")
     return U64.unpack_from(payload)[0]
+
+
+def parse_device_state_params(payload: bytes) -> tuple[int, int]:
+    """SET_DEVICE_STATE_FD: (direction, phase), refused unless both are values the spec defines."""
+    _need(payload, DEVICE_STATE_PARAMS.size, "device state transfer parameters")
+    direction, phase = DEVICE_STATE_PARAMS.unpack_from(payload)
+    if direction not in (VHOST_TRANSFER_STATE_DIRECTION_SAVE, VHOST_TRANSFER_STATE_DIRECTION_LOAD):
+        raise VhostUserError(f"device state transfer direction {direction}")
+    if phase != VHOST_TRANSFER_STATE_PHASE_STOPPED:
+        raise VhostUserError(f"device state transfer phase {phase} (only 'stopped' exists)")
+    return direction, phase
 
 
 def parse_vring_state(payload: bytes) -> tuple[int, int]:
