@@ -5,32 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.integration.test_control_api import fd_count, mount, settled_fd_count
 from tests.integration.test_fusedev import _take_down, mount_cli, start
 from vhostfs import control
-
-
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _settled(pid: int, want: int) -> int:
-    deadline = time.monotonic() + 5
-    while (n := _fds(pid)) != want and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return n
-
-
-def _put(api: str, path: str, host: Path, **options) -> tuple[int, dict]:
-    fd = os.open(host, os.O_PATH | os.O_DIRECTORY)
-    try:
-        return control.request(api, "PUT", {"mountpoint": path, "source": str(host), "options": options},
-                               fds=[fd])
-    finally:
-        os.close(fd)
 
 
 def test_several_mounts_over_dev_fuse(tmp_path):
@@ -63,8 +43,8 @@ def test_several_mounts_over_dev_fuse(tmp_path):
         assert e.value.errno == errno.EROFS
 
         pid = m.proc.pid
-        before = _fds(pid)
-        status, answer = _put(api, "/c", dirs["three"])
+        before = fd_count(pid)
+        status, answer = mount(api, "/c", dirs["three"])
         assert status == 201, answer
         (mnt / "c" / "made").write_bytes(b"through the kernel")
         assert (dirs["three"] / "made").read_bytes() == b"through the kernel"
@@ -87,7 +67,7 @@ def test_several_mounts_over_dev_fuse(tmp_path):
             assert e.value.errno == errno.ESTALE
         finally:
             os.close(held)
-        assert _settled(pid, before) == before
+        assert settled_fd_count(pid, before) == before
         deadline = time.monotonic() + 5
         while "c" in os.listdir(mnt) and time.monotonic() < deadline:
             time.sleep(0.1)
