@@ -13,12 +13,12 @@ it from its example database.
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from vhostfs.fs.passthrough import prepare_process
+# One definition of the autouse fixture that gives each test the process settings a Passthrough needs.
+from tests.unit.conftest import passthrough_process  # noqa: F401
 
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
                                                        HealthCheck.function_scoped_fixture]}
@@ -27,18 +27,6 @@ settings.register_profile("long", max_examples=20000, print_blob=True, **_COMMON
 # The command line (--hypothesis-profile) wins: it is applied after this file is loaded.
 if settings.get_current_profile_name() == "default":
     settings.load_profile("ci")
-
-
-@pytest.fixture(autouse=True)
-def passthrough_process():
-    """The process-wide settings a Passthrough needs (prepare_process), undone after each test."""
-    umask = os.umask(0)
-    groups = os.getgroups()
-    prepare_process()
-    yield
-    os.umask(umask)
-    if os.geteuid() == 0:
-        os.setgroups(groups)
 
 
 @pytest.fixture(autouse=True)
