@@ -418,6 +418,15 @@ int vhostfs_walk_chain(const uint8_t *table, uint32_t num, uint32_t head, int in
 }
 """
 
+#: What stat(2) and statx(2) STATX_MNT_ID say of one file, declared once for the cdef and the source.
+VHOSTFS_STAT = """struct vhostfs_stat {
+    uint64_t dev; uint64_t ino; uint64_t mnt_id; uint64_t size; uint64_t blocks;
+    int64_t atime; int64_t mtime; int64_t ctime;
+    uint32_t atimensec; uint32_t mtimensec; uint32_t ctimensec; uint32_t mode; uint32_t nlink;
+    uint32_t uid; uint32_t gid; uint32_t rdev; uint32_t blksize; uint32_t attr_flags;
+    int32_t err; uint32_t has_mnt_id;
+};"""
+
 #: Directory listings: getdents64(2), and linux_dirent64 records turned into fuse_dirent ones (fuse.h)
 #: for a plain READDIR, so that listing a large directory costs a call per request, not per entry.
 DIRENT_CDEF = """
@@ -425,13 +434,7 @@ long vhostfs_getdents(int fd, uint8_t *buf, size_t size);
 int vhostfs_index_dirents(const uint8_t *data, size_t start, size_t len, uint32_t *offsets, uint32_t max);
 uint32_t vhostfs_pack_dirents(const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
                               uint32_t count, uint8_t *out, uint32_t size, uint32_t *next);
-struct vhostfs_stat {
-    uint64_t dev; uint64_t ino; uint64_t mnt_id; uint64_t size; uint64_t blocks;
-    int64_t atime; int64_t mtime; int64_t ctime;
-    uint32_t atimensec; uint32_t mtimensec; uint32_t ctimensec; uint32_t mode; uint32_t nlink;
-    uint32_t uid; uint32_t gid; uint32_t rdev; uint32_t blksize; uint32_t attr_flags;
-    int32_t err; uint32_t has_mnt_id;
-};
+@VHOSTFS_STAT@
 uint32_t vhostfs_direntplus_fit(const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
                                 uint32_t count, uint32_t size);
 void vhostfs_stat_dirents(int dirfd, const uint8_t *data, size_t len, const uint32_t *offsets, uint32_t first,
@@ -524,13 +527,7 @@ uint32_t vhostfs_pack_dirents(const uint8_t *data, size_t len, const uint32_t *o
 
 /* struct vhostfs_stat: what stat(2) and statx(2) STATX_MNT_ID say of one file, in host byte order;
  * err is 0 or the errno of the call, has_mnt_id whether the kernel reported the mount id. */
-struct vhostfs_stat {
-    uint64_t dev; uint64_t ino; uint64_t mnt_id; uint64_t size; uint64_t blocks;
-    int64_t atime; int64_t mtime; int64_t ctime;
-    uint32_t atimensec; uint32_t mtimensec; uint32_t ctimensec; uint32_t mode; uint32_t nlink;
-    uint32_t uid; uint32_t gid; uint32_t rdev; uint32_t blksize; uint32_t attr_flags;
-    int32_t err; uint32_t has_mnt_id;
-};
+@VHOSTFS_STAT@
 /* fuse_direntplus: fuse_entry_out (128 bytes: nodeid, generation, entry_valid, attr_valid, their nsec,
  * fuse_attr) then fuse_dirent. */
 #define FDP_ENTRY 128
@@ -826,11 +823,11 @@ int vhostfs_uring_wait(struct vhostfs_uring *r, uint64_t *user_data, int32_t *re
 }
 """
 
-_CDEF = CDEF + VIRTQUEUE_CDEF + DIRENT_CDEF + URING_CDEF
+_CDEF = CDEF + VIRTQUEUE_CDEF + DIRENT_CDEF.replace("@VHOSTFS_STAT@", VHOSTFS_STAT) + URING_CDEF
 _WALK_ENUM = "enum {\n" + "".join(f"    {name} = {code},\n"
                                   for code, name in enumerate(WALK_ERRORS, 1)) + "};"
-_SOURCE = (SOURCE + VIRTQUEUE_SOURCE.replace("@WALK_ERRORS_ENUM@", _WALK_ENUM) + DIRENT_SOURCE
-           + URING_SOURCE)
+_SOURCE = (SOURCE + VIRTQUEUE_SOURCE.replace("@WALK_ERRORS_ENUM@", _WALK_ENUM)
+           + DIRENT_SOURCE.replace("@VHOSTFS_STAT@", VHOSTFS_STAT) + URING_SOURCE)
 #: Names this version of the helper: a library built from other source is never used (see native.py).
 BUILD_ID = hashlib.sha256((_CDEF + _SOURCE).encode()).hexdigest()[:16]
 
