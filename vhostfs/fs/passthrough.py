@@ -478,13 +478,7 @@ class Passthrough(Filesystem):
         mnt = native.mount_id(dir_fd, name)
         inode = self._inodes.ref_known((st.st_dev, st.st_ino, mnt), parent, seen) if mnt is not None else None
         if inode is None:
-            fd = self._inodes.open_fd(lambda: os.open(name, _O_PATH, dir_fd=dir_fd))
-            try:
-                st = os.stat(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            inode = self._inodes.add(fd, st, parent, seen)
+            inode, st = self._hold_new(dir_fd, name, parent, seen)
         entry = self._entry(inode, st)
         if self._submounts and stat.S_ISDIR(st.st_mode) and st.st_dev != os.stat(dir_fd).st_dev:
             entry.attr_flags = FUSE_ATTR_SUBMOUNT
@@ -1361,20 +1355,26 @@ class Passthrough(Filesystem):
                 raise
         return stats, nodeids
 
-    def _add_listed(self, dir_fd: int, parent: int, name: bytes, stats: bytearray, at: int) -> Inode | None:
-        """Opens and counts a listed entry the table does not know, and writes the attributes of the
-        fd it is held by into the STAT record at `at`; None (the record's err ENOENT) if it vanished."""
-        try:
-            fd = self._inodes.open_fd(lambda: os.open(name, _O_PATH, dir_fd=dir_fd))
-        except FileNotFoundError:
-            native.STAT_ERR.pack_into(stats, at + native.STAT_ERR_OFFSET, errno.ENOENT, 0)
-            return None
+    def _hold_new(self, dir_fd: int, name: bytes, parent: int | None,
+                  seen: bytes | None) -> tuple[Inode, os.stat_result]:
+        """Opens `name` below dir_fd with O_PATH (within the fd budget) and counts it as a new child of
+        node `parent`, seen as `seen` (see Inodes.add): the node and the attributes of its fd."""
+        fd = self._inodes.open_fd(lambda: os.open(name, _O_PATH, dir_fd=dir_fd))
         try:
             st = os.stat(fd)
         except BaseException:
             os.close(fd)
             raise
-        inode = self._inodes.add(fd, st, parent, name)
+        return self._inodes.add(fd, st, parent, seen), st
+
+    def _add_listed(self, dir_fd: int, parent: int, name: bytes, stats: bytearray, at: int) -> Inode | None:
+        """Opens and counts a listed entry the table does not know, and writes the attributes of the
+        fd it is held by into the STAT record at `at`; None (the record's err ENOENT) if it vanished."""
+        try:
+            inode, st = self._hold_new(dir_fd, name, parent, name)
+        except FileNotFoundError:
+            native.STAT_ERR.pack_into(stats, at + native.STAT_ERR_OFFSET, errno.ENOENT, 0)
+            return None
         (at_s, at_ns), (mt_s, mt_ns), (ct_s, ct_ns) = (divmod(t, 1_000_000_000) for t in (
             st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns))
         native.STAT.pack_into(stats, at, st.st_dev, st.st_ino, inode.key[2], st.st_size, st.st_blocks, at_s,
