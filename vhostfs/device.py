@@ -157,6 +157,8 @@ class QueueWorker:
         self.stopping = False
         #: Descriptor chains taken off the ring (requests) since the queue started.
         self.requests = 0
+        #: Polls that found a request (each saved the driver a kick and the worker a wake-up).
+        self.polled = 0
         self.thread = threading.Thread(target=self._run, name=f"vhostfs-queue{index}", daemon=True)
         self.used_lock = threading.Lock()
         self.in_flight: set[int] = set()
@@ -198,7 +200,7 @@ class QueueWorker:
         for t in self.pool:
             t.join()
         os.close(self.stop_fd)
-        log.debug("queue %d: %d requests served", self.index, self.requests)
+        log.debug("queue %d: %d requests served, %d polls found one", self.index, self.requests, self.polled)
         return self.queue.last_avail_idx
 
     def set_memory(self, memory: GuestMemory) -> None:
@@ -289,6 +291,7 @@ class QueueWorker:
                 budget = self.poll.ns
                 if budget and q.wait_avail(budget, self._poll_wake):
                     self.poll.hit()
+                    self.polled += 1
                     continue
                 if not q.enable_kicks():
                     self._dry_since = dry
