@@ -125,11 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "min(hard limit, 1000000))")
     p.add_argument("--thread-pool-size", type=int, default=0, metavar="N",
                    help="threads serving each request queue (default 0: the queue's own thread)")
-    p.add_argument("--poll-us", type=_non_negative, default=500, metavar="US",
+    p.add_argument("--poll-us", type=_non_negative, default=2000, metavar="US",
                    help="poll a request queue that ran dry for up to US microseconds before sleeping: "
                         "a guest that waits on each reply gets the next one served sooner; the poll "
                         "shrinks while requests come later than that, and grows back when they come "
-                        "sooner (default 500; 0: sleep at once)")
+                        "sooner (default 2000; 0: sleep at once)")
     p.add_argument("--sandbox", choices=sandbox.MODES, default="namespace",
                    help="confine the daemon to the shared directory: namespace (default: new mount, pid "
                         "and net namespaces, pivot_root into it; without root inside a new user "
