@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.guest import build_guest  # noqa: E402
+from tests.e2e.guest import build_guest, static_program  # noqa: E402
 from tests.e2e.migration import Vm  # noqa: E402
 
 SCRIPT = """
@@ -105,11 +104,7 @@ def main() -> None:
         start = time.monotonic()
         _share(share, args.inodes)
         print(f"share of {args.inodes} files made in {time.monotonic() - start:.1f} s", flush=True)
-        helper_path = share.parent / f"holdopen-{time.time_ns()}"
-        subprocess.run(["gcc", "-static", "-O2", "-o", str(helper_path),
-                        str(REPO / "benchmarks" / "guest_holdopen.c")], check=True)
-        helper = helper_path.read_bytes()
-        helper_path.unlink()
+        helper = static_program("holdopen", (REPO / "benchmarks" / "guest_holdopen.c").read_text())
         backends = [("vhostfs", None)] + ([("virtiofsd", [args.virtiofsd])] if args.virtiofsd else [])
         for name, daemon in backends:
             try:

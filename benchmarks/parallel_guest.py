@@ -27,14 +27,13 @@ import argparse
 import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tests.e2e.guest import boot_guest, daemon_command  # noqa: E402
+from tests.e2e.guest import boot_guest, daemon_command, static_program  # noqa: E402
 
 FIGURES = (  # (name, unit), in the order the guest prints them
     ("randread_4k", "IOPS"), ("randwrite_4k", "IOPS"), ("seqread_1M", "KiB/s"),
@@ -107,11 +106,7 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=256, help="size of the file fio works on")
     parser.add_argument("--daemon-args", default="", help="more vhostfs options, e.g. '--poll-us 0'")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        binary = Path(tmp) / "metaloop"
-        subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", str(binary),
-                        str(REPO / "benchmarks" / "guest_metaloop.c")], check=True)
-        helper = binary.read_bytes()
+    helper = static_program("metaloop", (REPO / "benchmarks" / "guest_metaloop.c").read_text())
     backends = [("vhostfs", daemon_command() + shlex.split(args.daemon_args), 2)]
     if args.virtiofsd:
         backends.append(("virtiofsd", [args.virtiofsd, "--socket-path={sock}", "--shared-dir={dir}"], 1))

@@ -1,21 +1,36 @@
 """Fixtures for the tests that boot a real guest."""
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import pytest
 
-from .guest import DEFAULT_STACK, GuestImages, GuestUnavailable, build_guest, running_in_ci
+from .guest import DEFAULT_STACK, GuestImages, GuestUnavailable, build_guest, running_in_ci, static_program
+
+T = TypeVar("T")
 
 # The stacks every general guest test runs on: the one on these machines and the one users run today.
 MAIN_STACKS = ("debian12", "debian13")
 
 
-def _images(stack: str) -> GuestImages:
-    """The built guest of stack; skips (fails in CI, which must run these) when it cannot be built here."""
+def _available(what: str, build: Callable[[], T]) -> T:
+    """build()'s result; skips (fails in CI, which must run these) when `what` cannot be built here."""
     try:
-        return build_guest(stack)
+        return build()
     except GuestUnavailable as exc:
         if running_in_ci():
-            pytest.fail(f"CI must run the e2e tests on {stack}, but {exc}")
-        pytest.skip(f"{stack}: {exc}")
+            pytest.fail(f"CI must run the e2e tests, but {what}: {exc}")
+        pytest.skip(f"{what}: {exc}")
+
+
+def _images(stack: str) -> GuestImages:
+    """The built guest of stack (see _available)."""
+    return _available(stack, lambda: build_guest(stack))
+
+
+def _program(name: str, c_source: str) -> bytes:
+    """The guest program `name` built static from `c_source` (see _available)."""
+    return _available(name, lambda: static_program(name, c_source))
 
 
 @pytest.fixture(scope="session")

@@ -130,6 +130,22 @@ def build_guest(stack: str = DEFAULT_STACK) -> GuestImages:
     return GuestImages(Path(kernel), Path(initrd), qemu)
 
 
+def static_program(name: str, c_source: str) -> bytes:
+    """The guest program `name` compiled from `c_source`, linked static: the busybox guest has no libc
+    of its own. Raises GuestUnavailable, saying what is missing, when it cannot be built here."""
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise GuestUnavailable(f"no C compiler (gcc) to build the guest program {name}")
+    with tempfile.TemporaryDirectory(prefix=f"vhostfs-{name}-") as tmp:
+        out = Path(tmp) / name
+        proc = subprocess.run([cc, "-static", "-O2", "-Wall", "-x", "c", "-o", str(out), "-"], input=c_source,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise GuestUnavailable(f"cannot build the guest program {name} static (gcc, libc6-dev): "
+                                   f"{proc.stderr.strip()}")
+        return out.read_bytes()
+
+
 def cpio_archive(files: Mapping[str, bytes]) -> bytes:
     """A gzip'd newc cpio archive of executable regular files owned by root."""
     out = bytearray()

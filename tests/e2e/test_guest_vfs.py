@@ -12,8 +12,6 @@ working directory there go stale.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +21,8 @@ import pytest
 
 from vhostfs import control
 
-from .guest import GuestResult, boot_guest, running_in_ci
+from .conftest import _program
+from .guest import GuestResult, boot_guest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
@@ -175,18 +174,9 @@ class Host:
 
 
 @pytest.fixture(scope="module")
-def renamex(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def renamex() -> bytes:
     """A static rename(2) for the guest (busybox's mv copies when rename gives EXDEV)."""
-    cc = shutil.which("gcc") or shutil.which("cc")
-    work = tmp_path_factory.mktemp("renamex")
-    (work / "renamex.c").write_text(RENAME_C)
-    build = [cc, "-static", "-O2", "-o", str(work / "renamex"), str(work / "renamex.c")] if cc else None
-    if build is None or subprocess.run(build, capture_output=True).returncode != 0:
-        reason = "needs a C compiler with static glibc (gcc, libc6-dev) for the guest's rename helper"
-        if running_in_ci():
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return (work / "renamex").read_bytes()
+    return _program("renamex", RENAME_C)
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -33,8 +31,8 @@ import pytest
 from vhostfs.fs.locks import F_OFD_GETLK, FLOCK
 from vhostfs.fuse.session_state import MAGIC
 
-from .conftest import _images
-from .guest import REPO, GuestImages, running_in_ci
+from .conftest import _images, _program
+from .guest import REPO, GuestImages
 from .migration import Vm
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -52,20 +50,9 @@ def images() -> GuestImages:
 
 
 @pytest.fixture(scope="module")
-def mighold(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def mighold() -> bytes:
     """The guest helper, built static for the busybox guest."""
-    cc = shutil.which("gcc")
-    if cc is None:
-        if running_in_ci():
-            pytest.fail("CI must run the migration tests, but there is no gcc (scripts/test.sh installs it)")
-        pytest.skip("no gcc to build the guest helper tests/e2e/helpers/mighold.c")
-    out = tmp_path_factory.mktemp("mighold") / "mighold"
-    proc = subprocess.run([cc, "-static", "-O2", "-o", str(out), str(HELPER)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        if running_in_ci():
-            pytest.fail(f"cannot build the guest helper: {proc.stderr}")
-        pytest.skip(f"cannot build a static guest helper (libc6-dev?): {proc.stderr.strip()}")
-    return out.read_bytes()
+    return _program("mighold", HELPER.read_text())
 
 
 def _report(what: str, info: dict) -> None:
