@@ -81,15 +81,18 @@ class PollBudget:
     request stops them. `max_ns` 0 never polls. Not thread-safe: one queue's worker owns it.
     """
 
-    __slots__ = ("max_ns", "ns", "_misses")
+    __slots__ = ("max_ns", "ns", "found", "_misses")
 
     def __init__(self, max_ns: int) -> None:
         self.max_ns = max_ns
         self.ns = max_ns
+        #: Polls that found a request (each saved the driver a kick and the worker a wake-up).
+        self.found = 0
         self._misses = 0
 
     def hit(self) -> None:
         """A poll found a request."""
+        self.found += 1
         self._misses = 0
 
     def slept(self, idle_ns: int) -> None:
@@ -157,8 +160,6 @@ class QueueWorker:
         self.stopping = False
         #: Descriptor chains taken off the ring (requests) since the queue started.
         self.requests = 0
-        #: Polls that found a request (each saved the driver a kick and the worker a wake-up).
-        self.polled = 0
         self.thread = threading.Thread(target=self._run, name=f"vhostfs-queue{index}", daemon=True)
         self.used_lock = threading.Lock()
         self.in_flight: set[int] = set()
@@ -200,7 +201,8 @@ class QueueWorker:
         for t in self.pool:
             t.join()
         os.close(self.stop_fd)
-        log.debug("queue %d: %d requests served, %d polls found one", self.index, self.requests, self.polled)
+        log.debug("queue %d: %d requests served, %d polls found one", self.index, self.requests,
+                  self.poll.found)
         return self.queue.last_avail_idx
 
     def set_memory(self, memory: GuestMemory) -> None:
@@ -291,7 +293,6 @@ class QueueWorker:
                 budget = self.poll.ns
                 if budget and q.wait_avail(budget, self._poll_wake):
                     self.poll.hit()
-                    self.polled += 1
                     continue
                 if not q.enable_kicks():
                     self._dry_since = dry
